@@ -1,0 +1,8 @@
+"""sensord: a streaming sensor-monitoring daemon.
+
+Data flow, one module per stage: ``source`` (MQTT) -> ``windows`` -> ``scorer``
+-> ``detector`` -> ``sinks`` (MQTT alerts, Prometheus). Training, evaluation and
+benchmarks reuse the same ``windows``/``scorer``/``detector`` code offline.
+"""
+
+__version__ = "0.1.0"
