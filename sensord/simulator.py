@@ -1,0 +1,239 @@
+"""Built-in simulator of a pump-like machine with 8 correlated 1 Hz sensor channels.
+
+Tests, the README example and the demo need realistic data without downloading
+anything, so this module models a small centrifugal pump from a few latent drivers:
+
+* ``load`` -- pump load/speed in [0, 1]: a mean-reverting random walk around a
+  set-point that drifts with a 24 h sinusoid (period 86400 s);
+* ``ambient`` -- room temperature, a daily sinusoid.
+
+Every channel is a physical function of those drivers plus independent Gaussian
+noise, so channels are correlated the way real ones are (current and flow follow
+load, pressure follows flow, temperature lags load, vibration rises with load,
+voltage is nearly constant).  An autoencoder trained on healthy windows learns
+those relations; the injected faults (:data:`FAULT_KINDS`) break them.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+CHANNELS: tuple[str, ...] = (
+    "vibration_1", "vibration_2", "current", "pressure",
+    "temperature", "thermocouple", "voltage", "flow",
+)
+FAULT_KINDS: tuple[str, ...] = ("step", "drift", "spikes", "stuck")
+
+_IDX = {name: i for i, name in enumerate(CHANNELS)}
+# Independent measurement noise per channel (std, physical units).
+_NOISE = np.array([0.06, 0.06, 0.015, 0.008, 0.08, 0.12, 0.25, 0.35])
+# Typical healthy std per channel (load variation + noise, measured over 1 h runs).
+# Fault magnitudes are expressed in these units so that every fault is several
+# healthy standard deviations away, not merely several noise standard deviations.
+_SPREAD = np.array([0.22, 0.17, 0.10, 0.09, 1.0, 1.0, 0.27, 3.0])
+# Knock-on effect of a step: (partner channel, signed fraction of the step), e.g. a
+# jammed impeller raises current *and* vibration; a blockage raises pressure and
+# lowers flow.
+_KNOCK_ON = {
+    "vibration_1": ("vibration_2", 0.5), "vibration_2": ("vibration_1", 0.5),
+    "current": ("vibration_1", 0.5), "pressure": ("flow", -0.5),
+    "temperature": ("thermocouple", 0.5), "thermocouple": ("temperature", 0.5),
+    "voltage": ("current", -0.5), "flow": ("pressure", 0.5),
+}
+_DEFAULT_CHANNEL = {"step": "current", "drift": "temperature",
+                    "spikes": "vibration_1", "stuck": "flow"}
+_DAY = 86400.0
+_LOAD_MEAN, _LOAD_REVERT, _LOAD_STEP = 0.7, 1.0 / 300.0, 0.0065
+_TEMP_TAU, _TC_TAU = 600.0, 120.0
+FAULT_SECONDS, GAP_SECONDS, LEAD_SECONDS = 120, 240, 600
+
+
+@dataclass(frozen=True)
+class FaultSpec:
+    """One injected fault; ``start``/``duration`` are seconds from the series start."""
+
+    kind: str
+    start: int
+    duration: int
+    channel: str
+
+    def __post_init__(self) -> None:
+        # Fail at construction time so a typo never silently yields a healthy run.
+        if self.kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault kind {self.kind!r}; "
+                             f"valid kinds: {', '.join(FAULT_KINDS)}")
+        if self.channel not in _IDX:
+            raise ValueError(f"unknown channel {self.channel!r}; "
+                             f"valid channels: {', '.join(CHANNELS)}")
+        if self.start < 0 or self.duration <= 0:
+            raise ValueError(f"fault needs start >= 0 and duration > 0, "
+                             f"got start={self.start}, duration={self.duration}")
+
+
+@dataclass
+class SimulatedSeries:
+    """A generated run: ``values[i, j]`` is channel ``channels[j]`` at ``timestamps[i]``."""
+
+    timestamps: np.ndarray  # float64 unix seconds (UTC)
+    values: np.ndarray  # float64, shape (n, len(CHANNELS))
+    labels: np.ndarray  # int8, 1 inside a fault segment
+    channels: tuple[str, ...] = CHANNELS
+
+
+class PumpSimulator:
+    """A stateful pump model: successive :meth:`generate` calls continue the same machine.
+
+    Continuity matters because a model trained on one run (``healthy.csv``) must apply
+    to a later run (``labelled.csv``): the load, thermal state and clock carry over.
+    """
+
+    def __init__(self, seed: int = 0, start: datetime | None = None) -> None:
+        start = start or datetime(2024, 1, 1, tzinfo=UTC)
+        if start.tzinfo is None:  # naive datetimes are taken as UTC, never local time
+            start = start.replace(tzinfo=UTC)
+        self._seed = seed
+        self._rng = np.random.default_rng(seed)
+        self._t = float(start.timestamp())
+        self._load = _LOAD_MEAN
+        self._temp = self._temp_target(self._t, self._load)
+        self._tc = self._temp - 3.0  # housing runs ~3 C cooler than the winding
+
+    @staticmethod
+    def _ambient(t: float | np.ndarray) -> float | np.ndarray:
+        # Warmest mid-afternoon (15:00 UTC), 22 +- 4 C.
+        return 22.0 + 4.0 * np.sin(2 * np.pi * (t - 9 * 3600.0) / _DAY)
+
+    @classmethod
+    def _temp_target(cls, t: float, load: float) -> float:
+        return float(cls._ambient(t)) + 38.0 + 30.0 * load
+
+    def generate(self, seconds: int, faults: Sequence[FaultSpec] = ()) -> SimulatedSeries:
+        """Advance the machine by ``seconds`` samples (1 Hz) and inject ``faults``."""
+        if seconds <= 0:
+            raise ValueError(f"seconds must be positive, got {seconds}")
+        for f in faults:
+            if f.start + f.duration > seconds:
+                raise ValueError(f"fault {f} ends after the series ({seconds} s)")
+        ts = self._t + np.arange(seconds, dtype=np.float64)
+        # Fault randomness uses its own stream so the healthy part is identical with
+        # or without faults (lets tests compare a faulty run against a clean one).
+        fault_rng = np.random.default_rng([self._seed, int(self._t)])
+        setpoint = _LOAD_MEAN + 0.08 * np.sin(2 * np.pi * ts / _DAY)
+        excursion = np.zeros(seconds)
+        for f in faults:
+            if f.kind == "stuck":
+                # The process keeps moving while the sensor is frozen, which is what
+                # makes a frozen reading contradict its correlated channels.
+                frac = (np.arange(f.duration) + 0.5) / f.duration
+                excursion[f.start:f.start + f.duration] += 0.2 * np.sin(np.pi * frac)
+
+        load, temp, tc = np.empty(seconds), np.empty(seconds), np.empty(seconds)
+        steps = self._rng.standard_normal(seconds) * _LOAD_STEP
+        for i in range(seconds):
+            self._load += _LOAD_REVERT * (setpoint[i] - self._load) + steps[i]
+            self._load = min(max(self._load, 0.3), 1.0)
+            load[i] = self._load + excursion[i]
+            self._temp += (self._temp_target(ts[i], load[i]) - self._temp) / _TEMP_TAU
+            self._tc += (self._temp - 3.0 - self._tc) / _TC_TAU
+            temp[i], tc[i] = self._temp, self._tc
+        self._t += seconds
+
+        flow = 40.0 * load
+        clean = np.column_stack([
+            0.6 + 2.8 * load,  # vibration_1, mm/s RMS (drive end)
+            0.5 + 2.2 * load,  # vibration_2, mm/s RMS (non-drive end)
+            0.45 + 1.35 * load,  # current, A
+            0.05 + 0.9 * (flow / 40.0) ** 2,  # pressure, bar (pump curve ~ flow^2)
+            temp,  # temperature, C (winding)
+            tc,  # thermocouple, C (housing, lags the winding)
+            230.0 + 0.6 * np.sin(2 * np.pi * ts / _DAY) - 1.5 * (load - _LOAD_MEAN),  # V
+            flow,  # l/min
+        ])
+        values = clean + self._rng.standard_normal(clean.shape) * _NOISE
+        labels = np.zeros(seconds, dtype=np.int8)
+        for f in faults:
+            _inject(values, f, fault_rng)
+            labels[f.start:f.start + f.duration] = 1
+        logger.debug("generated %d s with %d faults", seconds, len(faults))
+        return SimulatedSeries(ts, values, labels, CHANNELS)
+
+
+def _inject(values: np.ndarray, f: FaultSpec, rng: np.random.Generator) -> None:
+    """Apply one fault in place; magnitudes are in healthy-spread units (see ``_SPREAD``)."""
+    j, seg = _IDX[f.channel], slice(f.start, f.start + f.duration)
+    if f.kind == "step":
+        values[seg, j] += 5.0 * _SPREAD[j]
+        partner, frac = _KNOCK_ON[f.channel]
+        values[seg, _IDX[partner]] += 5.0 * frac * _SPREAD[_IDX[partner]]
+    elif f.kind == "drift":
+        # sqrt growth: ~4.6 spreads after the first third, 8 by the end.
+        frac = (np.arange(f.duration) + 1.0) / f.duration
+        values[seg, j] += 8.0 * _SPREAD[j] * np.sqrt(frac)
+    elif f.kind == "spikes":
+        t = f.start + int(rng.integers(0, 3))
+        while t < f.start + f.duration:
+            values[t, j] += rng.uniform(6.0, 12.0) * _SPREAD[j]
+            t += int(rng.integers(1, 4))  # every 1-3 s
+    elif f.kind == "stuck":
+        values[seg, j] = values[f.start - 1, j] if f.start > 0 else values[0, j]
+
+
+def _schedule(kinds: Sequence[str], lead: int) -> list[FaultSpec]:
+    """Faults of ``FAULT_SECONDS`` each, ``GAP_SECONDS`` apart, after a healthy lead."""
+    return [FaultSpec(kind, lead + i * (FAULT_SECONDS + GAP_SECONDS), FAULT_SECONDS,
+                      _DEFAULT_CHANNEL[kind]) for i, kind in enumerate(kinds)]
+
+
+def default_faults(seconds_healthy_lead: int) -> list[FaultSpec]:
+    """All four fault kinds, 120 s each, separated by 240 s healthy, after the lead."""
+    return _schedule(FAULT_KINDS, seconds_healthy_lead)
+
+
+def write_csv(path: Path, series: SimulatedSeries, include_labels: bool) -> None:
+    """Write ``timestamp,<channels>[,anomaly]`` with UTC ISO-8601 timestamps."""
+    header = ["timestamp", *series.channels] + (["anomaly"] if include_labels else [])
+    with Path(path).open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        for i, ts in enumerate(series.timestamps):
+            row = [datetime.fromtimestamp(float(ts), UTC).strftime("%Y-%m-%d %H:%M:%S")]
+            row += [f"{v:.6g}" for v in series.values[i]]
+            if include_labels:
+                row.append(str(int(series.labels[i])))
+            writer.writerow(row)
+
+
+def simulate(out_dir: Path, seconds: int = 3600, faults: Sequence[str] = FAULT_KINDS,
+             seed: int = 0) -> tuple[Path, Path]:
+    """Write ``healthy.csv`` (``seconds`` long) and ``labelled.csv`` (faults) into ``out_dir``.
+
+    Both come from one :class:`PumpSimulator`, so the labelled run is the same machine
+    continuing after the healthy run and a model trained on the former applies.
+    """
+    unknown = [k for k in faults if k not in FAULT_KINDS]
+    if unknown:
+        raise ValueError(f"unknown fault kind(s) {', '.join(map(repr, unknown))}; "
+                         f"valid kinds: {', '.join(FAULT_KINDS)}")
+    if seconds < 60:
+        raise ValueError(f"seconds must be >= 60, got {seconds}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sim = PumpSimulator(seed=seed)
+    healthy_path, labelled_path = out / "healthy.csv", out / "labelled.csv"
+    write_csv(healthy_path, sim.generate(seconds), include_labels=False)
+    schedule = _schedule(faults, LEAD_SECONDS)
+    total = LEAD_SECONDS + len(schedule) * (FAULT_SECONDS + GAP_SECONDS)
+    write_csv(labelled_path, sim.generate(total, schedule), include_labels=True)
+    logger.info("wrote %s (%d s) and %s (%d s, faults: %s)", healthy_path, seconds,
+                labelled_path, total, ", ".join(faults) or "none")
+    return healthy_path, labelled_path
