@@ -1,0 +1,150 @@
+"""The model bundle: everything needed to score, in one directory.
+
+``bundle.json`` (format version, channels, window, scaler, threshold, training
+metadata, checksum), ``model.tflite`` (what the daemon runs) and
+``model.keras`` (what training produced, for inspection and retraining).
+Loading checks every part before anything is scored, so a half-copied or
+mismatched bundle stops start-up with a message instead of scoring garbage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from .scaling import Scaler
+from .threshold import ThresholdRecord
+
+FORMAT_VERSION = 1
+BUNDLE_JSON = "bundle.json"
+TFLITE_FILE = "model.tflite"
+KERAS_FILE = "model.keras"
+
+
+class BundleError(Exception):
+    """A bundle cannot be used; the message names the file and what is wrong."""
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    path: Path
+    model_id: str
+    channels: tuple[str, ...]
+    window_length: int
+    window_hop: int
+    error_metric: str
+    scaler: Scaler
+    threshold: ThresholdRecord
+    model: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    created: str = ""
+    tflite_sha256: str = ""
+
+    @property
+    def tflite_path(self) -> Path:
+        return self.path / TFLITE_FILE
+
+    @property
+    def keras_path(self) -> Path:
+        return self.path / KERAS_FILE
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "model_id": self.model_id,
+            "created": self.created,
+            "channels": list(self.channels),
+            "window": {"length": self.window_length, "hop": self.window_hop},
+            "scoring": {"error": self.error_metric},
+            "scaler": self.scaler.to_dict(),
+            "threshold": self.threshold.to_dict(),
+            "model": self.model,
+            "training": self.training,
+            "tflite_sha256": self.tflite_sha256,
+        }
+
+    def with_threshold(self, threshold: ThresholdRecord) -> "ModelBundle":
+        return ModelBundle(self.path, self.model_id, self.channels, self.window_length, self.window_hop,
+                           self.error_metric, self.scaler, threshold, self.model, self.training,
+                           self.created, self.tflite_sha256)
+
+    def write_json(self) -> None:
+        """Write ``bundle.json`` atomically, so a reader never sees half a file."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".bundle.", dir=self.path)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, self.path / BUNDLE_JSON)
+
+    @classmethod
+    def load(cls, path: str | Path, expect_channels: Sequence[str] | None = None,
+             expect_window: int | None = None) -> "ModelBundle":
+        p = Path(path)
+        if not p.is_dir():
+            raise BundleError(f"{p}: model bundle directory not found")
+        meta_path = p / BUNDLE_JSON
+        if not meta_path.is_file():
+            raise BundleError(f"{meta_path}: missing (not a model bundle? run 'sensord train' first)")
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BundleError(f"{meta_path}: not valid JSON: {exc}") from None
+        if not isinstance(meta, dict):
+            raise BundleError(f"{meta_path}: must be a JSON object")
+        version = meta.get("format_version")
+        if version != FORMAT_VERSION:
+            raise BundleError(f"{meta_path}: unknown format_version {version!r} "
+                              f"(this sensord reads version {FORMAT_VERSION})")
+
+        def need(key: str, typ: type | tuple[type, ...]) -> Any:
+            v = meta.get(key)
+            if not isinstance(v, typ) or isinstance(v, bool):
+                raise BundleError(f"{meta_path}: key {key!r} missing or not a {getattr(typ, '__name__', typ)}")
+            return v
+
+        channels = need("channels", list)
+        if not channels or not all(isinstance(c, str) and c for c in channels) or len(set(channels)) != len(channels):
+            raise BundleError(f"{meta_path}: 'channels' must be a non-empty list of distinct names")
+        window = need("window", dict)
+        length, hop = window.get("length"), window.get("hop", 1)
+        if not isinstance(length, int) or length < 2 or not isinstance(hop, int) or not 1 <= hop <= length:
+            raise BundleError(f"{meta_path}: 'window' must have integer length >= 2 and 1 <= hop <= length, got {window}")
+        metric = need("scoring", dict).get("error", "mse")
+        if metric not in ("mse", "mae"):
+            raise BundleError(f"{meta_path}: scoring.error must be 'mse' or 'mae', got {metric!r}")
+        try:
+            scaler = Scaler.from_dict(need("scaler", dict), len(channels))
+            threshold = ThresholdRecord.from_dict(need("threshold", dict))
+        except ValueError as exc:
+            raise BundleError(f"{meta_path}: {exc}") from None
+        tflite = p / TFLITE_FILE
+        if not tflite.is_file():
+            raise BundleError(f"{tflite}: missing (the bundle has no TFLite model)")
+        expected_sha = need("tflite_sha256", str)
+        actual = sha256_of(tflite)
+        if actual != expected_sha:
+            raise BundleError(f"{tflite}: checksum mismatch (bundle.json says {expected_sha[:12]}…, "
+                              f"file is {actual[:12]}…): the model file was changed or copied incompletely")
+        if expect_channels is not None and len(expect_channels) and list(expect_channels) != channels:
+            raise BundleError(f"{p}: channels {channels} do not match the configured data.channels "
+                              f"{list(expect_channels)}")
+        if expect_window is not None and expect_window != length:
+            raise BundleError(f"{p}: model was trained for window length {length}, "
+                              f"but window.length in the config is {expect_window}")
+        return cls(p, str(meta.get("model_id", p.name)), tuple(channels), length, hop, metric, scaler,
+                   threshold, dict(meta.get("model", {})), dict(meta.get("training", {})),
+                   str(meta.get("created", "")), expected_sha)

@@ -1,0 +1,345 @@
+"""Configuration: one YAML file, loaded into typed dataclasses and validated up front.
+
+Validation happens before anything else starts so that a typo in a key or an
+out-of-range value stops start-up with a message that names the exact key path
+(``window.length: must be an integer >= 2, got "abc"``) instead of surfacing
+hours later as a strange runtime behaviour. The schema is expressed with
+pydantic dataclasses (strict types, unknown keys forbidden); the error messages
+are rewritten into short, operator-facing sentences.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from dataclasses import asdict, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Annotated, Literal
+
+import yaml
+from pydantic import ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr, Field, ValidationError, field_validator, model_validator
+from pydantic.dataclasses import dataclass
+
+_STRICT = ConfigDict(extra="forbid")
+
+PositiveInt = Annotated[StrictInt, Field(ge=1)]
+PositiveFloat = Annotated[StrictFloat, Field(gt=0)]
+Port = Annotated[StrictInt, Field(ge=1, le=65535)]
+
+
+class ConfigError(Exception):
+    """Raised when a configuration file cannot be used; carries every problem found."""
+
+    def __init__(self, errors: list[str], source: str | None = None) -> None:
+        self.errors = errors
+        self.source = source
+        where = f"{source}: " if source else ""
+        super().__init__(where + "; ".join(errors))
+
+
+@dataclass(config=_STRICT)
+class DataConfig:
+    """How CSV files of readings are read (training, evaluation, benchmark)."""
+
+    timestamp_column: StrictStr | None = None
+    channels: list[StrictStr] = field(default_factory=list)
+    label_column: StrictStr = "anomaly"
+    ignore_columns: list[StrictStr] = field(default_factory=lambda: ["anomaly", "changepoint"])
+    delimiter: StrictStr | None = None
+
+    @field_validator("delimiter")
+    @classmethod
+    def _one_char(cls, v: str | None) -> str | None:
+        if v is not None and len(v) != 1:
+            raise ValueError(f"must be a single character, got {json.dumps(v)}")
+        return v
+
+    @field_validator("channels")
+    @classmethod
+    def _unique_channels(cls, v: list[StrictStr]) -> list[StrictStr]:
+        dupes = sorted({c for c in v if v.count(c) > 1})
+        if dupes:
+            raise ValueError(f"must not repeat a channel, got duplicates {dupes}")
+        return v
+
+
+@dataclass(config=_STRICT)
+class WindowConfig:
+    """Fixed-length windows per device; the model is trained for one length."""
+
+    length: Annotated[StrictInt, Field(ge=2, le=10_000)] = 30
+    hop: PositiveInt = 1
+    max_gap_seconds: PositiveFloat = 10.0
+
+    @model_validator(mode="after")
+    def _hop_fits(self) -> "WindowConfig":
+        if self.hop > self.length:
+            raise ValueError(f"hop: must be <= window.length ({self.length}), got {self.hop}")
+        return self
+
+
+@dataclass(config=_STRICT)
+class ModelConfig:
+    """Autoencoder architecture. ``dense`` is the default; ``conv1d``/``lstm`` for sequences."""
+
+    kind: Literal["dense", "conv1d", "lstm"] = "dense"
+    encoder_units: list[PositiveInt] = field(default_factory=lambda: [64, 32, 16])
+    latent_units: PositiveInt = 8
+    conv_filters: list[PositiveInt] = field(default_factory=lambda: [32, 16])
+    kernel_size: PositiveInt = 5
+    lstm_units: list[PositiveInt] = field(default_factory=lambda: [32, 16])
+    output_activation: Literal["auto", "sigmoid", "linear"] = "auto"
+    dropout: Annotated[StrictFloat, Field(ge=0.0, lt=1.0)] = 0.0
+    l2: Annotated[StrictFloat, Field(ge=0.0)] = 0.0
+
+
+@dataclass(config=_STRICT)
+class TrainingConfig:
+    """Optimisation settings; a fixed seed makes a run reproducible."""
+
+    scaler: Literal["standard", "minmax"] = "standard"
+    validation_fraction: Annotated[StrictFloat, Field(gt=0.0, lt=0.9)] = 0.2
+    epochs: PositiveInt = 100
+    batch_size: PositiveInt = 32
+    learning_rate: PositiveFloat = 1e-3
+    loss: Literal["mse", "mae"] = "mse"
+    patience: PositiveInt = 10
+    seed: StrictInt = 42
+    shuffle: StrictBool = True
+    noise_std: Annotated[StrictFloat, Field(ge=0.0)] = 0.0
+
+
+@dataclass(config=_STRICT)
+class ThresholdConfig:
+    """How the alert threshold is fitted on healthy validation errors."""
+
+    method: Literal["quantile", "mean_std", "max_factor", "contamination"] = "quantile"
+    quantile: Annotated[StrictFloat, Field(gt=0.0, lt=1.0)] = 0.99
+    k: Annotated[StrictFloat, Field(ge=0.0)] = 2.0
+    factor: PositiveFloat = 1.0
+    contamination: Annotated[StrictFloat, Field(gt=0.0, lt=0.5)] = 0.01
+
+
+@dataclass(config=_STRICT)
+class ScoringConfig:
+    """Per-window error: mean squared or absolute error over the window, in scaled units."""
+
+    error: Literal["mse", "mae"] = "mse"
+    top_channels: Annotated[StrictInt, Field(ge=1, le=64)] = 3
+    batch_max: Annotated[StrictInt, Field(ge=1, le=4096)] = 64
+
+
+@dataclass(config=_STRICT)
+class DetectorConfig:
+    """Hysteresis: raise after N consecutive windows over, clear after M under."""
+
+    raise_after: PositiveInt = 1
+    clear_after: PositiveInt = 1
+
+
+@dataclass(config=_STRICT)
+class TlsConfig:
+    ca_file: StrictStr | None = None
+    cert_file: StrictStr | None = None
+    key_file: StrictStr | None = None
+    insecure: StrictBool = False
+
+    @model_validator(mode="after")
+    def _pair(self) -> "TlsConfig":
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file must be given together")
+        return self
+
+
+@dataclass(config=_STRICT)
+class MqttConfig:
+    """Broker connection, subscriptions and how a device id and a reading are found."""
+
+    host: StrictStr = "127.0.0.1"
+    port: Port = 1883
+    client_id: StrictStr = "sensord"
+    keepalive: Annotated[StrictInt, Field(ge=5, le=65535)] = 30
+    protocol: Literal["5", "3.1.1"] = "5"
+    username: StrictStr | None = None
+    password: StrictStr | None = None
+    tls: TlsConfig | None = None
+    subscriptions: list[StrictStr] = field(default_factory=lambda: ["sensors/+/telemetry"])
+    qos: Annotated[StrictInt, Field(ge=0, le=2)] = 1
+    device_topic: StrictStr | None = "sensors/{device}/telemetry"
+    device_field: StrictStr | None = None
+    timestamp_field: StrictStr = "ts"
+    values_field: StrictStr = "values"
+    topic_prefix: StrictStr = "sensord"
+    publish_scores: StrictBool = False
+    reconnect_min_seconds: PositiveFloat = 1.0
+    reconnect_max_seconds: PositiveFloat = 30.0
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol_number(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @field_validator("subscriptions")
+    @classmethod
+    def _non_empty(cls, v: list[StrictStr]) -> list[StrictStr]:
+        if not v:
+            raise ValueError("must list at least one topic filter")
+        return v
+
+    @model_validator(mode="after")
+    def _device_source(self) -> "MqttConfig":
+        if self.device_topic is None and self.device_field is None:
+            raise ValueError("device_topic: one of device_topic or device_field must be set")
+        if self.device_topic is not None and self.device_topic.count("{device}") != 1:
+            raise ValueError(
+                f"device_topic: must contain {{device}} exactly once, got {json.dumps(self.device_topic)}"
+            )
+        if self.reconnect_max_seconds < self.reconnect_min_seconds:
+            raise ValueError("reconnect_max_seconds: must be >= reconnect_min_seconds")
+        return self
+
+
+@dataclass(config=_STRICT)
+class MetricsConfig:
+    enabled: StrictBool = True
+    host: StrictStr = "127.0.0.1"
+    port: Annotated[StrictInt, Field(ge=0, le=65535)] = 9108
+
+
+@dataclass(config=_STRICT)
+class DaemonConfig:
+    """The running service: which bundle, and the bounds that keep memory flat."""
+
+    model: StrictStr = "/var/lib/sensord/model"
+    queue_size: Annotated[StrictInt, Field(ge=1, le=1_000_000)] = 10_000
+    max_devices: Annotated[StrictInt, Field(ge=1, le=100_000)] = 100
+    batch_wait_seconds: Annotated[StrictFloat, Field(ge=0.0, le=5.0)] = 0.02
+    shutdown_timeout_seconds: PositiveFloat = 4.0
+
+
+@dataclass(config=_STRICT)
+class LoggingConfig:
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    rate_limit_seconds: Annotated[StrictFloat, Field(ge=0.0)] = 10.0
+
+
+@dataclass(config=_STRICT)
+class SensordConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    window: WindowConfig = field(default_factory=WindowConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+_MESSAGES = {
+    "int_type": "must be an integer",
+    "int_parsing": "must be an integer",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "string_type": "must be a string",
+    "list_type": "must be a list",
+    "dict_type": "must be a mapping",
+    "dataclass_type": "must be a mapping",
+    "missing": "is required",
+    "extra_forbidden": "unknown key",
+    "unexpected_keyword_argument": "unknown key",
+    "greater_than_equal": "must be >= {ge}",
+    "greater_than": "must be > {gt}",
+    "less_than_equal": "must be <= {le}",
+    "less_than": "must be < {lt}",
+    "literal_error": "must be one of {expected}",
+}
+_COMPOSABLE = {"greater_than_equal", "greater_than", "less_than_equal", "less_than"}
+
+
+def _known_keys(path: tuple[Any, ...]) -> list[StrictStr]:
+    """The keys allowed at ``path`` (for "did you mean" hints on unknown keys)."""
+    cls: Any = SensordConfig
+    for part in path[:-1]:
+        hit = {f.name: f for f in fields(cls)}.get(str(part))
+        if hit is None:
+            return []
+        typ = hit.type if not isinstance(hit.type, str) else eval(hit.type, globals())  # noqa: S307
+        cls = next((a for a in getattr(typ, "__args__", (typ,)) if is_dataclass(a)), None)
+        if cls is None:
+            return []
+    return [f.name for f in fields(cls)]
+
+
+def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
+    loc = tuple(p for p in err["loc"] if p not in ("function-after",))
+    path = ".".join(str(p) for p in loc)
+    kind = err["type"]
+    ctx = err.get("ctx") or {}
+    if kind == "value_error":
+        msg = str(ctx.get("error", err["msg"]))
+        m = re.match(r"^(\w+): (.*)$", msg)
+        if m:  # cross-field validators name the key they complain about
+            path = f"{path}.{m.group(1)}" if path else m.group(1)
+            msg = m.group(2)
+        return f"{path}: {msg}"
+    else:
+        msg = _MESSAGES.get(kind, err["msg"]).format(**ctx)
+    if kind in ("extra_forbidden", "unexpected_keyword_argument"):
+        close = difflib.get_close_matches(str(loc[-1]), _known_keys(loc), n=1)
+        return f"{path}: unknown key" + (f' (did you mean "{close[0]}"?)' if close else "")
+    if kind == "missing":
+        return f"{path}: {msg}"
+    got = err.get("input")
+    if kind in _COMPOSABLE and isinstance(got, (int, float)):
+        base = "an integer" if isinstance(got, int) else "a number"
+        msg = f"must be {base} {msg.removeprefix('must be ')}"
+    return f"{path}: {msg}, got {json.dumps(got, default=str)}"
+
+
+def config_from_dict(raw: Any, source: StrictStr | None = None) -> SensordConfig:
+    """Build a validated config from parsed YAML; every problem is collected, not just the first."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"top level: must be a mapping of sections, got {type(raw).__name__}"], source)
+    try:
+        return SensordConfig(**raw)
+    except ValidationError as exc:
+        raise ConfigError([_describe(e, raw) for e in exc.errors()], source) from None
+    except TypeError as exc:  # unknown top-level section
+        m = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+        key = m.group(1) if m else "?"
+        close = difflib.get_close_matches(key, [f.name for f in fields(SensordConfig)], n=1)
+        hint = f' (did you mean "{close[0]}"?)' if close else ""
+        raise ConfigError([f"{key}: unknown section{hint}"], source) from None
+
+
+def load_config(path: str | Path | None) -> SensordConfig:
+    """Load and validate a YAML config file; ``None`` gives the built-in defaults."""
+    if path is None:
+        return SensordConfig()
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"file not found: {p}"], str(p)) from None
+    except OSError as exc:
+        raise ConfigError([f"cannot read: {exc.strerror}"], str(p)) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"invalid YAML{where}: {problem}"], str(p)) from None
+    return config_from_dict(raw, str(p))
+
+
+def config_to_dict(cfg: SensordConfig) -> dict[str, Any]:
+    return asdict(cfg)

@@ -1,0 +1,132 @@
+"""Scoring batches of windows with the bundle's TFLite model, without TensorFlow.
+
+The edge box only serves, so the scorer runs the flatbuffer through the LiteRT
+interpreter (``ai_edge_litert``), falling back to ``tensorflow.lite`` only
+where LiteRT cannot be installed. One interpreter call scores many windows;
+interpreters are cached per padded batch size so a steady stream never
+re-allocates tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from .bundle import ModelBundle
+
+log = logging.getLogger(__name__)
+
+
+def _interpreter_class() -> Callable[..., Any]:
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+        return Interpreter
+    except ImportError:  # pragma: no cover - only where LiteRT has no wheel
+        log.warning("ai_edge_litert not available; falling back to tensorflow.lite")
+        import tensorflow as tf  # noqa: PLC0415
+        return tf.lite.Interpreter
+
+
+@dataclass(frozen=True)
+class ScoredBatch:
+    errors: np.ndarray  # (B,) float64 per-window error
+    channel_shares: np.ndarray  # (B, C) share of each channel in the error, rows sum to 1
+
+
+def reconstruction_errors(scaled: np.ndarray, reconstructed: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-window error and per-channel share, from scaled windows and their reconstructions.
+
+    The error is the mean over all (time, channel) cells, so it does not grow
+    with the window length; the per-channel shares tell an operator which
+    sensor the deviation comes from.
+    """
+    diff = reconstructed.astype(np.float64) - scaled.astype(np.float64)
+    cell = diff * diff if metric == "mse" else np.abs(diff)
+    per_channel = cell.mean(axis=1)  # (B, C)
+    errors = per_channel.mean(axis=1)
+    total = per_channel.sum(axis=1, keepdims=True)
+    shares = np.divide(per_channel, total, out=np.full_like(per_channel, 1.0 / per_channel.shape[1]),
+                       where=total > 0)
+    return errors, shares
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+class Scorer:
+    """Reconstruction error of raw (unscaled) windows, through the bundle's flatbuffer."""
+
+    def __init__(self, bundle: ModelBundle, max_batch: int = 256, num_threads: int | None = 1) -> None:
+        self.bundle = bundle
+        self.max_batch = _bucket(max(1, max_batch))
+        self._content = bundle.tflite_path.read_bytes()
+        self._make = _interpreter_class()
+        self._num_threads = num_threads
+        self._interpreters: dict[int, tuple[Any, int, int]] = {}
+        self._interpreter(1)  # fail now, not on the first window, if the model does not load
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        return self.bundle.channels
+
+    @property
+    def threshold(self) -> float:
+        return self.bundle.threshold.value
+
+    def _interpreter(self, batch: int) -> tuple[Any, int, int]:
+        hit = self._interpreters.get(batch)
+        if hit is None:
+            try:
+                it = self._make(model_content=self._content, num_threads=self._num_threads)
+                inp = it.get_input_details()[0]
+                w, c = self.bundle.window_length, len(self.bundle.channels)
+                if list(inp["shape"][1:]) != [w, c]:
+                    raise ValueError(f"model input shape {list(inp['shape'])} does not match window "
+                                     f"({w}, {c}) in bundle.json")
+                it.resize_tensor_input(inp["index"], [batch, w, c])
+                it.allocate_tensors()
+            except ValueError as exc:
+                from .bundle import BundleError
+                raise BundleError(f"{self.bundle.tflite_path}: cannot load model: {exc}") from None
+            hit = (it, inp["index"], it.get_output_details()[0]["index"])
+            self._interpreters[batch] = hit
+        return hit
+
+    def reconstruct(self, scaled: np.ndarray) -> np.ndarray:
+        """Run the network on already-scaled windows, in padded power-of-two batches."""
+        out = np.empty_like(scaled, dtype=np.float32)
+        n = len(scaled)
+        i = 0
+        while i < n:
+            chunk = scaled[i:i + self.max_batch]
+            size = _bucket(len(chunk))
+            if size != len(chunk):
+                chunk = np.concatenate([chunk, np.zeros((size - len(chunk),) + chunk.shape[1:], np.float32)])
+            it, inp, outp = self._interpreter(size)
+            it.set_tensor(inp, np.ascontiguousarray(chunk, dtype=np.float32))
+            it.invoke()
+            take = min(self.max_batch, n - i)
+            out[i:i + take] = it.get_tensor(outp)[:take]
+            i += take
+        return out
+
+    def score(self, windows: np.ndarray) -> ScoredBatch:
+        """Score raw windows of shape (B, length, channels)."""
+        w = np.asarray(windows, dtype=np.float32)
+        if w.ndim != 3 or w.shape[1:] != (self.bundle.window_length, len(self.bundle.channels)):
+            raise ValueError(f"windows must have shape (B, {self.bundle.window_length}, "
+                             f"{len(self.bundle.channels)}), got {w.shape}")
+        if len(w) == 0:
+            return ScoredBatch(np.zeros(0), np.zeros((0, w.shape[2])))
+        scaled = self.bundle.scaler.transform(w)
+        errors, shares = reconstruction_errors(scaled, self.reconstruct(scaled), self.bundle.error_metric)
+        return ScoredBatch(errors, shares)
+
+    def top_channels(self, shares: np.ndarray, k: int) -> tuple[tuple[str, float], ...]:
+        """The ``k`` channels with the largest share of one window's error."""
+        order = np.argsort(shares)[::-1][:k]
+        return tuple((self.bundle.channels[j], round(float(shares[j]), 4)) for j in order)

@@ -1,0 +1,164 @@
+"""Training: healthy CSV -> windows -> scaler -> autoencoder -> TFLite -> threshold -> bundle.
+
+The split is chronological: the last ``validation_fraction`` of the healthy
+rows is held back, never shuffled into training, and the threshold is fitted
+on the errors the *serving* scorer (TFLite) gives on those held-back windows,
+so the threshold is calibrated on exactly the numbers the daemon will compare
+with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from . import __version__
+from .bundle import KERAS_FILE, TFLITE_FILE, ModelBundle, sha256_of
+from .config import SensordConfig
+from .dataio import Series
+from .scaling import Scaler
+from .scorer import Scorer
+from .threshold import ThresholdCalibrator, ThresholdRecord
+from .windows import WindowSpec, windowize
+
+log = logging.getLogger(__name__)
+
+EpochCallback = Callable[[int, int, dict[str, float]], None]
+
+
+class TrainingError(ValueError):
+    """Training cannot proceed with this data/config; the message says why."""
+
+
+@dataclass(frozen=True)
+class SplitWindows:
+    train: np.ndarray
+    validation: np.ndarray
+    train_rows: int
+    validation_rows: int
+
+
+def split_windows(series: Series, cfg: SensordConfig) -> SplitWindows:
+    """Chronological split, then windows of each part through the shared WindowBuffer.
+
+    Training windows use hop 1 (every reading starts a new window) to make the
+    most of a short healthy period; the two parts are windowed separately so
+    no validation window contains a training reading.
+    """
+    n = len(series)
+    length = cfg.window.length
+    n_val = int(math.ceil(n * cfg.training.validation_fraction))
+    n_train = n - n_val
+    if n_train < length + 1 or n_val < length:
+        raise TrainingError(
+            f"{series.path or 'data'}: {n} rows are too few for window.length {length} with "
+            f"validation_fraction {cfg.training.validation_fraction}: need at least {length + 1} training "
+            f"and {length} validation rows (have {n_train} and {n_val})")
+    spec = WindowSpec(length, 1, cfg.window.max_gap_seconds)
+    train = windowize(series.timestamps[:n_train], series.values[:n_train], spec).values
+    val = windowize(series.timestamps[n_train:], series.values[n_train:], spec).values
+    if len(train) == 0 or len(val) == 0:
+        raise TrainingError(f"{series.path or 'data'}: no complete windows in the "
+                            f"{'training' if len(train) == 0 else 'validation'} part "
+                            f"(gaps longer than window.max_gap_seconds={cfg.window.max_gap_seconds}?)")
+    return SplitWindows(train, val, n_train, n_val)
+
+
+def _versions() -> dict[str, str]:
+    import keras
+    import tensorflow as tf
+    return {"sensord": __version__, "tensorflow": tf.__version__, "keras": keras.__version__,
+            "numpy": np.__version__, "python": platform.python_version()}
+
+
+def train_bundle(series: Series, cfg: SensordConfig, out_dir: str | Path,
+                 on_epoch: EpochCallback | None = None) -> ModelBundle:
+    """Train on a healthy series and write a complete, loadable bundle to ``out_dir``."""
+    import keras
+    import tensorflow as tf
+
+    from .autoencoder import build_autoencoder
+
+    t0 = time.monotonic()
+    out = Path(out_dir)
+    tc = cfg.training
+    split = split_windows(series, cfg)
+    scaler = Scaler.fit(series.values[:split.train_rows], tc.scaler)
+    x_train = scaler.transform(split.train)
+    x_val = scaler.transform(split.validation)
+    log.info("training %s autoencoder: %d training windows, %d validation windows, %d channels, window %d",
+             cfg.model.kind, len(x_train), len(x_val), len(series.channels), cfg.window.length)
+
+    keras.utils.set_random_seed(tc.seed)
+    tf.config.experimental.enable_op_determinism()
+    model = build_autoencoder(cfg.model, cfg.window.length, len(series.channels), tc.scaler, tc.noise_std)
+    model.compile(optimizer=keras.optimizers.Adam(tc.learning_rate), loss=tc.loss)
+
+    class _Progress(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+            logs = {k: float(v) for k, v in (logs or {}).items()}
+            if on_epoch is not None:
+                on_epoch(epoch + 1, tc.epochs, logs)
+            else:
+                log.debug("epoch %d/%d loss=%.6g val_loss=%.6g", epoch + 1, tc.epochs,
+                          logs.get("loss", float("nan")), logs.get("val_loss", float("nan")))
+
+    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=tc.patience, restore_best_weights=True)
+    history = model.fit(x_train, x_train, validation_data=(x_val, x_val), epochs=tc.epochs,
+                        batch_size=tc.batch_size, shuffle=tc.shuffle, verbose=0,
+                        callbacks=[stop, _Progress()])
+    losses = {k: [round(float(v), 8) for v in vals] for k, vals in history.history.items()}
+    best_epoch = int(np.argmin(losses["val_loss"])) + 1 if losses.get("val_loss") else len(losses.get("loss", []))
+
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"{out}: exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    model.save(out / KERAS_FILE)
+    flatbuffer = tf.lite.TFLiteConverter.from_keras_model(model).convert()
+    (out / TFLITE_FILE).write_bytes(flatbuffer)
+    sha = sha256_of(out / TFLITE_FILE)
+
+    training_meta: dict[str, Any] = {
+        "rows": len(series), "train_rows": split.train_rows, "validation_rows": split.validation_rows,
+        "train_windows": len(x_train), "validation_windows": len(x_val),
+        "epochs_run": len(losses.get("loss", [])), "best_epoch": best_epoch,
+        "loss": tc.loss, "loss_history": losses, "source": series.path,
+        "config": {"training": _asdict(tc), "window": _asdict(cfg.window)},
+        "versions": _versions(),
+    }
+    bundle = ModelBundle(
+        path=out, model_id=f"{out.name}-{sha[:8]}", channels=series.channels,
+        window_length=cfg.window.length, window_hop=cfg.window.hop, error_metric=cfg.scoring.error,
+        scaler=scaler, threshold=ThresholdRecord(cfg.threshold.method, {}, 1.0),
+        model=_asdict(cfg.model), training=training_meta,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), tflite_sha256=sha,
+    )
+    val_errors = Scorer(bundle).score(split.validation).errors
+    threshold = ThresholdCalibrator(cfg.threshold).fit(val_errors)
+    training_meta["duration_seconds"] = round(time.monotonic() - t0, 3)
+    bundle = bundle.with_threshold(threshold)
+    bundle.write_json()
+    log.info("bundle written to %s: model_id=%s threshold=%.6g (%s) epochs=%d best=%d in %.1fs", out,
+             bundle.model_id, threshold.value, threshold.method, training_meta["epochs_run"], best_epoch,
+             training_meta["duration_seconds"])
+    return bundle
+
+
+def _asdict(obj: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+    return asdict(obj)
+
+
+def clear_bundle_dir(path: Path) -> None:
+    """Remove a previous bundle's files (used by the benchmark's scratch directories)."""
+    if path.exists():
+        shutil.rmtree(path)

@@ -1,0 +1,186 @@
+"""Fixed-length windows over one device's stream of readings.
+
+The same :class:`WindowBuffer` feeds training, evaluation, the SKAB benchmark
+and the live daemon, so a window means exactly the same thing everywhere: the
+last ``length`` readings, emitted every ``hop`` readings, restarted when the
+stream has a gap longer than ``max_gap_seconds``. Readings older than the last
+accepted one are rejected rather than silently reordered, because a reordered
+window would be scored on a sequence the machine never produced.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    length: int
+    hop: int = 1
+    max_gap_seconds: float = float("inf")
+
+    def __post_init__(self) -> None:
+        if self.length < 2:
+            raise ValueError(f"window length must be >= 2, got {self.length}")
+        if not 1 <= self.hop <= self.length:
+            raise ValueError(f"window hop must be in 1..{self.length}, got {self.hop}")
+        if not self.max_gap_seconds > 0:
+            raise ValueError(f"max_gap_seconds must be > 0, got {self.max_gap_seconds}")
+
+
+@dataclass(frozen=True)
+class Window:
+    """A complete window: ``values`` is a (length, channels) float32 copy the caller owns."""
+
+    device: str
+    start: float
+    end: float
+    values: np.ndarray
+    seq: int  # 0-based count of readings accepted by the buffer when this window completed, minus one
+
+
+class Rejection(str, enum.Enum):
+    """Why a reading was not accepted; values are the bounded ``reason`` label of a metric."""
+
+    OUT_OF_ORDER = "out_of_order"
+    WRONG_SHAPE = "wrong_shape"
+    NON_FINITE = "non_finite"
+
+
+class ReadingRejected(ValueError):
+    def __init__(self, reason: Rejection, detail: str) -> None:
+        self.reason = reason
+        super().__init__(f"{reason.value}: {detail}")
+
+
+class WindowBuffer:
+    """Ring buffer of one device's readings, preallocated, emitting windows by hop.
+
+    Each reading is written twice (at ``i`` and ``i + length``) so the most
+    recent ``length`` readings are always one contiguous slice: emitting a
+    window is a single ``memcpy`` with no Python-level loop.
+
+    >>> buf = WindowBuffer(WindowSpec(length=3, hop=2), channels=1, device="pump1")
+    >>> [w.values[:, 0].tolist() for t in range(6) if (w := buf.push(float(t), [t])) is not None]
+    [[0.0, 1.0, 2.0], [2.0, 3.0, 4.0]]
+    """
+
+    __slots__ = ("spec", "channels", "device", "_ring", "_times", "_pos", "_filled",
+                 "_since_emit", "_last_ts", "_accepted", "restarts")
+
+    def __init__(self, spec: WindowSpec, channels: int, device: str = "") -> None:
+        if channels < 1:
+            raise ValueError(f"channels must be >= 1, got {channels}")
+        self.spec = spec
+        self.channels = channels
+        self.device = device
+        self._ring = np.zeros((2 * spec.length, channels), dtype=np.float32)
+        self._times = np.zeros(2 * spec.length, dtype=np.float64)
+        self._pos = 0
+        self._filled = 0
+        self._since_emit = 0
+        self._last_ts: float | None = None
+        self._accepted = 0
+        self.restarts = 0
+
+    @property
+    def last_timestamp(self) -> float | None:
+        return self._last_ts
+
+    def reset(self) -> None:
+        """Forget buffered readings (after a gap): a window must not span the gap."""
+        self._filled = 0
+        self._since_emit = 0
+
+    def check(self, timestamp: float, values: np.ndarray) -> None:
+        """Raise :class:`ReadingRejected` if the reading cannot be accepted; changes nothing."""
+        if values.shape != (self.channels,):
+            raise ReadingRejected(Rejection.WRONG_SHAPE,
+                                  f"expected {self.channels} values, got shape {values.shape}")
+        if not np.all(np.isfinite(values)) or not np.isfinite(timestamp):
+            raise ReadingRejected(Rejection.NON_FINITE, "reading has NaN or infinite values")
+        if self._last_ts is not None and timestamp < self._last_ts:
+            raise ReadingRejected(Rejection.OUT_OF_ORDER,
+                                  f"timestamp {timestamp} is older than the last reading {self._last_ts}")
+
+    def push(self, timestamp: float, values: np.ndarray | list[float]) -> Window | None:
+        """Accept one reading; return the window it completes, if any."""
+        arr = np.asarray(values, dtype=np.float32).reshape(-1)
+        self.check(timestamp, arr)
+        spec = self.spec
+        if self._last_ts is not None and timestamp - self._last_ts > spec.max_gap_seconds:
+            self.reset()
+            self.restarts += 1
+        self._last_ts = timestamp
+        i = self._pos
+        self._ring[i] = arr
+        self._ring[i + spec.length] = arr
+        self._times[i] = timestamp
+        self._times[i + spec.length] = timestamp
+        self._pos = (i + 1) % spec.length
+        self._accepted += 1
+        if self._filled < spec.length:
+            self._filled += 1
+            if self._filled < spec.length:
+                return None
+            self._since_emit = 0
+        else:
+            self._since_emit += 1
+            if self._since_emit < spec.hop:
+                return None
+            self._since_emit = 0
+        start = self._pos  # oldest reading sits where the next one will be written
+        return Window(
+            device=self.device,
+            start=float(self._times[start]),
+            end=timestamp,
+            values=self._ring[start:start + spec.length].copy(),
+            seq=self._accepted - 1,
+        )
+
+
+@dataclass(frozen=True)
+class WindowedSeries:
+    """All windows of an offline series, with the row index each window ends at."""
+
+    values: np.ndarray  # (n_windows, length, channels) float32
+    end_rows: np.ndarray  # (n_windows,) int64 index of the row that completed each window
+    starts: np.ndarray  # (n_windows,) float64 timestamp of the first reading
+    ends: np.ndarray  # (n_windows,) float64 timestamp of the last reading
+
+
+def iter_windows(timestamps: np.ndarray, values: np.ndarray, spec: WindowSpec,
+                 device: str = "") -> Iterator[tuple[int, Window]]:
+    """Stream rows through a :class:`WindowBuffer`, yielding ``(row, window)``.
+
+    Offline code calls this so that it sees exactly the windows the daemon
+    would see for the same rows (including gap restarts).
+    """
+    buf = WindowBuffer(spec, values.shape[1], device)
+    for row in range(len(timestamps)):
+        win = buf.push(float(timestamps[row]), values[row])
+        if win is not None:
+            yield row, win
+
+
+def windowize(timestamps: np.ndarray, values: np.ndarray, spec: WindowSpec) -> WindowedSeries:
+    rows: list[int] = []
+    wins: list[np.ndarray] = []
+    starts: list[float] = []
+    ends: list[float] = []
+    for row, win in iter_windows(timestamps, values, spec):
+        rows.append(row)
+        wins.append(win.values)
+        starts.append(win.start)
+        ends.append(win.end)
+    c = values.shape[1] if values.ndim == 2 else 0
+    return WindowedSeries(
+        values=np.stack(wins) if wins else np.zeros((0, spec.length, c), np.float32),
+        end_rows=np.asarray(rows, dtype=np.int64),
+        starts=np.asarray(starts, dtype=np.float64),
+        ends=np.asarray(ends, dtype=np.float64),
+    )
