@@ -1,0 +1,227 @@
+"""The ``sensord`` command line.
+
+Exit statuses follow sysexits: 78 (EX_CONFIG) for a bad config or model
+bundle, so systemd's ``RestartPreventExitStatus=78`` does not restart-loop on a
+mistake only a person can fix; 65 (EX_DATAERR) for unusable data files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from .bundle import BundleError, ModelBundle  # noqa: E402
+from .config import ConfigError, DataConfig, SensordConfig, load_config  # noqa: E402
+from .dataio import DataError, load_csv  # noqa: E402
+
+EX_OK = 0
+EX_USAGE = 64
+EX_DATAERR = 65
+EX_SOFTWARE = 70
+EX_CONFIG = 78
+
+log = logging.getLogger("sensord")
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """Plain lines; under systemd (JOURNAL_STREAM set) journald adds the timestamp itself."""
+    fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") \
+        else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=getattr(logging, level), format=fmt, stream=sys.stderr, force=True)
+    for noisy in ("absl", "tensorflow", "h5py"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:5.1f} %"
+
+
+def _write_json(path: str | None, payload: dict[str, Any]) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+        log.info("wrote %s", path)
+
+
+def _epoch_printer() -> Any:
+    """A one-line live progress display on a terminal, plain log lines otherwise."""
+    tty = sys.stderr.isatty()
+
+    def show(epoch: int, total: int, logs: dict[str, float]) -> None:
+        line = f"epoch {epoch}/{total} loss={logs.get('loss', float('nan')):.6f} " \
+               f"val_loss={logs.get('val_loss', float('nan')):.6f}"
+        if tty:
+            sys.stderr.write("\r" + line + "   ")
+            sys.stderr.flush()
+        else:
+            log.info(line)
+    return show
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    if args.model or cfg.daemon.model:
+        model = args.model
+        if model:
+            ModelBundle.load(model, cfg.data.channels or None, None)
+    print(f"OK {args.config}")
+    return EX_OK
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training import train_bundle
+    cfg = load_config(args.config)
+    series = load_csv(args.data, cfg.data)
+    show = _epoch_printer()
+    bundle = train_bundle(series, cfg, args.out, on_epoch=show)
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")
+    t = bundle.threshold
+    print(f"model {bundle.model_id} written to {bundle.path}")
+    print(f"  channels ({len(bundle.channels)}): {', '.join(bundle.channels)}")
+    print(f"  window {bundle.window_length}, rows {bundle.training['train_rows']} train / "
+          f"{bundle.training['validation_rows']} validation, epochs {bundle.training['epochs_run']} "
+          f"(best {bundle.training['best_epoch']}), {bundle.training['duration_seconds']:.1f} s")
+    print(f"  threshold {t.value:.6g} ({t.method} {t.params}); validation errors mean "
+          f"{t.validation_stats['mean']:.4g}, p99 {t.validation_stats['p99']:.4g}, max {t.validation_stats['max']:.4g}")
+    return EX_OK
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate_series
+    from .scorer import Scorer
+    from .windows import WindowSpec
+    cfg = load_config(args.config) if args.config else SensordConfig()
+    bundle = ModelBundle.load(args.model)
+    data_cfg = DataConfig(**{**_dc(cfg.data), "label_column": args.label_column})
+    series = load_csv(args.data, data_cfg, channels=bundle.channels, require_labels=True)
+    hop = args.hop or cfg.window.hop if args.config else (args.hop or bundle.window_hop)
+    spec = WindowSpec(bundle.window_length, hop, cfg.window.max_gap_seconds)
+    res = evaluate_series(series, Scorer(bundle), spec, cfg.detector, top_k=cfg.scoring.top_channels)
+    c = res.confusion
+    print(f"model {bundle.model_id}  data {args.data}")
+    print(f"rows {res.rows} (unscored {res.unscored_rows}), windows {res.windows}, threshold {bundle.threshold.value:.6g}")
+    print(f"TP {c.tp}  FP {c.fp}  TN {c.tn}  FN {c.fn}")
+    print(f"F1 {c.f1:.3f}  FAR {_pct(c.far)}  MAR {_pct(c.mar)}")
+    detected = sum(s.detected for s in res.segments)
+    delay = res.mean_delay_seconds
+    print(f"anomaly segments {len(res.segments)}, detected {detected}, mean detection delay "
+          + (f"{delay:.1f} s ({res.mean_delay_rows:.1f} rows)" if delay is not None else "n/a"))
+    print(f"alerts raised {sum(a.state == 'raised' for a in res.alerts)}")
+    _write_json(args.json, {"model_id": bundle.model_id, "data": str(args.data),
+                            "threshold": bundle.threshold.value, **res.as_dict()})
+    return EX_OK
+
+
+def _dc(obj: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+    return asdict(obj)
+
+
+def cmd_bench_skab(args: argparse.Namespace) -> int:
+    from .benchmark import run_skab
+    cfg = load_config(args.config) if args.config else SensordConfig()
+    print(f"{'file':<18} {'F1':>6} {'FAR':>8} {'MAR':>8} {'delay s':>8} {'train s':>8}")
+
+    def row(fr: Any) -> None:
+        c = fr.result.confusion
+        d = fr.result.mean_delay_seconds
+        print(f"{fr.name:<18} {c.f1:6.3f} {_pct(c.far):>8} {_pct(c.mar):>8} "
+              f"{(f'{d:.0f}' if d is not None else '-'):>8} {fr.train_seconds:8.1f}", flush=True)
+
+    work = Path(args.work_dir) if args.work_dir else None
+    report = run_skab(Path(args.data), cfg, work, on_file=row)
+    p = report["pooled"]
+    print("-" * 62)
+    print(f"{'pooled (sensord)':<18} {p['f1']:6.3f} {_pct(p['far']):>8} {_pct(p['mar']):>8}   "
+          f"({report['protocol']['files']} files, causal, {report['duration_seconds']:.0f} s)")
+    print("published (SKAB leaderboard, whole corpus of 34 files):")
+    for pub in report["published"]:
+        far = _pct(pub["far"]) if pub["far"] is not None else "-"
+        mar = _pct(pub["mar"]) if pub["mar"] is not None else "-"
+        print(f"  {pub['method']:<28} F1 {pub['f1']:.2f}  FAR {far:>8}  MAR {mar:>8}")
+    _write_json(args.json, report)
+    return EX_OK
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from .simulator import simulate
+    healthy, labelled = simulate(Path(args.out), seconds=args.seconds, faults=args.faults, seed=args.seed)
+    print(f"healthy run:  {healthy}")
+    print(f"labelled run: {labelled}")
+    return EX_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sensord", description="Streaming sensor-monitoring daemon.")
+    p.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("check-config", help="validate a config file (and optionally a model bundle)")
+    s.add_argument("--config", required=True)
+    s.add_argument("--model", help="also load and validate this model bundle against the config")
+    s.set_defaults(func=cmd_check_config)
+
+    s = sub.add_parser("train", help="train a model bundle on a CSV of healthy readings")
+    s.add_argument("--config", help="YAML config (built-in defaults when omitted)")
+    s.add_argument("--data", required=True, help="CSV of healthy readings")
+    s.add_argument("--out", required=True, help="bundle directory to write")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("evaluate", help="score a labelled CSV causally and report F1/FAR/MAR")
+    s.add_argument("--model", required=True)
+    s.add_argument("--data", required=True)
+    s.add_argument("--label-column", default="anomaly")
+    s.add_argument("--config", help="detector/window settings (defaults when omitted)")
+    s.add_argument("--hop", type=int, default=None, help="window hop (default: config, else the bundle's)")
+    s.add_argument("--json", help="also write the figures to this JSON file")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("bench", help="benchmarks")
+    bsub = s.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    b = bsub.add_parser("skab", help="SKAB outlier-detection protocol (fit on 400 rows per file)")
+    b.add_argument("--data", required=True, help="SKAB data directory")
+    b.add_argument("--config", help="YAML config (built-in defaults when omitted)")
+    b.add_argument("--json", help="write pooled and per-file figures to this JSON file")
+    b.add_argument("--work-dir", help="keep the per-file bundles here (default: a temp dir)")
+    b.set_defaults(func=cmd_bench_skab)
+
+    s = sub.add_parser("simulate", help="write a healthy and a labelled CSV from the built-in pump simulator")
+    s.add_argument("--out", required=True)
+    s.add_argument("--seconds", type=int, default=3600, help="length of the healthy run")
+    s.add_argument("--faults", nargs="*", default=["step", "drift", "spikes", "stuck"],
+                   help="faults to inject: step drift spikes stuck")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_simulate)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = args.log_level or "INFO"
+    setup_logging(level)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        for e in exc.errors:
+            print(f"sensord: config error: {exc.source + ': ' if exc.source else ''}{e}", file=sys.stderr)
+        return EX_CONFIG
+    except BundleError as exc:
+        print(f"sensord: model error: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except (DataError, ValueError) as exc:
+        print(f"sensord: data error: {exc}", file=sys.stderr)
+        return EX_DATAERR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Offline evaluation: a labelled series through the daemon's own windows, scorer and detector.
+
+Causal by construction: the window that *ends* at a row decides that row, with
+the detector's state after that window, exactly as the live daemon would have
+decided at that moment. Rows before the first complete window (or after a gap
+restart) are unscored, counted as such, and count as "normal" predictions in
+the metrics, as an alert that was never raised is a miss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .config import DetectorConfig
+from .dataio import Series
+from .detector import AlertDetector, AlertEvent
+from .scorer import Scorer
+from .windows import WindowSpec, iter_windows
+
+
+@dataclass(frozen=True)
+class Confusion:
+    tp: int = 0
+    fp: int = 0
+    tn: int = 0
+    fn: int = 0
+
+    def __add__(self, other: "Confusion") -> "Confusion":
+        return Confusion(self.tp + other.tp, self.fp + other.fp, self.tn + other.tn, self.fn + other.fn)
+
+    @property
+    def f1(self) -> float:
+        """SKAB's F1 = TP / (TP + (FP + FN) / 2)."""
+        d = self.tp + (self.fp + self.fn) / 2
+        return self.tp / d if d else 0.0
+
+    @property
+    def far(self) -> float:
+        """False alarm rate FP / (FP + TN)."""
+        d = self.fp + self.tn
+        return self.fp / d if d else 0.0
+
+    @property
+    def mar(self) -> float:
+        """Missed alarm rate FN / (FN + TP)."""
+        d = self.fn + self.tp
+        return self.fn / d if d else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"tp": self.tp, "fp": self.fp, "tn": self.tn, "fn": self.fn,
+                "f1": round(self.f1, 4), "far": round(self.far, 4), "mar": round(self.mar, 4)}
+
+    @classmethod
+    def of(cls, labels: np.ndarray, predicted: np.ndarray) -> "Confusion":
+        y, p = labels.astype(bool), predicted.astype(bool)
+        return cls(int(np.sum(y & p)), int(np.sum(~y & p)), int(np.sum(~y & ~p)), int(np.sum(y & ~p)))
+
+
+@dataclass(frozen=True)
+class SegmentResult:
+    start_row: int
+    end_row: int  # exclusive
+    detected: bool
+    delay_rows: int | None
+    delay_seconds: float | None
+
+
+@dataclass
+class EvaluationResult:
+    confusion: Confusion
+    rows: int  # rows counted in the metrics
+    unscored_rows: int
+    windows: int
+    segments: list[SegmentResult] = field(default_factory=list)
+    alerts: list[AlertEvent] = field(default_factory=list)
+    predicted: np.ndarray | None = None  # per counted row: 1 alert, 0 normal, -1 unscored
+    errors: np.ndarray | None = None  # per window
+
+    @property
+    def mean_delay_seconds(self) -> float | None:
+        d = [s.delay_seconds for s in self.segments if s.delay_seconds is not None]
+        return float(np.mean(d)) if d else None
+
+    @property
+    def mean_delay_rows(self) -> float | None:
+        d = [s.delay_rows for s in self.segments if s.delay_rows is not None]
+        return float(np.mean(d)) if d else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            **self.confusion.as_dict(), "rows": self.rows, "unscored_rows": self.unscored_rows,
+            "windows": self.windows, "segments": len(self.segments),
+            "segments_detected": sum(s.detected for s in self.segments),
+            "mean_delay_seconds": _round(self.mean_delay_seconds), "mean_delay_rows": _round(self.mean_delay_rows),
+            "segment_details": [asdict(s) for s in self.segments],
+            "alerts": [{"state": a.state, "window_start": a.window_start, "window_end": a.window_end,
+                        "score": round(a.score, 4)} for a in self.alerts],
+        }
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
+
+
+def segments_of(labels: np.ndarray) -> list[tuple[int, int]]:
+    """Contiguous runs of 1 as (start, stop) row ranges."""
+    padded = np.concatenate([[0], labels.astype(np.int8), [0]])
+    edges = np.flatnonzero(np.diff(padded))
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
+
+
+def predict_rows(series: Series, scorer: Scorer, spec: WindowSpec, detector_cfg: DetectorConfig,
+                 device: str = "eval", top_k: int = 3) -> tuple[np.ndarray, np.ndarray, list[AlertEvent], int]:
+    """Per-row causal predictions (1/0/-1 unscored), window errors, alert events, window count.
+
+    Windows are scored in one batch (scoring is per-window and stateless, so
+    this gives the same errors as the daemon's streaming batches), then fed to
+    the detector in time order.
+    """
+    pairs = list(iter_windows(series.timestamps, series.values, spec, device))
+    n = len(series)
+    predicted = np.full(n, -1, dtype=np.int8)
+    if not pairs:
+        return predicted, np.zeros(0), [], 0
+    rows = np.fromiter((r for r, _ in pairs), dtype=np.int64, count=len(pairs))
+    scored = scorer.score(np.stack([w.values for _, w in pairs]))
+    detector = AlertDetector(device, scorer.threshold, detector_cfg.raise_after, detector_cfg.clear_after)
+    alerts: list[AlertEvent] = []
+    for i, (row, win) in enumerate(pairs):
+        top = scorer.top_channels(scored.channel_shares[i], top_k)
+        decision = detector.update(float(scored.errors[i]), win.start, win.end, top)
+        if decision.event is not None:
+            alerts.append(decision.event)
+        # This window decides its own end row and, with hop > 1, the rows up to the next window.
+        stop = min(n, row + spec.hop)
+        if i + 1 < len(rows):
+            stop = min(stop, int(rows[i + 1]))
+        predicted[row:stop] = 1 if decision.active else 0
+    return predicted, scored.errors, alerts, len(pairs)
+
+
+def evaluate_series(series: Series, scorer: Scorer, spec: WindowSpec, detector_cfg: DetectorConfig,
+                    count_from: int = 0, top_k: int = 3) -> EvaluationResult:
+    """Metrics over rows ``count_from`` onward; earlier rows only fill the windows (causal warm-up)."""
+    if series.labels is None:
+        raise ValueError(f"{series.path}: no label column to evaluate against")
+    predicted, errors, alerts, n_windows = predict_rows(series, scorer, spec, detector_cfg, top_k=top_k)
+    pred = predicted[count_from:]
+    labels = series.labels[count_from:]
+    ts = series.timestamps[count_from:]
+    confusion = Confusion.of(labels, pred == 1)
+    segments: list[SegmentResult] = []
+    for a, b in segments_of(labels):
+        hits = np.flatnonzero(pred[a:b] == 1)
+        if len(hits):
+            segments.append(SegmentResult(a + count_from, b + count_from, True, int(hits[0]),
+                                          float(ts[a + hits[0]] - ts[a])))
+        else:
+            segments.append(SegmentResult(a + count_from, b + count_from, False, None, None))
+    first_counted = series.timestamps[count_from] if len(series) > count_from else np.inf
+    return EvaluationResult(confusion, len(pred), int(np.sum(pred == -1)), n_windows, segments,
+                            [a for a in alerts if a.window_end >= first_counted], pred, errors)
