@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow C++ chatter, training only
 
 from .bundle import BundleError, ModelBundle  # noqa: E402
 from .config import ConfigError, DataConfig, SensordConfig, load_config  # noqa: E402

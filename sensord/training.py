@@ -9,8 +9,11 @@ with it.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
+import os
 import platform
 import shutil
 import time
@@ -83,6 +86,7 @@ def _versions() -> dict[str, str]:
 def train_bundle(series: Series, cfg: SensordConfig, out_dir: str | Path,
                  on_epoch: EpochCallback | None = None) -> ModelBundle:
     """Train on a healthy series and write a complete, loadable bundle to ``out_dir``."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up chatter
     import keras
     import tensorflow as tf
 
@@ -123,7 +127,8 @@ def train_bundle(series: Series, cfg: SensordConfig, out_dir: str | Path,
         raise TrainingError(f"{out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     model.save(out / KERAS_FILE)
-    flatbuffer = tf.lite.TFLiteConverter.from_keras_model(model).convert()
+    with contextlib.redirect_stdout(io.StringIO()):  # the converter prints its export path
+        flatbuffer = tf.lite.TFLiteConverter.from_keras_model(model).convert()
     (out / TFLITE_FILE).write_bytes(flatbuffer)
     sha = sha256_of(out / TFLITE_FILE)
 
