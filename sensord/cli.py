@@ -67,11 +67,9 @@ def _epoch_printer() -> Any:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    if args.model or cfg.daemon.model:
-        model = args.model
-        if model:
-            ModelBundle.load(model, cfg.data.channels or None, None)
-    print(f"OK {args.config}")
+    if args.model:
+        ModelBundle.load(args.model, cfg.data.channels or None, cfg.window.length)
+    print(f"OK {args.config}" + (f" (model {args.model})" if args.model else ""))
     return EX_OK
 
 
@@ -159,10 +157,19 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from .daemon import run
+    return run(args.config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sensord", description="Streaming sensor-monitoring daemon.")
     p.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("run", help="run the daemon: MQTT in, alerts and metrics out")
+    s.add_argument("--config", required=True)
+    s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("check-config", help="validate a config file (and optionally a model bundle)")
     s.add_argument("--config", required=True)

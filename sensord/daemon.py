@@ -1,0 +1,151 @@
+"""``sensord run``: lifecycle of the service.
+
+Start-up validates config and bundle *before* touching the network, so a
+mistake ends with one clear line and exit status 78 (systemd then does not
+restart-loop). READY=1 is sent once the model is loaded and the broker
+connected; WATCHDOG=1 only while the scoring thread is alive. SIGTERM/SIGINT
+stop intake, score what is queued, publish ``offline`` and exit 0; SIGHUP
+reloads config and bundle, keeping the old ones if the new ones are bad.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+
+from .config import SensordConfig, load_config
+from .metrics import DaemonMetrics
+from .notify import SystemdNotifier, WatchdogPinger, watchdog_interval
+from .pipeline import Intake, ScoringLoop, ServingModel
+from .sinks import AlertPublisher
+from .source import MqttConnection
+
+log = logging.getLogger(__name__)
+
+_RESTART_KEYS = ("mqtt", "metrics")
+
+
+class Daemon:
+    def __init__(self, config_path: str | Path, cfg: SensordConfig, model: ServingModel) -> None:
+        self.config_path = str(config_path)
+        self.cfg = cfg
+        self.model = model
+        self.metrics = DaemonMetrics()
+        self.notifier = SystemdNotifier()
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._reconnects_seen = 0
+        self.metrics.set_model(model.bundle.model_id, model.bundle.created, model.bundle.window_length,
+                               model.spec.hop, model.bundle.channels, model.bundle.threshold.value)
+        self.mqtt = MqttConnection(cfg.mqtt, self._on_message, self._on_connected)
+        self.alerts = AlertPublisher(self.mqtt, cfg.mqtt.topic_prefix, cfg.mqtt.publish_scores)
+        self.scoring = ScoringLoop(self.metrics, self.alerts, cfg.daemon.queue_size, cfg.scoring.batch_max,
+                                   cfg.daemon.batch_wait_seconds)
+        self.intake = Intake(cfg, model, self.scoring, self.metrics)
+
+    @classmethod
+    def from_config(cls, path: str | Path) -> "Daemon":
+        """Validate everything first (ConfigError / BundleError propagate to the CLI -> exit 78)."""
+        cfg = load_config(path)
+        logging.getLogger().setLevel(cfg.logging.level)
+        model = ServingModel.load(cfg)
+        log.info("model %s loaded: %d channels, window %d, hop %d, threshold %.6g (%s)", model.bundle.model_id,
+                 len(model.bundle.channels), model.bundle.window_length, model.spec.hop,
+                 model.bundle.threshold.value, model.bundle.threshold.method)
+        return cls(path, cfg, model)
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        self.intake.on_message(topic, payload)
+
+    def _on_connected(self, up: bool) -> None:
+        self.metrics.mqtt_connected.set(1 if up else 0)
+        if up and self.mqtt.reconnects > self._reconnects_seen:
+            self.metrics.mqtt_reconnects.inc(self.mqtt.reconnects - self._reconnects_seen)
+            self._reconnects_seen = self.mqtt.reconnects
+
+    def request_stop(self, signum: int | None = None, frame: FrameType | None = None) -> None:
+        self._stop.set()
+
+    def request_reload(self, signum: int | None = None, frame: FrameType | None = None) -> None:
+        self._reload.set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        signal.signal(signal.SIGHUP, self.request_reload)
+
+    def reload(self) -> bool:
+        """Load the config and bundle again; on any error keep serving with the old ones."""
+        self.notifier.reloading()
+        try:
+            cfg = load_config(self.config_path)
+            model = ServingModel.load(cfg)
+        except Exception as exc:  # noqa: BLE001 - any failure must leave the old model running
+            log.error("reload refused, keeping model %s: %s", self.model.bundle.model_id, exc)
+            self.notifier.ready(f"reload refused: {exc}"[:200])
+            return False
+        for key in _RESTART_KEYS:
+            if getattr(cfg, key) != getattr(self.cfg, key):
+                log.warning("reload: changes under '%s' need a restart; they are not applied", key)
+        logging.getLogger().setLevel(cfg.logging.level)
+        self.intake.swap(cfg, model)
+        self.alerts.publish_scores = cfg.mqtt.publish_scores
+        self.cfg, self.model = cfg, model
+        b = model.bundle
+        self.metrics.set_model(b.model_id, b.created, b.window_length, model.spec.hop, b.channels,
+                               b.threshold.value)
+        log.info("reloaded: model %s threshold %.6g", b.model_id, b.threshold.value)
+        self.notifier.ready(f"serving {b.model_id}")
+        return True
+
+    def run(self) -> int:
+        cfg = self.cfg
+        if cfg.metrics.enabled:
+            self.metrics.serve(cfg.metrics.host, cfg.metrics.port)
+        self.scoring.start()
+        self.mqtt.start()
+        pinger = None
+        interval = watchdog_interval()
+        if interval is not None:
+            pinger = WatchdogPinger(self.notifier, interval, lambda: self.scoring.healthy(max(5.0, 4 * interval)))
+        ready_sent = False
+        try:
+            while not self._stop.is_set():
+                if not ready_sent and self.mqtt.connected.is_set():
+                    self.notifier.ready(f"serving {self.model.bundle.model_id}")
+                    ready_sent = True
+                    log.info("ready: serving model %s", self.model.bundle.model_id)
+                    if pinger is not None:
+                        pinger.start()
+                if self._reload.is_set():
+                    self._reload.clear()
+                    self.reload()
+                self._stop.wait(0.1)
+        finally:
+            self.shutdown(pinger)
+        return 0
+
+    def shutdown(self, pinger: WatchdogPinger | None) -> None:
+        t0 = time.monotonic()
+        self.notifier.stopping()
+        log.info("stopping: intake closed, scoring %d queued windows", self.scoring.queue.qsize())
+        self.mqtt.stop_intake()
+        self.intake.stop()
+        all_scored = self.scoring.drain(self.cfg.daemon.shutdown_timeout_seconds)
+        if not all_scored:
+            log.warning("shutdown timeout: %d windows left unscored", self.scoring.queue.qsize())
+        self.mqtt.close()
+        if pinger is not None:
+            pinger.stop()
+        self.metrics.shutdown()
+        log.info("stopped in %.2fs", time.monotonic() - t0)
+
+
+def run(config_path: str | Path) -> int:
+    daemon = Daemon.from_config(config_path)
+    daemon.install_signal_handlers()
+    return daemon.run()

@@ -1,0 +1,87 @@
+"""Prometheus metrics of the running daemon.
+
+Names follow the client conventions (``_total`` counters, ``_seconds`` base
+units). The only per-device label is ``device``, and devices are capped by
+``daemon.max_devices``, so the number of series stays bounded whatever
+arrives on the broker. ``reason`` labels take values from fixed enums.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
+from prometheus_client.exposition import start_http_server
+
+log = logging.getLogger(__name__)
+
+# ``*_created`` series double the exposition size and nobody graphs them.
+disable_created_metrics()
+
+MESSAGE_REJECT_REASONS = ("malformed_json", "bad_payload", "no_device", "stopping")
+READING_REJECT_REASONS = ("missing_channel", "bad_value", "bad_timestamp", "out_of_order", "non_finite",
+                          "wrong_shape", "device_limit")
+
+
+class DaemonMetrics:
+    """All metrics, registered on a private registry (several daemons can live in one test process)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        self.messages_received = Counter("sensord_messages_received", "MQTT messages received", registry=r)
+        self.messages_rejected = Counter("sensord_messages_rejected", "MQTT messages rejected whole, by reason",
+                                         ["reason"], registry=r)
+        self.readings_rejected = Counter("sensord_readings_rejected", "Readings rejected, by reason",
+                                         ["reason"], registry=r)
+        self.windows_scored = Counter("sensord_windows_scored", "Windows scored", ["device"], registry=r)
+        self.reconstruction_error = Gauge("sensord_reconstruction_error",
+                                          "Reconstruction error of the device's last scored window",
+                                          ["device"], registry=r)
+        self.anomaly_score = Gauge("sensord_anomaly_score", "Last window's error divided by the threshold",
+                                   ["device"], registry=r)
+        self.threshold = Gauge("sensord_threshold", "Alert threshold on the reconstruction error", registry=r)
+        self.anomaly_state = Gauge("sensord_anomaly_state", "1 while an alert is raised for the device",
+                                   ["device"], registry=r)
+        self.alerts_raised = Counter("sensord_alerts_raised", "Alerts raised", ["device"], registry=r)
+        self.batch_size = Histogram("sensord_scoring_batch_size", "Windows per interpreter call",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r)
+        self.scoring_duration = Histogram("sensord_scoring_duration_seconds", "Time to score one batch",
+                                          buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                                                   0.25, 0.5, 1.0), registry=r)
+        self.queue_depth = Gauge("sensord_queue_depth", "Windows waiting to be scored", registry=r)
+        self.windows_dropped = Counter("sensord_windows_dropped", "Windows dropped because the queue was full",
+                                       registry=r)
+        self.mqtt_connected = Gauge("sensord_mqtt_connected", "1 while connected to the broker", registry=r)
+        self.mqtt_reconnects = Counter("sensord_mqtt_reconnects", "Reconnections to the broker after a loss",
+                                       registry=r)
+        self.devices = Gauge("sensord_devices", "Devices currently tracked", registry=r)
+        self.devices_rejected = Counter("sensord_devices_rejected",
+                                        "Readings refused because max_devices was reached", registry=r)
+        self.model_info = Info("sensord_model", "The model bundle being served", registry=r)
+        for reason in MESSAGE_REJECT_REASONS:
+            self.messages_rejected.labels(reason)
+        for reason in READING_REJECT_REASONS:
+            self.readings_rejected.labels(reason)
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    def set_model(self, model_id: str, created: str, window: int, hop: int, channels: tuple[str, ...],
+                  threshold: float) -> None:
+        self.model_info.info({"model_id": model_id, "created": created, "window": str(window), "hop": str(hop),
+                              "channels": ",".join(channels)})
+        self.threshold.set(threshold)
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the HTTP endpoint; returns the bound port (0 in config picks a free one)."""
+        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        bound = int(self._server.server_address[1])
+        log.info("metrics on http://%s:%d/metrics", host, bound)
+        return bound
+
+    def shutdown(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

@@ -1,0 +1,291 @@
+"""The live pipeline: readings -> per-device windows -> batched scoring -> detector -> sinks.
+
+Two threads meet here. The MQTT network thread parses payloads and pushes
+readings into each device's :class:`WindowBuffer`; complete windows go into a
+bounded queue (overflow is counted, never silent). The scoring thread takes
+windows off the queue in batches across devices — one interpreter call for
+many windows — runs the detector and publishes. The network thread therefore
+never waits on the model.
+
+Each queued window carries the :class:`ServingModel` that was current when it
+was cut, so a SIGHUP reload can swap models between two readings without
+losing or mis-scoring anything already queued.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .bundle import ModelBundle
+from .config import DetectorConfig, SensordConfig
+from .detector import AlertDetector, AlertEvent, Decision
+from .metrics import DaemonMetrics
+from .scorer import Scorer
+from .sinks import AlertPublisher, MetricsSink
+from .source import MessageRejected, PayloadParser
+from .windows import ReadingRejected, Window, WindowBuffer, WindowSpec
+
+log = logging.getLogger(__name__)
+
+
+class RateLimitedLog:
+    """At most one warning per key per interval, with a count of what was suppressed."""
+
+    def __init__(self, logger: logging.Logger, interval: float) -> None:
+        self.logger = logger
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def warning(self, key: str, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last < self.interval:
+                self._suppressed[key] = self._suppressed.get(key, 0) + 1
+                return
+            self._last[key] = now
+            dropped = self._suppressed.pop(key, 0)
+        suffix = f" ({dropped} similar suppressed)" if dropped else ""
+        self.logger.warning(msg + suffix, *args)
+
+
+@dataclass(frozen=True)
+class ServingModel:
+    """Everything a reload swaps at once."""
+
+    bundle: ModelBundle
+    scorer: Scorer
+    spec: WindowSpec
+    detector: DetectorConfig
+    top_k: int
+
+    @classmethod
+    def load(cls, cfg: SensordConfig) -> "ServingModel":
+        """Load and validate the configured bundle against the config (raises BundleError)."""
+        bundle = ModelBundle.load(cfg.daemon.model, cfg.data.channels or None, cfg.window.length)
+        spec = WindowSpec(bundle.window_length, cfg.window.hop, cfg.window.max_gap_seconds)
+        return cls(bundle, Scorer(bundle, max_batch=cfg.scoring.batch_max), spec, cfg.detector,
+                   cfg.scoring.top_channels)
+
+    def compatible(self, other: "ServingModel") -> bool:
+        return (self.bundle.channels == other.bundle.channels
+                and self.bundle.window_length == other.bundle.window_length)
+
+
+QueueItem = tuple[ServingModel, Window]
+
+
+class ScoringLoop:
+    """The scoring thread: batches windows across devices and drives the detectors."""
+
+    def __init__(self, metrics: DaemonMetrics, alerts: AlertPublisher, queue_size: int,
+                 batch_max: int, batch_wait: float,
+                 on_event: Callable[[AlertEvent, str], None] | None = None) -> None:
+        self.metrics = metrics
+        self.sink = MetricsSink(metrics)
+        self.alerts = alerts
+        self.queue: queue.Queue[QueueItem] = queue.Queue(maxsize=queue_size)
+        self.batch_max = batch_max
+        self.batch_wait = batch_wait
+        self.on_event = on_event
+        self.detectors: dict[str, AlertDetector] = {}
+        self.heartbeat = time.monotonic()
+        self._stop = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._thread = threading.Thread(target=self._run, name="sensord-scoring", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, model: ServingModel, window: Window) -> bool:
+        try:
+            self.queue.put_nowait((model, window))
+        except queue.Full:
+            self.metrics.windows_dropped.inc()
+            return False
+        self.metrics.queue_depth.set(self.queue.qsize())
+        return True
+
+    def healthy(self, max_silence: float) -> bool:
+        return self._thread.is_alive() and time.monotonic() - self.heartbeat < max_silence
+
+    def _take_batch(self) -> list[QueueItem]:
+        try:
+            first = self.queue.get(timeout=0.2)
+        except queue.Empty:
+            return []
+        self._idle.clear()
+        batch = [first]
+        deadline = time.monotonic() + self.batch_wait
+        while len(batch) < self.batch_max:
+            try:
+                batch.append(self.queue.get_nowait())
+            except queue.Empty:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(self.queue.get(timeout=remaining))
+                except queue.Empty:
+                    break
+        return batch
+
+    def _run(self) -> None:
+        while True:
+            self.heartbeat = time.monotonic()
+            batch = self._take_batch()
+            if not batch:
+                self._idle.set()
+                if self._stop.is_set():
+                    return
+                continue
+            try:
+                self.process(batch)
+            except Exception:  # noqa: BLE001 - the loop must survive one bad batch
+                log.exception("scoring a batch of %d windows failed; batch skipped", len(batch))
+            finally:
+                self.metrics.queue_depth.set(self.queue.qsize())
+                if self.queue.empty():
+                    self._idle.set()
+
+    def process(self, batch: list[QueueItem]) -> None:
+        """Score consecutive windows that share a model in one call, then decide in arrival order."""
+        start = 0
+        while start < len(batch):
+            model = batch[start][0]
+            stop = start
+            while stop < len(batch) and batch[stop][0] is model:
+                stop += 1
+            windows = [w for _, w in batch[start:stop]]
+            t0 = time.perf_counter()
+            scored = model.scorer.score(np.stack([w.values for w in windows]))
+            self.metrics.scoring_duration.observe(time.perf_counter() - t0)
+            self.metrics.batch_size.observe(len(windows))
+            for i, win in enumerate(windows):
+                self._decide(model, win, float(scored.errors[i]), scored.channel_shares[i])
+            start = stop
+
+    def _decide(self, model: ServingModel, win: Window, error: float, shares: np.ndarray) -> None:
+        det = self.detectors.get(win.device)
+        cfg = model.detector
+        threshold = model.bundle.threshold.value
+        if det is None:
+            det = self.detectors[win.device] = AlertDetector(win.device, threshold, cfg.raise_after,
+                                                             cfg.clear_after)
+            self.alerts.state(win.device, False, win.end, error / threshold, model.bundle.model_id)
+        else:  # a reload may have changed these; the alert state itself carries over
+            det.threshold, det.raise_after, det.clear_after = threshold, cfg.raise_after, cfg.clear_after
+        top = model.scorer.top_channels(shares, model.top_k)
+        decision: Decision = det.update(error, win.start, win.end, top)
+        self.sink.window(win.device, error, decision)
+        self.alerts.score(win.device, win.end, error, decision)
+        if decision.event is not None:
+            ev = decision.event
+            log.info("alert %s device=%s score=%.3f error=%.6g threshold=%.6g top=%s", ev.state, ev.device,
+                     ev.score, ev.error, ev.threshold, ",".join(c for c, _ in ev.top_channels))
+            self.alerts.alert(ev, model.bundle.model_id)
+            if self.on_event is not None:
+                self.on_event(ev, model.bundle.model_id)
+
+    def drain(self, timeout: float) -> bool:
+        """Stop once everything queued is scored (or the timeout passes); True if all was scored."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.queue.empty() and self._idle.wait(timeout=0.05) and self.queue.empty():
+                break
+            time.sleep(0.01)
+        done = self.queue.empty() and self._idle.is_set()
+        self._stop.set()
+        self._thread.join(timeout=max(0.1, deadline - time.monotonic()))
+        return done
+
+
+class Intake:
+    """The network-thread side: payload -> readings -> device buffers -> queued windows."""
+
+    def __init__(self, cfg: SensordConfig, model: ServingModel, scoring: ScoringLoop,
+                 metrics: DaemonMetrics) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.scoring = scoring
+        self.metrics = metrics
+        self.buffers: dict[str, WindowBuffer] = {}
+        self.accepting = True
+        self._lock = threading.Lock()
+        self._warn = RateLimitedLog(log, cfg.logging.rate_limit_seconds)
+        self.parser = self._parser(cfg, model)
+
+    @staticmethod
+    def _parser(cfg: SensordConfig, model: ServingModel) -> PayloadParser:
+        m = cfg.mqtt
+        return PayloadParser(model.bundle.channels, m.device_topic, m.device_field, m.timestamp_field,
+                             m.values_field)
+
+    def _reject(self, reason: str, device: str, detail: str) -> None:
+        self.metrics.readings_rejected.labels(reason).inc()
+        self._warn.warning(f"reading:{reason}", "reading rejected reason=%s device=%s: %s", reason, device, detail)
+
+    def on_message(self, topic: str, payload: bytes) -> None:
+        self.metrics.messages_received.inc()
+        with self._lock:
+            if not self.accepting:
+                self.metrics.messages_rejected.labels("stopping").inc()
+                return
+            try:
+                readings = self.parser.parse(topic, payload)
+            except MessageRejected as exc:
+                self.metrics.messages_rejected.labels(exc.reason).inc()
+                self._warn.warning(f"message:{exc.reason}", "message rejected reason=%s topic=%s: %s",
+                                   exc.reason, topic, exc)
+                return
+            for r in readings:
+                if r.problem is not None:
+                    self._reject(r.problem[0], r.device, r.problem[1])
+                    continue
+                buf = self.buffers.get(r.device)
+                if buf is None:
+                    if len(self.buffers) >= self.cfg.daemon.max_devices:
+                        self.metrics.devices_rejected.inc()
+                        self._reject("device_limit", r.device,
+                                     f"max_devices={self.cfg.daemon.max_devices} already tracked")
+                        continue
+                    buf = self.buffers[r.device] = WindowBuffer(self.model.spec, len(self.model.bundle.channels),
+                                                                r.device)
+                    self.metrics.devices.set(len(self.buffers))
+                    log.info("new device=%s (%d tracked)", r.device, len(self.buffers))
+                try:
+                    window = buf.push(r.timestamp, r.values)  # type: ignore[arg-type]
+                except ReadingRejected as exc:
+                    self._reject(exc.reason.value, r.device, str(exc))
+                    continue
+                if window is not None and not self.scoring.submit(self.model, window):
+                    self._warn.warning("queue_full", "scoring queue full (%d): window of device=%s dropped",
+                                       self.scoring.queue.maxsize, r.device)
+
+    def swap(self, cfg: SensordConfig, model: ServingModel) -> None:
+        """Switch to a new config/model between two messages; nothing queued is lost."""
+        with self._lock:
+            if model.compatible(self.model):
+                for buf in self.buffers.values():
+                    buf.spec = model.spec  # same length and channels: keep the buffered readings
+            else:
+                log.warning("new model has a different window/channels: device windows restart")
+                self.buffers.clear()
+                self.metrics.devices.set(0)
+            self.cfg, self.model = cfg, model
+            self.parser = self._parser(cfg, model)
+            self._warn.interval = cfg.logging.rate_limit_seconds
+
+    def stop(self) -> None:
+        with self._lock:
+            self.accepting = False

@@ -1,0 +1,78 @@
+"""Sinks: where decisions go — MQTT alert/state/score topics and the Prometheus metrics.
+
+Alerts are QoS 1 (an operator must get them); the per-device state is
+retained so a dashboard or a freshly started consumer sees the current state
+at once; per-window scores are optional QoS 0 telemetry.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+from .detector import AlertEvent, Decision
+from .metrics import DaemonMetrics
+
+
+class Publisher(Protocol):
+    def publish(self, topic: str, payload: str | bytes, qos: int = 0, retain: bool = False) -> Any: ...
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def alert_payload(event: AlertEvent, model_id: str) -> dict[str, Any]:
+    return {
+        "device": event.device,
+        "state": event.state,
+        "window_start": iso(event.window_start),
+        "window_end": iso(event.window_end),
+        "raised_at": iso(event.raised_at),
+        "score": round(event.score, 6),
+        "error": round(event.error, 8),
+        "threshold": round(event.threshold, 8),
+        "top_channels": [{"channel": ch, "share": share} for ch, share in event.top_channels],
+        "model_id": model_id,
+    }
+
+
+class AlertPublisher:
+    """Publishes alert events, the retained per-device state and (optionally) every window's score."""
+
+    def __init__(self, publisher: Publisher, prefix: str, publish_scores: bool = False) -> None:
+        self.publisher = publisher
+        self.prefix = prefix
+        self.publish_scores = publish_scores
+
+    def alert(self, event: AlertEvent, model_id: str) -> None:
+        body = alert_payload(event, model_id)
+        self.publisher.publish(f"{self.prefix}/alerts/{event.device}", json.dumps(body), qos=1)
+        self.state(event.device, event.state == "raised", event.window_end, event.score, model_id)
+
+    def state(self, device: str, active: bool, since: float, score: float, model_id: str) -> None:
+        body = {"device": device, "state": "alert" if active else "normal", "since": iso(since),
+                "score": round(score, 6), "model_id": model_id}
+        self.publisher.publish(f"{self.prefix}/state/{device}", json.dumps(body), qos=1, retain=True)
+
+    def score(self, device: str, window_end: float, error: float, decision: Decision) -> None:
+        if self.publish_scores:
+            body = {"device": device, "window_end": iso(window_end), "error": round(error, 8),
+                    "score": round(decision.score, 6), "over": decision.over, "alert": decision.active}
+            self.publisher.publish(f"{self.prefix}/scores/{device}", json.dumps(body), qos=0)
+
+
+class MetricsSink:
+    """Per-window metric updates, kept here so the scoring loop only calls one thing per window."""
+
+    def __init__(self, metrics: DaemonMetrics) -> None:
+        self.m = metrics
+
+    def window(self, device: str, error: float, decision: Decision) -> None:
+        self.m.windows_scored.labels(device).inc()
+        self.m.reconstruction_error.labels(device).set(error)
+        self.m.anomaly_score.labels(device).set(decision.score)
+        self.m.anomaly_state.labels(device).set(1 if decision.active else 0)
+        if decision.event is not None and decision.event.state == "raised":
+            self.m.alerts_raised.labels(device).inc()

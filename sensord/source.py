@@ -1,0 +1,227 @@
+"""MQTT source: the broker connection, and turning payloads into readings.
+
+``PayloadParser`` is pure (topic + bytes -> readings) so every payload rule is
+unit-testable without a broker. ``MqttConnection`` owns the one paho-mqtt 2.x
+client the daemon uses: subscriptions, the availability topic with its last
+will, reconnects, and publishing for the sinks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.packettypes import PacketTypes
+
+from .config import MqttConfig
+
+log = logging.getLogger(__name__)
+
+# Epoch timestamps above this are milliseconds (1e11 s is the year 5138).
+_MS_THRESHOLD = 1e11
+
+
+class MessageRejected(ValueError):
+    """A whole message is unusable; ``reason`` is a bounded metric label."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        super().__init__(detail)
+
+
+@dataclass(frozen=True)
+class Reading:
+    device: str
+    timestamp: float
+    values: np.ndarray | None  # None when the reading itself is bad (see ``problem``)
+    problem: tuple[str, str] | None = None  # (reason, detail) for a rejected reading
+
+
+def _timestamp(raw: Any, arrival: float) -> float:
+    if raw is None:
+        return arrival
+    if isinstance(raw, bool):
+        raise ValueError(f"timestamp must be a number or ISO-8601 string, got {raw!r}")
+    if isinstance(raw, (int, float)):
+        ts = float(raw)
+        return ts / 1000.0 if ts > _MS_THRESHOLD else ts
+    if isinstance(raw, str):
+        try:
+            return _timestamp(float(raw), arrival)
+        except ValueError:
+            dt = datetime.fromisoformat(raw.strip().replace("Z", "+00:00"))
+            return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
+    raise ValueError(f"timestamp must be a number or ISO-8601 string, got {type(raw).__name__}")
+
+
+class PayloadParser:
+    """JSON payloads -> readings for the model's channels.
+
+    Accepted: one object ``{"ts": ..., "values": {"ch": v, ...}}`` or with the
+    channels flat in the object, or a JSON array of such objects (a batch).
+    The device comes from the topic template or a payload field.
+
+    >>> p = PayloadParser(("a", "b"), "plant/{device}/telemetry", None, "ts", "values")
+    >>> [(r.device, r.timestamp, r.values.tolist()) for r in p.parse("plant/p1/telemetry", b'{"ts": 5, "a": 1, "b": 2}')]
+    [('p1', 5.0, [1.0, 2.0])]
+    """
+
+    def __init__(self, channels: Sequence[str], device_topic: str | None, device_field: str | None,
+                 timestamp_field: str, values_field: str, clock: Callable[[], float] = time.time) -> None:
+        self.channels = tuple(channels)
+        self.device_field = device_field
+        self.timestamp_field = timestamp_field
+        self.values_field = values_field
+        self.clock = clock
+        self._topic_re: re.Pattern[str] | None = None
+        if device_topic is not None:
+            head, _, tail = device_topic.partition("{device}")
+            self._topic_re = re.compile("^" + re.escape(head) + "([^/]+)" + re.escape(tail) + "$")
+
+    def device_from_topic(self, topic: str) -> str | None:
+        if self._topic_re is None:
+            return None
+        m = self._topic_re.match(topic)
+        return m.group(1) if m else None
+
+    def parse(self, topic: str, payload: bytes) -> list[Reading]:
+        arrival = self.clock()
+        try:
+            doc = json.loads(payload)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise MessageRejected("malformed_json", f"payload is not JSON: {exc}") from None
+        items = doc if isinstance(doc, list) else [doc]
+        if not items:
+            raise MessageRejected("bad_payload", "empty JSON array")
+        topic_device = self.device_from_topic(topic)
+        readings = []
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise MessageRejected("bad_payload", f"item {i}: expected a JSON object, got {type(item).__name__}")
+            device = topic_device
+            if self.device_field is not None and self.device_field in item:
+                device = str(item[self.device_field])
+            if not device:
+                raise MessageRejected("no_device", f"no device id in topic {topic!r}"
+                                      + (f" or field {self.device_field!r}" if self.device_field else ""))
+            readings.append(self._reading(device, item, arrival))
+        return readings
+
+    def _reading(self, device: str, item: dict[str, Any], arrival: float) -> Reading:
+        try:
+            ts = _timestamp(item.get(self.timestamp_field), arrival)
+        except (ValueError, OverflowError) as exc:
+            return Reading(device, arrival, None, ("bad_timestamp", str(exc)))
+        source = item.get(self.values_field, item)
+        if not isinstance(source, dict):
+            return Reading(device, ts, None, ("bad_value", f"{self.values_field!r} must be an object"))
+        values = np.empty(len(self.channels), dtype=np.float32)
+        for j, ch in enumerate(self.channels):
+            v = source.get(ch)
+            if v is None:
+                return Reading(device, ts, None, ("missing_channel", f"channel {ch!r} missing"))
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                return Reading(device, ts, None, ("bad_value", f"channel {ch!r}: not a number: {v!r}"))
+            values[j] = v
+        return Reading(device, ts, values)
+
+
+class MqttConnection:
+    """The daemon's single broker connection (inputs and outputs share it, and its last will)."""
+
+    def __init__(self, cfg: MqttConfig, on_message: Callable[[str, bytes], None],
+                 on_connected: Callable[[bool], None] | None = None) -> None:
+        self.cfg = cfg
+        self._on_message = on_message
+        self._on_connected_cb = on_connected
+        self.connected = threading.Event()
+        self.ever_connected = False
+        self.reconnects = 0
+        self.status_topic = f"{cfg.topic_prefix}/status"
+        v5 = cfg.protocol == "5"
+        self._v5 = v5
+        self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=cfg.client_id,
+                                  protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+                                  **({} if v5 else {"clean_session": True}))
+        if cfg.username is not None:
+            self.client.username_pw_set(cfg.username, cfg.password)
+        if cfg.tls is not None:
+            t = cfg.tls
+            self.client.tls_set(ca_certs=t.ca_file, certfile=t.cert_file, keyfile=t.key_file,
+                                cert_reqs=ssl.CERT_REQUIRED)
+            self.client.tls_insecure_set(t.insecure)
+        self.client.will_set(self.status_topic, "offline", qos=1, retain=True)
+        self.client.reconnect_delay_set(cfg.reconnect_min_seconds, cfg.reconnect_max_seconds)
+        self.client.on_connect = self._handle_connect
+        self.client.on_disconnect = self._handle_disconnect
+        self.client.on_message = self._handle_message
+        self._subscribed = True
+
+    def start(self) -> None:
+        """Connect in the background; paho's loop thread reconnects with backoff."""
+        kwargs: dict[str, Any] = {}
+        if self._v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 0
+            kwargs = {"clean_start": True, "properties": props}
+        self.client.connect_async(self.cfg.host, self.cfg.port, self.cfg.keepalive, **kwargs)
+        self.client.loop_start()
+
+    def _handle_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            log.error("mqtt connect to %s:%d refused: %s", self.cfg.host, self.cfg.port, reason)
+            return
+        if self.ever_connected:
+            self.reconnects += 1
+        log.info("mqtt connected to %s:%d (%s)", self.cfg.host, self.cfg.port,
+                 "MQTT 5" if self._v5 else "MQTT 3.1.1")
+        client.publish(self.status_topic, "online", qos=1, retain=True)
+        if self._subscribed:
+            for topic in self.cfg.subscriptions:
+                client.subscribe(topic, qos=self.cfg.qos)
+        self.ever_connected = True
+        self.connected.set()
+        if self._on_connected_cb:
+            self._on_connected_cb(True)
+
+    def _handle_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        was = self.connected.is_set()
+        self.connected.clear()
+        if was:
+            log.warning("mqtt disconnected from %s:%d: %s", self.cfg.host, self.cfg.port, reason)
+        if self._on_connected_cb:
+            self._on_connected_cb(False)
+
+    def _handle_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        self._on_message(msg.topic, msg.payload)
+
+    def publish(self, topic: str, payload: str | bytes, qos: int = 0, retain: bool = False) -> mqtt.MQTTMessageInfo:
+        return self.client.publish(topic, payload, qos=qos, retain=retain)
+
+    def stop_intake(self) -> None:
+        """Unsubscribe so no new readings arrive while buffered windows are finished."""
+        self._subscribed = False
+        if self.connected.is_set():
+            self.client.unsubscribe(list(self.cfg.subscriptions))
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Publish ``offline`` (the clean-shutdown counterpart of the last will) and disconnect."""
+        if self.connected.is_set():
+            info = self.client.publish(self.status_topic, "offline", qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout)
+            except (RuntimeError, ValueError):
+                pass
+            self.client.disconnect()
+        self.client.loop_stop()
