@@ -162,6 +162,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run(args.config)
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+    return run_demo(Path(args.workdir), rate=args.rate, config=args.config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sensord", description="Streaming sensor-monitoring daemon.")
     p.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -170,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="run the daemon: MQTT in, alerts and metrics out")
     s.add_argument("--config", required=True)
     s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("demo", help="simulate, train, run the daemon against a private broker, show alerts")
+    s.add_argument("--workdir", default="demo-run", help="where data, model, config and logs go")
+    s.add_argument("--config", help="YAML config for training and the daemon (defaults when omitted)")
+    s.add_argument("--rate", type=float, default=400.0, help="readings published per second")
+    s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("check-config", help="validate a config file (and optionally a model bundle)")
     s.add_argument("--config", required=True)

@@ -16,6 +16,7 @@ import math
 import os
 import platform
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -83,13 +84,31 @@ def _versions() -> dict[str, str]:
             "numpy": np.__version__, "python": platform.python_version()}
 
 
+def _import_tensorflow() -> tuple[Any, Any]:
+    """Import TensorFlow with its C++ start-up chatter (CUDA probes, oneDNN notes) silenced.
+
+    Those lines go straight to file descriptor 2 from C++, so the only way to
+    keep a training log readable is to point fd 2 elsewhere during the import.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if "tensorflow" not in sys.modules:
+        saved = os.dup(2)
+        try:
+            with open(os.devnull, "w") as devnull:
+                os.dup2(devnull.fileno(), 2)
+                import tensorflow  # noqa: F401
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+    import keras
+    import tensorflow as tf
+    return keras, tf
+
+
 def train_bundle(series: Series, cfg: SensordConfig, out_dir: str | Path,
                  on_epoch: EpochCallback | None = None) -> ModelBundle:
     """Train on a healthy series and write a complete, loadable bundle to ``out_dir``."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up chatter
-    import keras
-    import tensorflow as tf
-
+    keras, tf = _import_tensorflow()
     from .autoencoder import build_autoencoder
 
     t0 = time.monotonic()
