@@ -1,0 +1,349 @@
+"""Tests for sensord.config: defaults, YAML loading and operator-facing error messages."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sensord.config import (
+    ConfigError,
+    SensordConfig,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLE = REPO / "config" / "sensord.yaml"
+
+
+def _errors(raw: object) -> list[str]:
+    with pytest.raises(ConfigError) as ei:
+        config_from_dict(raw)
+    assert isinstance(ei.value.errors, list)
+    return ei.value.errors
+
+
+def _write(tmp_path: Path, text: str, name: str = "sensord.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+# --- defaults ---------------------------------------------------------------------------
+
+
+def test_defaults_load() -> None:
+    cfg = load_config(None)
+    assert cfg == SensordConfig()
+    assert cfg.window.length == 30
+    assert cfg.window.hop == 1
+    assert cfg.window.max_gap_seconds == 10.0
+    assert cfg.model.kind == "dense"
+    assert cfg.model.encoder_units == [64, 32, 16]
+    assert cfg.threshold.method == "quantile"
+    assert cfg.threshold.quantile == 0.99
+    assert cfg.detector.raise_after == 1 and cfg.detector.clear_after == 1
+    assert cfg.mqtt.port == 1883
+    assert cfg.mqtt.device_topic == "sensors/{device}/telemetry"
+    assert cfg.mqtt.tls is None
+    assert cfg.metrics.port == 9108
+    assert cfg.logging.level == "INFO"
+
+
+def test_none_and_empty_mapping_are_defaults(tmp_path: Path) -> None:
+    assert config_from_dict(None) == SensordConfig()
+    assert config_from_dict({}) == SensordConfig()
+    assert load_config(_write(tmp_path, "")) == SensordConfig()
+    assert load_config(_write(tmp_path, "# only a comment\n", "c.yaml")) == SensordConfig()
+
+
+def test_defaults_are_independent_instances() -> None:
+    a, b = SensordConfig(), SensordConfig()
+    a.model.encoder_units.append(4)
+    assert b.model.encoder_units == [64, 32, 16]
+
+
+def test_load_config_from_yaml(tmp_path: Path) -> None:
+    p = _write(tmp_path, """
+window:
+  length: 12
+  hop: 3
+  max_gap_seconds: 2.5
+model:
+  kind: conv1d
+  encoder_units: [16]
+  latent_units: 4
+threshold:
+  method: mean_std
+  k: 3.0
+detector:
+  raise_after: 2
+  clear_after: 4
+mqtt:
+  host: broker.example
+  port: 8883
+  protocol: 5
+  tls:
+    ca_file: /etc/ssl/ca.pem
+    cert_file: /etc/ssl/c.pem
+    key_file: /etc/ssl/k.pem
+metrics:
+  enabled: false
+data:
+  channels: [a, b, c]
+""")
+    cfg = load_config(p)
+    assert cfg.window.length == 12 and cfg.window.hop == 3 and cfg.window.max_gap_seconds == 2.5
+    assert cfg.model.kind == "conv1d" and cfg.model.encoder_units == [16] and cfg.model.latent_units == 4
+    assert cfg.threshold.method == "mean_std" and cfg.threshold.k == 3.0
+    assert cfg.detector.raise_after == 2 and cfg.detector.clear_after == 4
+    assert cfg.mqtt.host == "broker.example" and cfg.mqtt.port == 8883
+    assert cfg.mqtt.protocol == "5"  # a YAML integer is accepted and normalised
+    assert cfg.mqtt.tls is not None and cfg.mqtt.tls.key_file == "/etc/ssl/k.pem"
+    assert cfg.metrics.enabled is False
+    assert cfg.data.channels == ["a", "b", "c"]
+    # untouched sections keep their defaults
+    assert cfg.training == SensordConfig().training
+    assert cfg.scoring == SensordConfig().scoring
+    # round trip through a plain dict
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+# --- error messages ---------------------------------------------------------------------
+
+
+def test_integer_expected() -> None:
+    assert _errors({"window": {"length": "abc"}}) == ['window.length: must be an integer, got "abc"']
+
+
+def test_integer_too_small() -> None:
+    assert _errors({"window": {"length": 1}}) == ["window.length: must be an integer >= 2, got 1"]
+
+
+def test_float_is_not_an_integer() -> None:
+    assert _errors({"window": {"length": 2.5}}) == ["window.length: must be an integer, got 2.5"]
+
+
+def test_bool_is_not_an_integer() -> None:
+    assert _errors({"window": {"length": True}}) == ["window.length: must be an integer, got true"]
+
+
+def test_number_field_bound_message_does_not_ask_for_an_integer() -> None:
+    """threshold.quantile is a float field; an integer 1 is out of range, but the
+    message must not say "must be an integer < 1.0" (no integer satisfies 0 < q < 1)."""
+    errs = _errors({"threshold": {"quantile": 1}})
+    assert len(errs) == 1
+    msg = errs[0]
+    assert msg.startswith("threshold.quantile: must be ")
+    assert "< 1.0" in msg and msg.endswith("got 1")
+    assert "integer" not in msg, msg
+
+
+def test_number_field_bound_with_float() -> None:
+    assert _errors({"threshold": {"quantile": 1.0}}) == ["threshold.quantile: must be a number < 1.0, got 1.0"]
+
+
+def test_unknown_key_with_suggestion() -> None:
+    assert _errors({"window": {"lenght": 10}}) == ['window.lenght: unknown key (did you mean "length"?)']
+
+
+def test_unknown_nested_key_with_suggestion() -> None:
+    errs = _errors({"mqtt": {"tls": {"certfile": "c.pem"}}})
+    assert errs == ['mqtt.tls.certfile: unknown key (did you mean "cert_file"?)']
+
+
+def test_unknown_key_without_close_match() -> None:
+    assert _errors({"window": {"zzzzzz": 1}}) == ["window.zzzzzz: unknown key"]
+
+
+def test_unknown_section_is_reported_with_suggestion() -> None:
+    errs = _errors({"windw": {"length": 10}})
+    assert len(errs) == 1
+    assert errs[0].startswith("windw: ")
+    assert 'did you mean "window"?' in errs[0]
+
+
+def test_unknown_section_is_called_a_section() -> None:
+    """config_from_dict has a dedicated branch producing '<key>: unknown section (did you mean ...)'
+    for unknown top-level keys; the top-level key must be reported as a section."""
+    assert _errors({"windw": {"length": 10}}) == ['windw: unknown section (did you mean "window"?)']
+
+
+def test_wrong_type_for_bool() -> None:
+    assert _errors({"metrics": {"enabled": "yes"}}) == ['metrics.enabled: must be true or false, got "yes"']
+    assert _errors({"training": {"shuffle": 1}}) == ["training.shuffle: must be true or false, got 1"]
+
+
+def test_yaml_yes_is_a_bool(tmp_path: Path) -> None:
+    # YAML 1.1 (PyYAML) reads an unquoted yes/no as a boolean: allowed for bool keys.
+    cfg = load_config(_write(tmp_path, "metrics:\n  enabled: no\n"))
+    assert cfg.metrics.enabled is False
+
+
+def test_literal_choices() -> None:
+    assert _errors({"model": {"kind": "gru"}}) == [
+        "model.kind: must be one of 'dense', 'conv1d' or 'lstm', got \"gru\""]
+    errs = _errors({"threshold": {"method": "median"}})
+    assert len(errs) == 1 and errs[0].startswith("threshold.method: must be one of ")
+    for m in ("'quantile'", "'mean_std'", "'max_factor'", "'contamination'"):
+        assert m in errs[0]
+    assert errs[0].endswith('got "median"')
+
+
+def test_hop_longer_than_window() -> None:
+    assert _errors({"window": {"length": 5, "hop": 6}}) == ["window.hop: must be <= window.length (5), got 6"]
+
+
+def test_hop_equal_to_window_is_fine() -> None:
+    assert config_from_dict({"window": {"length": 5, "hop": 5}}).window.hop == 5
+
+
+def test_device_topic_without_placeholder() -> None:
+    assert _errors({"mqtt": {"device_topic": "sensors/telemetry"}}) == [
+        'mqtt.device_topic: must contain {device} exactly once, got "sensors/telemetry"']
+
+
+def test_device_topic_placeholder_twice() -> None:
+    errs = _errors({"mqtt": {"device_topic": "a/{device}/{device}"}})
+    assert errs == ['mqtt.device_topic: must contain {device} exactly once, got "a/{device}/{device}"']
+
+
+def test_device_topic_or_field_required() -> None:
+    assert _errors({"mqtt": {"device_topic": None}}) == [
+        "mqtt.device_topic: one of device_topic or device_field must be set"]
+    cfg = config_from_dict({"mqtt": {"device_topic": None, "device_field": "dev"}})
+    assert cfg.mqtt.device_field == "dev"
+
+
+def test_tls_cert_without_key() -> None:
+    errs = _errors({"mqtt": {"tls": {"cert_file": "/etc/ssl/c.pem"}}})
+    assert len(errs) == 1
+    assert errs[0].startswith("mqtt.tls")
+    assert "cert_file and key_file must be given together" in errs[0]
+    errs = _errors({"mqtt": {"tls": {"key_file": "/etc/ssl/k.pem"}}})
+    assert len(errs) == 1 and "cert_file and key_file must be given together" in errs[0]
+
+
+def test_section_must_be_a_mapping() -> None:
+    assert _errors({"window": 5}) == ["window: must be a mapping, got 5"]
+
+
+def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as ei:
+        load_config(_write(tmp_path, "- a\n- b\n"))
+    assert ei.value.errors == ["top level: must be a mapping of sections, got list"]
+
+
+def test_duplicate_channels() -> None:
+    assert _errors({"data": {"channels": ["a", "b", "a"]}}) == [
+        "data.channels: must not repeat a channel, got duplicates ['a']"]
+
+
+def test_several_errors_reported_at_once() -> None:
+    errs = _errors({
+        "window": {"length": "abc", "hop": 0},
+        "training": {"epochs": 0, "shuffle": "no"},
+        "model": {"kind": "x"},
+        "mqtt": {"port": 70000},
+    })
+    assert sorted(errs) == sorted([
+        'window.length: must be an integer, got "abc"',
+        "window.hop: must be an integer >= 1, got 0",
+        "model.kind: must be one of 'dense', 'conv1d' or 'lstm', got \"x\"",
+        "training.epochs: must be an integer >= 1, got 0",
+        'training.shuffle: must be true or false, got "no"',
+        "mqtt.port: must be an integer <= 65535, got 70000",
+    ])
+
+
+def test_cross_field_errors_in_two_sections_reported_together() -> None:
+    errs = _errors({"window": {"length": 5, "hop": 6}, "mqtt": {"device_topic": "x"}})
+    assert sorted(errs) == sorted([
+        "window.hop: must be <= window.length (5), got 6",
+        'mqtt.device_topic: must contain {device} exactly once, got "x"',
+    ])
+
+
+def test_error_carries_source_and_all_messages(tmp_path: Path) -> None:
+    p = _write(tmp_path, "window:\n  length: abc\ndetector:\n  raise_after: 0\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    err = ei.value
+    assert err.source == str(p)
+    assert sorted(err.errors) == sorted([
+        'window.length: must be an integer, got "abc"',
+        "detector.raise_after: must be an integer >= 1, got 0",
+    ])
+    text = str(err)
+    assert text.startswith(f"{p}: ")
+    for e in err.errors:
+        assert e in text
+
+
+def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
+    p = _write(tmp_path, "window:\n  length: 10\n  hop: [1\nmodel:\n  kind: dense\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    assert len(ei.value.errors) == 1
+    msg = ei.value.errors[0]
+    assert msg.startswith("invalid YAML at line 4, column ")
+    assert ei.value.source == str(p)
+
+
+def test_invalid_yaml_tab_indentation(tmp_path: Path) -> None:
+    p = _write(tmp_path, "window:\n  length: 10\n\tbad: 1\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    assert ei.value.errors[0].startswith("invalid YAML at line 3, column 1")
+
+
+def test_non_utf8_file_is_a_config_error(tmp_path: Path) -> None:
+    """A Latin-1 config (e.g. a comment with a degree sign) must be reported as a ConfigError
+    (so the CLI exits 78, EX_CONFIG), not escape as a UnicodeDecodeError."""
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes("window:\n  length: 10  # 20 \u00b0C\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    assert ei.value.source == str(p)
+    assert len(ei.value.errors) == 1
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    p = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    assert ei.value.errors == [f"file not found: {p}"]
+    assert ei.value.source == str(p)
+
+
+# --- the commented example shipped in config/ ---------------------------------------
+
+
+def test_example_config_loads() -> None:
+    assert EXAMPLE.is_file(), f"{EXAMPLE} is missing"
+    cfg = load_config(EXAMPLE)
+    assert isinstance(cfg, SensordConfig)
+
+
+def test_example_config_documents_the_defaults() -> None:
+    """The example says it lists every option with its default: it must equal the defaults."""
+    assert EXAMPLE.is_file(), f"{EXAMPLE} is missing"
+    assert load_config(EXAMPLE) == SensordConfig()
+    raw = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
+    defaults = config_to_dict(SensordConfig())
+    assert set(raw) == set(defaults)
+    for section, keys in defaults.items():
+        assert set(raw[section]) == set(keys), section
+
+
+def test_example_config_passes_check_config() -> None:
+    assert EXAMPLE.is_file(), f"{EXAMPLE} is missing"
+    proc = subprocess.run([sys.executable, "-m", "sensord.cli", "check-config", "--config", str(EXAMPLE)],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("OK ")

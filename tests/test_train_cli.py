@@ -1,0 +1,241 @@
+"""End to end through the ``sensord`` command line: simulate -> train -> evaluate, and the exit statuses."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sensord.simulator import CHANNELS, FAULT_KINDS, FAULT_SECONDS, GAP_SECONDS, LEAD_SECONDS
+
+EX_DATAERR, EX_CONFIG = 65, 78
+SECONDS = 900
+LABELLED_ROWS = LEAD_SECONDS + len(FAULT_KINDS) * (FAULT_SECONDS + GAP_SECONDS)
+
+TINY_YAML = """\
+window:
+  length: 10
+model:
+  encoder_units: [16]
+  latent_units: 4
+training:
+  epochs: 10
+  batch_size: 32
+  patience: 10
+"""
+
+
+def sensord(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sensord.cli", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cli")
+    data, model, cfg = root / "D", root / "M", root / "tiny.yaml"
+    cfg.write_text(TINY_YAML)
+    sim = sensord("simulate", "--out", str(data), "--seconds", str(SECONDS))
+    assert sim.returncode == 0, sim.stderr
+    train = sensord("train", "--config", str(cfg), "--data", str(data / "healthy.csv"), "--out", str(model))
+    assert train.returncode == 0, train.stderr
+    assert f"written to {model}" in train.stdout
+    return {"root": root, "data": data, "model": model, "config": cfg}
+
+
+def test_simulate_writes_both_csvs(run: dict[str, Path]) -> None:
+    with (run["data"] / "healthy.csv").open() as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["timestamp", *CHANNELS]
+    assert len(rows) == 1 + SECONDS
+    with (run["data"] / "labelled.csv").open() as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["timestamp", *CHANNELS, "anomaly"]
+    assert len(rows) == 1 + LABELLED_ROWS
+    assert sum(r[-1] == "1" for r in rows[1:]) == len(FAULT_KINDS) * FAULT_SECONDS
+
+
+def test_trained_bundle_loads(run: dict[str, Path]) -> None:
+    from sensord.bundle import ModelBundle
+
+    b = ModelBundle.load(run["model"], expect_channels=list(CHANNELS), expect_window=10)
+    assert b.training["rows"] == SECONDS
+    assert b.training["epochs_run"] <= 10
+    assert b.model["encoder_units"] == [16] and b.model["latent_units"] == 4
+
+
+def test_evaluate_writes_json(run: dict[str, Path]) -> None:
+    out = run["root"] / "eval" / "out.json"
+    proc = sensord("evaluate", "--model", str(run["model"]), "--data", str(run["data"] / "labelled.csv"),
+                   "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "TP " in proc.stdout and "F1 " in proc.stdout
+    res = json.loads(out.read_text())
+    for key in ("tp", "fp", "tn", "fn", "f1", "far", "mar", "mean_delay_seconds"):
+        assert key in res, key
+    assert res["tp"] + res["fp"] + res["tn"] + res["fn"] == res["rows"] == LABELLED_ROWS
+    assert res["tp"] + res["fn"] == len(FAULT_KINDS) * FAULT_SECONDS
+    assert res["unscored_rows"] == 10 - 1
+    assert res["windows"] == LABELLED_ROWS - 10 + 1
+    assert res["segments"] == len(FAULT_KINDS)
+    assert res["segments_detected"] >= 3
+    assert sum(s["detected"] for s in res["segment_details"]) == res["segments_detected"]
+    assert 0.0 <= res["f1"] <= 1.0 and 0.0 <= res["far"] <= 1.0 and 0.0 <= res["mar"] <= 1.0
+    assert res["mean_delay_seconds"] is not None and res["mean_delay_seconds"] >= 0
+
+
+def test_check_config_ok(run: dict[str, Path]) -> None:
+    proc = sensord("check-config", "--config", str(run["config"]))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"OK {run['config']}"
+
+
+def test_check_config_with_matching_model(run: dict[str, Path]) -> None:
+    proc = sensord("check-config", "--config", str(run["config"]), "--model", str(run["model"]))
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_check_config_with_model_of_other_window_length_exits_78(run: dict[str, Path], tmp_path: Path) -> None:
+    cfg = tmp_path / "w12.yaml"
+    cfg.write_text(TINY_YAML.replace("length: 10", "length: 12"))
+    proc = sensord("check-config", "--config", str(cfg), "--model", str(run["model"]))
+    assert proc.returncode == EX_CONFIG
+    assert "window length 10" in proc.stderr and "12" in proc.stderr
+
+
+def test_bad_config_exits_78_with_key_path(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("window:\n  length: abc\ndetector:\n  raise_aftr: 2\n")
+    proc = sensord("check-config", "--config", str(bad))
+    assert proc.returncode == EX_CONFIG
+    assert 'window.length: must be an integer, got "abc"' in proc.stderr
+    assert 'detector.raise_aftr: unknown key (did you mean "raise_after"?)' in proc.stderr
+    assert str(bad) in proc.stderr
+    assert "OK" not in proc.stdout
+
+
+def test_train_with_bad_config_exits_78(run: dict[str, Path], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("window:\n  length: 1\n")
+    proc = sensord("train", "--config", str(bad), "--data", str(run["data"] / "healthy.csv"),
+                   "--out", str(tmp_path / "M"))
+    assert proc.returncode == EX_CONFIG
+    assert "window.length: must be an integer >= 2, got 1" in proc.stderr
+    assert not (tmp_path / "M").exists()
+
+
+def test_train_on_non_numeric_cell_exits_65(run: dict[str, Path], tmp_path: Path) -> None:
+    lines = (run["data"] / "healthy.csv").read_text().splitlines()
+    fields = lines[9].split(",")  # file line 10
+    col = 1 + CHANNELS.index("current")
+    fields[col] = "abc"
+    lines[9] = ",".join(fields)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("\n".join(lines) + "\n")
+    proc = sensord("train", "--config", str(run["config"]), "--data", str(bad), "--out", str(tmp_path / "M"))
+    assert proc.returncode == EX_DATAERR, proc.stderr
+    assert f"{bad}:10:" in proc.stderr
+    assert "'current'" in proc.stderr and "'abc'" in proc.stderr
+    assert not (tmp_path / "M" / "bundle.json").exists()
+
+
+def test_non_numeric_cell_in_first_data_row_is_an_error(run: dict[str, Path], tmp_path: Path) -> None:
+    """A bad cell on the first data row must be reported like on any other row, not make the
+    whole column silently disappear from the channel list (the model would lose a sensor)."""
+    from sensord.dataio import DataError, load_csv
+
+    lines = (run["data"] / "healthy.csv").read_text().splitlines()
+    fields = lines[1].split(",")  # file line 2, the first data row
+    fields[1 + CHANNELS.index("current")] = "abc"
+    lines[1] = ",".join(fields)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=re.escape(f"{bad}:2: column 'current'")):
+        series = load_csv(bad)
+        pytest.fail(f"loaded without error, channels {series.channels}")
+
+
+def test_bad_cell_line_number_counts_blank_lines(run: dict[str, Path], tmp_path: Path) -> None:
+    """file:line must be the line in the file, also when a blank line comes before the bad cell."""
+    from sensord.dataio import DataError, load_csv
+
+    lines = (run["data"] / "healthy.csv").read_text().splitlines()
+    lines.insert(5, "")  # a blank line becomes file line 6
+    fields = lines[9].split(",")  # file line 10
+    fields[1 + CHANNELS.index("current")] = "abc"
+    lines[9] = ",".join(fields)
+    bad = tmp_path / "blank.csv"
+    bad.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as ei:
+        load_csv(bad)
+    assert str(ei.value).startswith(f"{bad}:10: column 'current': not a number: 'abc'"), str(ei.value)
+
+
+def test_train_on_missing_csv_exits_65(run: dict[str, Path], tmp_path: Path) -> None:
+    proc = sensord("train", "--config", str(run["config"]), "--data", str(tmp_path / "nope.csv"),
+                   "--out", str(tmp_path / "M"))
+    assert proc.returncode == EX_DATAERR
+    assert "file not found" in proc.stderr
+
+
+def test_evaluate_on_corrupted_bundle_exits_78(run: dict[str, Path], tmp_path: Path) -> None:
+    broken = tmp_path / "M"
+    shutil.copytree(run["model"], broken)
+    tfl = broken / "model.tflite"
+    data = bytearray(tfl.read_bytes())
+    data[100] ^= 0x01
+    tfl.write_bytes(bytes(data))
+    proc = sensord("evaluate", "--model", str(broken), "--data", str(run["data"] / "labelled.csv"))
+    assert proc.returncode == EX_CONFIG
+    assert "checksum mismatch" in proc.stderr
+    assert str(tfl) in proc.stderr
+
+
+def test_evaluate_on_missing_bundle_exits_78(run: dict[str, Path], tmp_path: Path) -> None:
+    proc = sensord("evaluate", "--model", str(tmp_path / "none"), "--data", str(run["data"] / "labelled.csv"))
+    assert proc.returncode == EX_CONFIG
+    assert "model bundle directory not found" in proc.stderr
+
+
+def test_console_script_installed() -> None:
+    script = Path(sys.executable).parent / "sensord"
+    assert script.is_file()
+    proc = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    for cmd in ("check-config", "train", "evaluate", "simulate"):
+        assert cmd in proc.stdout
+
+
+# --- reproducibility (in-process) ---------------------------------------------------------------
+
+
+def test_training_is_reproducible(tmp_path: Path) -> None:
+    from sensord.config import config_from_dict
+    from sensord.dataio import Series
+    from sensord.simulator import PumpSimulator
+    from sensord.training import train_bundle
+
+    sim = PumpSimulator(seed=4).generate(400)
+    series = Series(sim.timestamps, sim.values.astype(np.float32), CHANNELS, None, "sim")
+
+    def train(seed: int, name: str):  # type: ignore[no-untyped-def]
+        cfg = config_from_dict({"window": {"length": 8}, "model": {"encoder_units": [16], "latent_units": 4},
+                                "training": {"epochs": 5, "batch_size": 32, "patience": 5, "seed": seed}})
+        return train_bundle(series, cfg, tmp_path / name)
+
+    a, b = train(7, "a"), train(7, "b")
+    assert a.threshold.value == b.threshold.value
+    assert a.threshold.validation_stats == b.threshold.validation_stats
+    assert a.training["loss_history"] == b.training["loss_history"]
+    np.testing.assert_array_equal(a.scaler.offset, b.scaler.offset)
+    # and the seed matters: another seed gives another model
+    c = train(8, "c")
+    assert c.training["loss_history"] != a.training["loss_history"]
+    assert c.threshold.value != a.threshold.value
