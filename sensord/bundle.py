@@ -88,6 +88,7 @@ class ModelBundle:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(self.to_dict(), f, indent=2, sort_keys=False)
             f.write("\n")
+        os.chmod(tmp, 0o644)  # readable like the model files next to it
         os.replace(tmp, self.path / BUNDLE_JSON)
 
     @classmethod
@@ -145,6 +146,9 @@ class ModelBundle:
         if expect_window is not None and expect_window != length:
             raise BundleError(f"{p}: model was trained for window length {length}, "
                               f"but window.length in the config is {expect_window}")
+        for key in ("model", "training"):
+            if not isinstance(meta.get(key, {}), dict):
+                raise BundleError(f"{meta_path}: {key!r} must be a JSON object, got {type(meta[key]).__name__}")
         return cls(p, str(meta.get("model_id", p.name)), tuple(channels), length, hop, metric, scaler,
                    threshold, dict(meta.get("model", {})), dict(meta.get("training", {})),
                    str(meta.get("created", "")), expected_sha)

@@ -24,7 +24,7 @@ from pydantic.dataclasses import dataclass
 _STRICT = ConfigDict(extra="forbid")
 
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
-PositiveFloat = Annotated[StrictFloat, Field(gt=0)]
+PositiveFloat = Annotated[StrictFloat, Field(gt=0.0)]
 Port = Annotated[StrictInt, Field(ge=1, le=65535)]
 
 
@@ -292,12 +292,15 @@ def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
         msg = _MESSAGES.get(kind, err["msg"]).format(**ctx)
     if kind in ("extra_forbidden", "unexpected_keyword_argument"):
         close = difflib.get_close_matches(str(loc[-1]), _known_keys(loc), n=1)
-        return f"{path}: unknown key" + (f' (did you mean "{close[0]}"?)' if close else "")
+        what = "unknown section" if len(loc) == 1 else "unknown key"
+        return f"{path}: {what}" + (f' (did you mean "{close[0]}"?)' if close else "")
     if kind == "missing":
         return f"{path}: {msg}"
     got = err.get("input")
     if kind in _COMPOSABLE and isinstance(got, (int, float)):
-        base = "an integer" if isinstance(got, int) else "a number"
+        # Bounds of float settings are written as floats, so the bound says which the setting is.
+        bound = next(iter(ctx.values()), 0)
+        base = "an integer" if isinstance(bound, int) else "a number"
         msg = f"must be {base} {msg.removeprefix('must be ')}"
     return f"{path}: {msg}, got {json.dumps(got, default=str)}"
 
@@ -331,6 +334,8 @@ def load_config(path: str | Path | None) -> SensordConfig:
         raise ConfigError([f"file not found: {p}"], str(p)) from None
     except OSError as exc:
         raise ConfigError([f"cannot read: {exc.strerror}"], str(p)) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"not UTF-8 text (byte {exc.start}): save the file as UTF-8"], str(p)) from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -88,7 +88,9 @@ def load_csv(path: str | Path, cfg: DataConfig | None = None,
     delim = cfg.delimiter or _sniff_delimiter(lines[0])
     rows = list(csv.reader(lines, delimiter=delim))
     header = [h.strip() for h in rows[0]]
-    body = [r for r in rows[1:] if r and any(c.strip() for c in r)]
+    numbered = [(i + 2, r) for i, r in enumerate(rows[1:]) if r and any(c.strip() for c in r)]
+    body = [r for _, r in numbered]
+    line_of = [n for n, _ in numbered]  # file line numbers, blank lines included
     if not body:
         raise DataError(f"{p}: no data rows under the header")
 
@@ -107,8 +109,10 @@ def load_csv(path: str | Path, cfg: DataConfig | None = None,
         if missing:
             raise DataError(f"{p}: channel column(s) {missing} not in header {header}")
     else:
+        # Every other column is a channel; a non-numeric cell is then an error
+        # (below), never a reason to drop a sensor silently.
         skip = {ts_col, cfg.label_column, *cfg.ignore_columns}
-        wanted = [h for i, h in enumerate(header) if h not in skip and _is_number(body[0][i])]
+        wanted = [h for h in header if h not in skip and h]
         if not wanted:
             raise DataError(f"{p}: no numeric channel columns found in header {header}")
 
@@ -124,7 +128,7 @@ def load_csv(path: str | Path, cfg: DataConfig | None = None,
     vals = np.empty((n, len(ch_i)), dtype=np.float32)
     labels = np.zeros(n, dtype=np.int8) if has_labels else None
     for r, row in enumerate(body):
-        line = r + 2
+        line = line_of[r]
         if len(row) < len(header):
             raise DataError(f"{p}:{line}: expected {len(header)} fields, got {len(row)}")
         try:
@@ -136,7 +140,8 @@ def load_csv(path: str | Path, cfg: DataConfig | None = None,
             try:
                 v = float(cell)
             except ValueError:
-                raise DataError(f"{p}:{line}: column {header[ci]!r}: not a number: {cell!r}") from None
+                hint = "" if channels or cfg.channels else " (list the sensor columns in data.channels to skip others)"
+                raise DataError(f"{p}:{line}: column {header[ci]!r}: not a number: {cell!r}{hint}") from None
             if not math.isfinite(v):
                 raise DataError(f"{p}:{line}: column {header[ci]!r}: not a finite number: {cell!r}")
             vals[r, j] = v
@@ -146,6 +151,6 @@ def load_csv(path: str | Path, cfg: DataConfig | None = None,
             except ValueError:
                 raise DataError(f"{p}:{line}: label column {cfg.label_column!r}: not 0/1: {row[lab_i]!r}") from None
     if np.any(np.diff(ts) < 0):
-        bad = int(np.argmax(np.diff(ts) < 0)) + 3
+        bad = line_of[int(np.argmax(np.diff(ts) < 0)) + 1]
         raise DataError(f"{p}:{bad}: timestamps go backwards; rows must be in time order")
     return Series(ts, vals, tuple(wanted), labels, str(p))

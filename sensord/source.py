@@ -186,10 +186,12 @@ class MqttConnection:
             self.reconnects += 1
         log.info("mqtt connected to %s:%d (%s)", self.cfg.host, self.cfg.port,
                  "MQTT 5" if self._v5 else "MQTT 3.1.1")
-        client.publish(self.status_topic, "online", qos=1, retain=True)
+        # Subscribe before announcing "online": the broker handles one client's packets in order, so
+        # whoever sees "online" can publish readings and be sure the subscription is already in place.
         if self._subscribed:
             for topic in self.cfg.subscriptions:
                 client.subscribe(topic, qos=self.cfg.qos)
+        client.publish(self.status_topic, "online", qos=1, retain=True)
         self.ever_connected = True
         self.connected.set()
         if self._on_connected_cb:

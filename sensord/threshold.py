@@ -38,7 +38,10 @@ class ThresholdRecord:
         value = d.get("value")
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not np.isfinite(value) or value <= 0:
             raise ValueError(f"threshold.value must be a finite number > 0, got {value!r}")
-        return cls(method, dict(d.get("params", {})), float(value), dict(d.get("validation_stats", {})))
+        params, stats = d.get("params", {}), d.get("validation_stats", {})
+        if not isinstance(params, dict) or not isinstance(stats, dict):
+            raise ValueError("threshold.params and threshold.validation_stats must be JSON objects")
+        return cls(method, dict(params), float(value), dict(stats))
 
 
 def error_stats(errors: np.ndarray) -> dict[str, float]:

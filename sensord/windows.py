@@ -109,7 +109,7 @@ class WindowBuffer:
 
     def push(self, timestamp: float, values: np.ndarray | list[float]) -> Window | None:
         """Accept one reading; return the window it completes, if any."""
-        arr = np.asarray(values, dtype=np.float32).reshape(-1)
+        arr = np.asarray(values, dtype=np.float32)
         self.check(timestamp, arr)
         spec = self.spec
         if self._last_ts is not None and timestamp - self._last_ts > spec.max_gap_seconds:
