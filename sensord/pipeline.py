@@ -100,6 +100,7 @@ class ScoringLoop:
         self.detectors: dict[str, AlertDetector] = {}
         self.heartbeat = time.monotonic()
         self._stop = threading.Event()
+        self._flush = threading.Event()  # set by drain(): intake is closed, stop waiting to fill batches
         self._idle = threading.Event()
         self._idle.set()
         self._thread = threading.Thread(target=self._run, name="sensord-scoring", daemon=True)
@@ -132,12 +133,12 @@ class ScoringLoop:
                 batch.append(self.queue.get_nowait())
             except queue.Empty:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or self._flush.is_set():
                     break
-                try:
-                    batch.append(self.queue.get(timeout=remaining))
+                try:  # in short steps, so a drain() does not wait out a long batch_wait
+                    batch.append(self.queue.get(timeout=min(remaining, 0.05)))
                 except queue.Empty:
-                    break
+                    continue
         return batch
 
     def _run(self) -> None:
@@ -200,6 +201,7 @@ class ScoringLoop:
     def drain(self, timeout: float) -> bool:
         """Stop once everything queued is scored (or the timeout passes); True if all was scored."""
         deadline = time.monotonic() + timeout
+        self._flush.set()
         while time.monotonic() < deadline:
             if self.queue.empty() and self._idle.wait(timeout=0.05) and self.queue.empty():
                 break

@@ -1,0 +1,565 @@
+"""End to end: ``sensord run`` as a real subprocess against a real (private) Mosquitto.
+
+One bundle is trained per module on the built-in simulator; every test starts
+its own daemon with its own config (unique topics, client id and metrics
+port), streams readings with explicit timestamps through one QoS 1 publisher,
+and checks what comes out: alerts, retained state and status, Prometheus
+metrics over HTTP, signals, exit statuses and the process's memory map.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from broker import MosquittoBroker, MqttRecorder, RecordedMessage
+from sensord.bundle import ModelBundle
+from sensord.config import DetectorConfig, config_from_dict
+from sensord.dataio import Series, load_csv
+from sensord.evaluation import predict_rows
+from sensord.scorer import Scorer
+from sensord.simulator import simulate
+from sensord.sinks import iso
+from sensord.windows import WindowSpec
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parent.parent
+W = 10
+DETECTOR = {"raise_after": 2, "clear_after": 5}
+TRAIN = {
+    "window": {"length": W},
+    "model": {"encoder_units": [16], "latent_units": 4},
+    "training": {"epochs": 30, "patience": 5},
+    "threshold": {"method": "max_factor", "factor": 1.5},
+    "detector": DETECTOR,
+}
+HEALTHY_ROWS = 300  # the labelled run starts with 600 healthy seconds (the simulator's lead)
+FAULT_START, FAULT_STOP = 150, 210  # injected step, rows [start, stop)
+
+
+# -- module fixtures ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Models:
+    bundle: Path
+    labelled_csv: Path
+    labelled: Series  # 2040 rows at 1 Hz, four labelled faults after a 600 s healthy lead
+
+    def offline_alerts(self, series: Series, device: str) -> list[tuple[str, str]]:
+        scorer = Scorer(ModelBundle.load(self.bundle))
+        _, _, alerts, _ = predict_rows(series, scorer, WindowSpec(W, 1, 10.0), DetectorConfig(**DETECTOR),
+                                       device=device)
+        return [(a.state, iso(a.window_end)) for a in alerts]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
+    from sensord.training import train_bundle
+
+    root = tmp_path_factory.mktemp("e2e")
+    healthy_csv, labelled_csv = simulate(root / "sim", seconds=1200)
+    cfg = config_from_dict(TRAIN)
+    train_bundle(load_csv(healthy_csv, cfg.data), cfg, root / "model-a")  # ~5 s on 2 idle cores
+    labelled = load_csv(labelled_csv, cfg.data, require_labels=True)
+    return Models(root / "model-a", labelled_csv, labelled)
+
+
+def with_step(series: Series, start: int, stop: int) -> Series:
+    """A copy with a step on 'current' (+0.5 A, 5 healthy spreads) and its knock-on on 'vibration_1'."""
+    v = series.values.copy()
+    v[start:stop, series.channels.index("current")] += 0.5
+    v[start:stop, series.channels.index("vibration_1")] += 0.55
+    return Series(series.timestamps, v, series.channels, None, "step")
+
+
+def bundle_variant(src: Path, dst: Path, model_id: str, threshold_factor: float) -> float:
+    """Copy a bundle with another id and threshold; model.tflite (and so its checksum) is unchanged."""
+    shutil.copytree(src, dst)
+    meta = json.loads((dst / "bundle.json").read_text())
+    meta["model_id"] = model_id
+    meta["threshold"]["value"] *= threshold_factor
+    (dst / "bundle.json").write_text(json.dumps(meta, indent=2))
+    return float(meta["threshold"]["value"])
+
+
+def corrupt_bundle(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    tfl = dst / "model.tflite"
+    data = bytearray(tfl.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    tfl.write_bytes(bytes(data))
+    return tfl
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def write_yaml(path: Path, doc: dict[str, Any]) -> None:
+    """Atomic, so a SIGHUP never reads half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
+    os.replace(tmp, path)
+
+
+def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = pred()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+class DaemonProcess:
+    def __init__(self, cfg_path: Path, log_path: Path, metrics_port: int) -> None:
+        self.cfg_path = cfg_path
+        self.log_path = log_path
+        self.metrics_port = metrics_port
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM")}
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([sys.executable, "-m", "sensord.cli", "run", "--config", str(cfg_path)],
+                                     stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+                                     cwd=ROOT, env=env)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        out = {}
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                out[(s.name, tuple(sorted(s.labels.items())))] = float(s.value)
+        return out
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        return self.metrics().get((name, tuple(sorted(labels.items()))))
+
+    def model_info(self) -> dict[str, str]:
+        (labels,) = [dict(lab) for (name, lab) in self.metrics() if name == "sensord_model_info"]
+        return labels
+
+    def wait_metric(self, name: str, value: float, timeout: float = 15.0, **labels: str) -> None:
+        last: list[float | None] = [None]
+
+        def check() -> bool:
+            assert self.alive(), f"daemon exited ({self.proc.returncode}); log:\n{self.log()}"
+            last[0] = self.metric(name, **labels)
+            return last[0] == value
+        try:
+            wait_until(check, timeout, f"{name}{labels} == {value}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc} (last value {last[0]}); daemon log:\n{self.log()[-3000:]}") from None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+
+
+class Streamer:
+    """One paho client publishing QoS 1 and waiting for each PUBACK (so the broker never drops)."""
+
+    def __init__(self, broker: MosquittoBroker, root: str) -> None:
+        self.root = root
+        self.sent = 0
+        self._connected = threading.Event()
+        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+                                  client_id=f"e2e-pub-{uuid.uuid4().hex[:10]}")
+        self.client.on_connect = lambda *a: self._connected.set()
+        self.client.connect(broker.host, broker.port, keepalive=30)
+        self.client.loop_start()
+        assert self._connected.wait(10), "publisher could not connect"
+
+    def topic(self, device: str) -> str:
+        return f"{self.root}/sensors/{device}/telemetry"
+
+    def send_raw(self, topic: str, payload: bytes | str) -> None:
+        info = self.client.publish(topic, payload, qos=1)
+        info.wait_for_publish(10)
+        assert info.is_published(), f"publish to {topic} not acknowledged"
+        self.sent += 1
+
+    def send_rows(self, device: str, series: Series, start: int = 0, stop: int | None = None,
+                  pause: float = 0.0) -> None:
+        for i in range(start, len(series) if stop is None else stop):
+            self.send_row(device, series, i)
+            if pause:
+                time.sleep(pause)
+
+    def send_row(self, device: str, series: Series, i: int) -> None:
+        body = {"ts": float(series.timestamps[i]),
+                "values": {ch: float(series.values[i, j]) for j, ch in enumerate(series.channels)}}
+        self.send_raw(self.topic(device), json.dumps(body))
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@dataclass
+class E2E:
+    broker: MosquittoBroker
+    root: str
+    tmp: Path
+    models: Models
+    rec: MqttRecorder
+    stream: Streamer
+    daemons: list[DaemonProcess] = field(default_factory=list)
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.root}/sensord"
+
+    def config(self, **over: Any) -> dict[str, Any]:
+        base = {
+            "window": {"length": W},
+            "detector": DETECTOR,
+            "mqtt": {
+                "host": self.broker.host, "port": self.broker.port,
+                "client_id": f"sensord-{uuid.uuid4().hex[:10]}", "keepalive": 5,
+                "subscriptions": [f"{self.root}/sensors/+/telemetry"],
+                "device_topic": f"{self.root}/sensors/{{device}}/telemetry",
+                "topic_prefix": self.prefix,
+            },
+            "metrics": {"host": "127.0.0.1", "port": free_port()},
+            "daemon": {"model": str(self.models.bundle)},
+            "logging": {"level": "INFO"},
+        }
+        return merge(base, over)
+
+    def spawn(self, doc: dict[str, Any], name: str = "sensord") -> DaemonProcess:
+        cfg_path = self.tmp / f"{name}.yaml"
+        write_yaml(cfg_path, doc)
+        d = DaemonProcess(cfg_path, self.tmp / f"{name}.log", doc["metrics"]["port"])
+        self.daemons.append(d)
+        return d
+
+    def start(self, **over: Any) -> DaemonProcess:
+        """Start a daemon and wait until it announces itself: retained ``{prefix}/status`` = online."""
+        d = self.spawn(self.config(**over))
+        status = f"{self.prefix}/status"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                self.rec.wait_for(lambda m: m.topic == status and m.payload == b"online", timeout=0.1)
+                return d
+            except AssertionError:
+                if not d.alive():
+                    raise AssertionError(f"daemon exited with {d.proc.returncode}:\n{d.log()}") from None
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"daemon not online within 20 s:\n{d.log()}") from None
+
+    def alerts(self, device: str) -> list[dict[str, Any]]:
+        return [json.loads(m.payload) for m in self.rec.messages(f"{self.prefix}/alerts/{device}")]
+
+    def wait_alert(self, device: str, state: str, n: int = 1, timeout: float = 15.0) -> dict[str, Any]:
+        topic = f"{self.prefix}/alerts/{device}"
+        got = self.rec.wait_for(lambda m: m.topic == topic and json.loads(m.payload)["state"] == state
+                                and len([x for x in self.rec.messages(topic)
+                                         if json.loads(x.payload)["state"] == state]) >= n, timeout)
+        msgs = [m for m in got if m.topic == topic]
+        assert all(m.qos == 1 and not m.retain for m in msgs)
+        return json.loads(msgs[n - 1].payload)
+
+    def retained(self, subtopic: str) -> RecordedMessage:
+        """What a consumer subscribing now gets: the retained message on ``{prefix}/{subtopic}``."""
+        topic = f"{self.prefix}/{subtopic}"
+        with MqttRecorder(self.broker.host, self.broker.port, topic) as fresh:
+            (m,) = fresh.wait_for(lambda m: m.topic == topic, timeout=5)
+        assert m.retain, f"{topic} is not retained"
+        return m
+
+
+@pytest.fixture
+def e2e(broker: MosquittoBroker, topic_root: str, tmp_path: Path, models: Models) -> Iterator[E2E]:
+    rec = MqttRecorder(broker.host, broker.port, f"{topic_root}/sensord/#").start()
+    stream = Streamer(broker, topic_root)
+    env = E2E(broker, topic_root, tmp_path, models, rec, stream)
+    try:
+        yield env
+    finally:
+        for d in env.daemons:
+            d.stop()
+        stream.close()
+        rec.stop()
+
+
+# -- tests --------------------------------------------------------------------------------------
+
+def test_healthy_stream_no_alert_state_and_metrics(e2e: E2E, models: Models) -> None:
+    seg = models.labelled.slice(0, HEALTHY_ROWS)
+    assert models.offline_alerts(seg, "pump1") == [], "model raises offline on the healthy stream"
+    d = e2e.start()
+    e2e.stream.send_rows("pump1", seg)
+    e2e.stream.send_raw(e2e.stream.topic("pump1"), b"{not json")
+    d.wait_metric("sensord_windows_scored_total", HEALTHY_ROWS - W + 1, device="pump1")
+    d.wait_metric("sensord_messages_received_total", e2e.stream.sent)
+    assert e2e.stream.sent == HEALTHY_ROWS + 1
+    m = d.metrics()
+    assert m[("sensord_messages_rejected_total", (("reason", "malformed_json"),))] == 1
+    assert m[("sensord_mqtt_connected", ())] == 1
+    assert m[("sensord_devices", ())] == 1
+    assert m[("sensord_windows_dropped_total", ())] == 0
+    assert m.get(("sensord_alerts_raised_total", (("device", "pump1"),)), 0) == 0
+    assert m[("sensord_anomaly_state", (("device", "pump1"),))] == 0
+    assert sum(v for (name, _), v in m.items() if name == "sensord_readings_rejected_total") == 0
+    assert d.model_info()["model_id"] == ModelBundle.load(models.bundle).model_id
+    state = json.loads(e2e.retained("state/pump1").payload)
+    assert state["device"] == "pump1" and state["state"] == "normal"
+    assert state["since"] == iso(seg.timestamps[W - 1])  # the device's first window
+    time.sleep(0.3)  # an alert would be published right after the window's metrics
+    assert e2e.alerts("pump1") == []
+    assert e2e.retained("status").payload == b"online"
+    assert "reason=malformed_json" in d.log()
+
+
+def test_fault_raises_then_clears_with_retained_state(e2e: E2E, models: Models) -> None:
+    seg = with_step(models.labelled.slice(0, 360), FAULT_START, FAULT_STOP)
+    ts = seg.timestamps
+    d = e2e.start()
+    e2e.stream.send_rows("pump2", seg, 0, FAULT_START + 20)  # stop inside the fault
+    raised = e2e.wait_alert("pump2", "raised")
+    assert set(raised) == {"device", "state", "window_start", "window_end", "raised_at", "score", "error",
+                           "threshold", "top_channels", "model_id"}
+    assert raised["device"] == "pump2"
+    assert iso(ts[FAULT_START]) <= raised["window_end"] <= iso(ts[FAULT_START + DETECTOR["raise_after"] + 3])
+    assert raised["raised_at"] == raised["window_end"]
+    assert raised["window_start"] == iso(ts[list(map(iso, ts)).index(raised["window_end"]) - W + 1])
+    assert raised["score"] > 1 and raised["error"] > raised["threshold"]
+    assert raised["threshold"] == pytest.approx(ModelBundle.load(models.bundle).threshold.value, rel=1e-6)
+    assert raised["model_id"] == ModelBundle.load(models.bundle).model_id
+    assert "current" in [c["channel"] for c in raised["top_channels"]]
+    assert json.loads(e2e.retained("state/pump2").payload)["state"] == "alert"
+
+    e2e.stream.send_rows("pump2", seg, FAULT_START + 20)
+    cleared = e2e.wait_alert("pump2", "cleared")
+    last_fault_window = FAULT_STOP - 1 + W - 1  # the last window that contains a faulty row
+    assert iso(ts[last_fault_window]) < cleared["window_end"] <= \
+        iso(ts[last_fault_window + DETECTOR["clear_after"] + 3])
+    assert cleared["raised_at"] == raised["window_end"]
+    state = json.loads(e2e.retained("state/pump2").payload)
+    assert state["state"] == "normal" and state["since"] == cleared["window_end"]
+    d.wait_metric("sensord_windows_scored_total", len(seg) - W + 1, device="pump2")
+    assert d.metric("sensord_alerts_raised_total", device="pump2") == 1
+    assert d.metric("sensord_anomaly_state", device="pump2") == 0
+    assert [a["state"] for a in e2e.alerts("pump2")] == ["raised", "cleared"]
+
+
+def test_live_alerts_equal_offline_evaluation(e2e: E2E, models: Models) -> None:
+    series = models.labelled
+    expected = models.offline_alerts(series, "pump3")
+    assert len(expected) >= 6 and expected[0][0] == "raised", expected
+    # The CLI computes the same thing from the CSV with the same detector settings.
+    cfg_path = e2e.tmp / "evaluate.yaml"
+    write_yaml(cfg_path, {"window": {"length": W}, "detector": DETECTOR})
+    out = e2e.tmp / "eval.json"
+    res = subprocess.run([sys.executable, "-m", "sensord.cli", "evaluate", "--model", str(models.bundle),
+                          "--data", str(models.labelled_csv), "--config", str(cfg_path), "--json", str(out)],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    cli = [(a["state"], iso(a["window_end"])) for a in json.loads(out.read_text())["alerts"]]
+    assert cli == expected
+
+    d = e2e.start()
+    e2e.stream.send_rows("pump3", series)
+    d.wait_metric("sensord_windows_scored_total", len(series) - W + 1, device="pump3", timeout=30)
+    d.wait_metric("sensord_messages_received_total", len(series))
+    wait_until(lambda: len(e2e.alerts("pump3")) >= len(expected), 10, f"{len(expected)} alerts")
+    time.sleep(0.3)  # nothing more may follow
+    live = e2e.alerts("pump3")
+    assert [(a["state"], a["window_end"]) for a in live] == expected
+    assert {a["device"] for a in live} == {"pump3"}
+
+
+def test_kill_9_publishes_last_will(e2e: E2E, models: Models) -> None:
+    d = e2e.start()
+    assert e2e.retained("status").payload == b"online"
+    e2e.stream.send_rows("pump4", models.labelled, 0, 20)
+    d.wait_metric("sensord_windows_scored_total", 20 - W + 1, device="pump4")
+    e2e.rec.clear()
+    os.kill(d.pid, signal.SIGKILL)
+    assert d.proc.wait(5) == -signal.SIGKILL
+    status = f"{e2e.prefix}/status"
+    e2e.rec.wait_for(lambda m: m.topic == status and m.payload == b"offline", timeout=10)
+    assert e2e.retained("status").payload == b"offline"
+
+
+def test_sigterm_scores_everything_queued_then_exits_0(e2e: E2E, models: Models) -> None:
+    rows = FAULT_START + 20
+    seg = with_step(models.labelled.slice(0, rows), FAULT_START, rows)
+    # The scorer collects one big batch for up to 5 s, so at SIGTERM every window is still unscored.
+    d = e2e.start(daemon={"batch_wait_seconds": 5.0}, scoring={"batch_max": 4096}, mqtt={"publish_scores": True})
+    t_first = time.monotonic()
+    e2e.stream.send_rows("pump5", seg)
+    d.wait_metric("sensord_messages_received_total", rows)
+    assert d.metric("sensord_windows_scored_total", device="pump5") is None, "scored before SIGTERM"
+    assert time.monotonic() - t_first < 4.5, "streaming too slow for this test's premise"
+    assert e2e.alerts("pump5") == []
+    t0 = time.monotonic()
+    d.proc.send_signal(signal.SIGTERM)
+    rc = d.proc.wait(5)
+    elapsed = time.monotonic() - t0
+    assert rc == 0, d.log()
+    assert elapsed < 5
+    raised = e2e.wait_alert("pump5", "raised", timeout=5)
+    assert iso(seg.timestamps[FAULT_START]) <= raised["window_end"]
+    scores = f"{e2e.prefix}/scores/pump5"
+    wait_until(lambda: len(e2e.rec.messages(scores)) >= rows - W + 1, 5, "every window's score")
+    assert len(e2e.rec.messages(scores)) == rows - W + 1
+    assert e2e.retained("status").payload == b"offline"
+    log = d.log()
+    assert "stopped in" in log
+    assert "left unscored" not in log
+
+
+def test_sighup_reload_swaps_model_without_losing_readings(e2e: E2E, models: Models) -> None:
+    series = models.labelled
+    old_id = ModelBundle.load(models.bundle).model_id
+    old_threshold = ModelBundle.load(models.bundle).threshold.value
+    new_threshold = bundle_variant(models.bundle, e2e.tmp / "model-b", "model-b", 2.0)
+    d = e2e.start()
+    assert d.model_info()["model_id"] == old_id
+    assert d.metric("sensord_threshold") == pytest.approx(old_threshold)
+
+    # Stream continuously while the config is switched to bundle B and SIGHUP is sent.
+    stop_at = [len(series)]
+    sent = [0]
+
+    def pump() -> None:
+        i = 0
+        while i < stop_at[0]:
+            e2e.stream.send_row("pump6", series, i)
+            i += 1
+            sent[0] = i
+            time.sleep(0.002)
+    t = threading.Thread(target=pump)
+    t.start()
+    try:
+        wait_until(lambda: sent[0] >= 100, 10, "100 readings sent")
+        doc = yaml.safe_load(d.cfg_path.read_text())
+        doc["daemon"]["model"] = str(e2e.tmp / "model-b")
+        write_yaml(d.cfg_path, doc)
+        d.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: d.model_info()["model_id"] == "model-b", 10, "model-b served")
+        stop_at[0] = min(len(series), sent[0] + 100)  # keep streaming after the swap
+    finally:
+        t.join(30)
+    n = sent[0]
+    assert 200 <= n < len(series)
+    assert d.metric("sensord_threshold") == pytest.approx(new_threshold)
+    d.wait_metric("sensord_messages_received_total", n)
+    d.wait_metric("sensord_windows_scored_total", n - W + 1, device="pump6")  # windows continued
+    assert "reloaded: model model-b" in d.log()
+
+    # A corrupted bundle is refused; the current one keeps serving.
+    bad_tflite = corrupt_bundle(models.bundle, e2e.tmp / "model-bad")
+    doc["daemon"]["model"] = str(e2e.tmp / "model-bad")
+    write_yaml(d.cfg_path, doc)
+    d.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "reload refused" in d.log(), 10, "the refused reload to be logged")
+    line = next(ln for ln in d.log().splitlines() if "reload refused" in ln)
+    assert "ERROR" in line and str(bad_tflite) in line and "checksum mismatch" in line
+    assert d.model_info()["model_id"] == "model-b"
+    assert d.metric("sensord_threshold") == pytest.approx(new_threshold)
+    e2e.stream.send_rows("pump6", series, n, n + 50)
+    d.wait_metric("sensord_messages_received_total", n + 50)
+    d.wait_metric("sensord_windows_scored_total", n + 50 - W + 1, device="pump6")
+    assert d.alive()
+
+
+@pytest.mark.parametrize("case", ["config_type", "config_unknown_key", "missing_bundle", "corrupt_bundle",
+                                  "window_mismatch"])
+def test_bad_start_exits_78_with_one_clear_line(e2e: E2E, models: Models, case: str) -> None:
+    doc = e2e.config()
+    if case == "config_type":
+        doc["window"]["length"] = "ten"
+        expect = ["config error", "window.length"]
+    elif case == "config_unknown_key":
+        doc["mqtt"]["prot"] = 1883
+        expect = ["config error", "mqtt.prot: unknown key", 'did you mean "port"']
+    elif case == "missing_bundle":
+        doc["daemon"]["model"] = str(e2e.tmp / "no-such-model")
+        expect = ["model error", str(e2e.tmp / "no-such-model")]
+    elif case == "corrupt_bundle":
+        tfl = corrupt_bundle(models.bundle, e2e.tmp / "model-bad")
+        doc["daemon"]["model"] = str(e2e.tmp / "model-bad")
+        expect = ["model error", str(tfl), "checksum mismatch"]
+    else:
+        doc["window"]["length"] = W + 2
+        expect = ["model error", str(models.bundle), "window length"]
+    cfg_path = e2e.tmp / "bad.yaml"
+    write_yaml(cfg_path, doc)
+    res = subprocess.run([sys.executable, "-m", "sensord.cli", "run", "--config", str(cfg_path)],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert res.returncode == 78, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("sensord: ")
+    if expect[0] == "config error":
+        expect.append(str(cfg_path))
+    for part in expect:
+        assert part in lines[0], f"{part!r} not in {lines[0]!r}"
+    assert res.stdout == ""
+
+
+def test_daemon_never_maps_tensorflow(e2e: E2E, models: Models) -> None:
+    d = e2e.start()
+    e2e.stream.send_rows("pump7", models.labelled, 0, 20)
+    d.wait_metric("sensord_windows_scored_total", 20 - W + 1, device="pump7")
+    files = set()
+    for line in Path(f"/proc/{d.pid}/maps").read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].startswith("/"):
+            files.add(parts[5])
+    assert any("/ai_edge_litert/" in f for f in files), "ai_edge_litert is not mapped: the check is blind"
+    tf = sorted(f for f in files if ("/tensorflow/" in f or "/keras/" in f) and "/ai_edge_litert/" not in f)
+    assert tf == []

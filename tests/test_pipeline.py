@@ -1,0 +1,414 @@
+"""Unit tests of the live pipeline (Intake + ScoringLoop) with a fake publisher and a real tiny bundle."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from sensord.config import DetectorConfig, SensordConfig, config_from_dict
+from sensord.dataio import Series
+from sensord.evaluation import predict_rows
+from sensord.metrics import DaemonMetrics
+from sensord.pipeline import Intake, RateLimitedLog, ScoringLoop, ServingModel
+from sensord.simulator import CHANNELS, PumpSimulator
+from sensord.sinks import AlertPublisher
+
+W = 10
+PREFIX = "pfx"
+TINY = {
+    "window": {"length": W},
+    "model": {"encoder_units": [16], "latent_units": 4},
+    "training": {"epochs": 15, "batch_size": 64, "patience": 15},
+    "threshold": {"method": "max_factor", "factor": 2.0},
+}
+
+
+class FakePublisher:
+    """Records every publish call (thread-safe: the scoring thread publishes)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any], int, bool]] = []
+        self._lock = threading.Lock()
+
+    def publish(self, topic: str, payload: str | bytes, qos: int = 0, retain: bool = False) -> None:
+        with self._lock:
+            self.calls.append((topic, json.loads(payload), qos, retain))
+
+    def on(self, topic: str) -> list[tuple[str, dict[str, Any], int, bool]]:
+        with self._lock:
+            return [c for c in self.calls if c[0] == topic]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Series]:
+    """A tiny bundle trained on 800 s of a healthy pump, and 300 s of the same pump afterwards."""
+    from sensord.training import train_bundle
+
+    sim = PumpSimulator(seed=11)
+    healthy = sim.generate(800)
+    later = sim.generate(300)
+    path = tmp_path_factory.mktemp("pipeline") / "model"
+    train_bundle(Series(healthy.timestamps, healthy.values.astype(np.float32), CHANNELS, None, "healthy"),
+                 config_from_dict(TINY), path)
+    return path, Series(later.timestamps, later.values.astype(np.float32), CHANNELS, None, "later")
+
+
+def make_cfg(model: Path, detector: dict[str, int] | None = None, **daemon: Any) -> SensordConfig:
+    return config_from_dict({
+        "window": {"length": W},
+        "mqtt": {"device_topic": "s/{device}/t", "subscriptions": ["s/+/t"], "topic_prefix": PREFIX},
+        "detector": detector or {"raise_after": 1, "clear_after": 1},
+        "daemon": {"model": str(model), **daemon},
+        "logging": {"rate_limit_seconds": 60.0},
+    })
+
+
+class Rig:
+    def __init__(self, cfg: SensordConfig, queue_size: int | None = None, batch_max: int = 64,
+                 batch_wait: float = 0.02) -> None:
+        self.cfg = cfg
+        self.model = ServingModel.load(cfg)
+        self.metrics = DaemonMetrics()
+        self.pub = FakePublisher()
+        self.alerts = AlertPublisher(self.pub, PREFIX)
+        self.scoring = ScoringLoop(self.metrics, self.alerts, queue_size or cfg.daemon.queue_size, batch_max,
+                                   batch_wait)
+        self.intake = Intake(cfg, self.model, self.scoring, self.metrics)
+
+    def value(self, name: str, **labels: str) -> float:
+        v = self.metrics.registry.get_sample_value(name, labels)
+        assert v is not None, f"no sample {name}{labels}"
+        return v
+
+    def send(self, device: str, ts: float, values: np.ndarray | list[float]) -> None:
+        body = {"ts": ts, "values": {ch: float(v) for ch, v in zip(CHANNELS, values)}}
+        self.intake.on_message(f"s/{device}/t", json.dumps(body).encode())
+
+    def send_rows(self, device: str, series: Series, start: int = 0, stop: int | None = None) -> None:
+        for i in range(start, len(series) if stop is None else stop):
+            self.send(device, float(series.timestamps[i]), series.values[i])
+
+    def queued(self) -> list[Any]:
+        items = []
+        while not self.scoring.queue.empty():
+            items.append(self.scoring.queue.get_nowait())
+        return items
+
+
+@pytest.fixture
+def rigs() -> Iterator[list[Rig]]:
+    made: list[Rig] = []
+    yield made
+    for r in made:
+        if r.scoring._thread.is_alive():
+            r.scoring.drain(2.0)
+
+
+@pytest.fixture
+def rig(data: tuple[Path, Series], rigs: list[Rig]) -> Rig:
+    r = Rig(make_cfg(data[0]))
+    rigs.append(r)
+    return r
+
+
+# -- intake: readings -> windows ----------------------------------------------------------------
+
+def test_readings_become_windows(rig: Rig, data: tuple[Path, Series]) -> None:
+    series = data[1]
+    rig.send_rows("p1", series, 0, 25)
+    assert rig.value("sensord_messages_received_total") == 25
+    assert rig.value("sensord_devices") == 1
+    assert rig.value("sensord_queue_depth") == 25 - W + 1
+    items = rig.queued()
+    assert len(items) == 25 - W + 1
+    for k, (model, win) in enumerate(items):
+        last = W - 1 + k
+        assert model is rig.model
+        assert win.device == "p1"
+        assert win.start == series.timestamps[last - W + 1]
+        assert win.end == series.timestamps[last]
+        np.testing.assert_array_equal(win.values, series.values[last - W + 1:last + 1])
+    assert rig.pub.calls == []  # nothing is published before scoring
+
+
+def test_hop_from_config(data: tuple[Path, Series], rigs: list[Rig]) -> None:
+    cfg = config_from_dict({**_raw(make_cfg(data[0])), "window": {"length": W, "hop": 5}})
+    r = Rig(cfg)
+    rigs.append(r)
+    r.send_rows("p1", data[1], 0, 30)
+    assert [w.end for _, w in r.queued()] == [float(data[1].timestamps[i]) for i in (9, 14, 19, 24, 29)]
+
+
+def _raw(cfg: SensordConfig) -> dict[str, Any]:
+    from sensord.config import config_to_dict
+    return config_to_dict(cfg)
+
+
+def test_batch_is_scored_in_one_interpreter_call(rig: Rig, data: tuple[Path, Series]) -> None:
+    series = data[1]
+    rig.send_rows("p1", series, 0, 40)
+    rig.send_rows("p2", series, 100, 140)
+    batch = rig.scoring._take_batch()
+    assert len(batch) == 2 * (40 - W + 1)
+    assert rig.scoring.queue.empty()
+    rig.scoring.process(batch)
+    assert rig.value("sensord_windows_scored_total", device="p1") == 31
+    assert rig.value("sensord_windows_scored_total", device="p2") == 31
+    assert rig.value("sensord_scoring_batch_size_count") == 1
+    assert rig.value("sensord_scoring_batch_size_sum") == 62
+    assert rig.value("sensord_scoring_duration_seconds_count") == 1
+    # The last window's error is exactly what the scorer gives for that window on its own.
+    expected = rig.model.scorer.score(series.values[140 - W:140][None]).errors[0]
+    assert rig.value("sensord_reconstruction_error", device="p2") == pytest.approx(expected, rel=1e-5)
+    assert rig.value("sensord_anomaly_score", device="p2") == pytest.approx(
+        expected / rig.model.bundle.threshold.value, rel=1e-5)
+    # Each device's first window publishes its retained state; later only alert events change it.
+    for dev, first in (("p1", W - 1), ("p2", 100 + W - 1)):
+        states = rig.pub.on(f"{PREFIX}/state/{dev}")
+        assert len(states) == 1 + len(rig.pub.on(f"{PREFIX}/alerts/{dev}"))
+        _, body, qos, retain = states[0]
+        assert (qos, retain) == (1, True)
+        assert body["device"] == dev and body["model_id"] == rig.model.bundle.model_id
+        assert body["state"] == "normal" and body["since"] == _iso(series.timestamps[first])
+    assert rig.pub.on(f"{PREFIX}/scores/p1") == []  # publish_scores is off by default
+
+
+def test_batch_max_bounds_a_batch(data: tuple[Path, Series], rigs: list[Rig]) -> None:
+    r = Rig(make_cfg(data[0]), batch_max=8)
+    rigs.append(r)
+    r.send_rows("p1", data[1], 0, 30)
+    sizes = []
+    while not r.scoring.queue.empty():
+        batch = r.scoring._take_batch()
+        sizes.append(len(batch))
+        r.scoring.process(batch)
+    assert sizes == [8, 8, 5]
+    assert r.value("sensord_windows_scored_total", device="p1") == 21
+
+
+def test_scoring_thread_scores_everything_and_drains(data: tuple[Path, Series], rigs: list[Rig]) -> None:
+    r = Rig(make_cfg(data[0]), batch_wait=0.2)
+    rigs.append(r)
+    r.scoring.start()
+    for i in range(60):  # interleaved devices: batches mix them
+        for dev, off in (("a", 0), ("b", 150)):
+            r.send(dev, float(data[1].timestamps[off + i]), data[1].values[off + i])
+    assert r.scoring.drain(5.0) is True
+    assert not r.scoring._thread.is_alive()
+    assert r.value("sensord_windows_scored_total", device="a") == 60 - W + 1
+    assert r.value("sensord_windows_scored_total", device="b") == 60 - W + 1
+    assert r.value("sensord_scoring_batch_size_sum") == 2 * (60 - W + 1)
+    assert r.value("sensord_scoring_batch_size_count") < 10  # batched, not one call per window
+    assert r.value("sensord_queue_depth") == 0
+    assert r.scoring.healthy(5.0) is False  # thread stopped
+
+
+def test_drain_does_not_wait_out_a_long_batch_wait(data: tuple[Path, Series], rigs: list[Rig]) -> None:
+    """At shutdown intake is closed: a batch still filling is scored at once, not after batch_wait."""
+    r = Rig(make_cfg(data[0]), batch_max=4096, batch_wait=5.0)
+    rigs.append(r)
+    r.scoring.start()
+    r.send_rows("p1", data[1], 0, 50)
+    wait_s = time.monotonic()
+    while r.scoring.queue.qsize() and time.monotonic() - wait_s < 2:  # the thread is filling its batch
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    assert r.scoring.drain(3.0) is True
+    assert time.monotonic() - t0 < 1.0
+    assert r.value("sensord_windows_scored_total", device="p1") == 50 - W + 1
+    assert r.value("sensord_scoring_batch_size_count") == 1
+
+
+def test_alerts_match_offline_detector(data: tuple[Path, Series], rigs: list[Rig]) -> None:
+    """A gross step fault raises exactly the alerts the offline evaluation computes, with full payloads."""
+    series = data[1]
+    values = series.values[:120].copy()
+    values[50:70] += 10.0 * np.std(series.values, axis=0)  # every channel 10 sd off
+    faulty = Series(series.timestamps[:120], values, CHANNELS, None)
+    det = {"raise_after": 2, "clear_after": 3}
+    r = Rig(make_cfg(data[0], det), batch_wait=0.05)
+    rigs.append(r)
+    r.scoring.start()
+    r.send_rows("p1", faulty)
+    assert r.scoring.drain(5.0)
+    _, _, expected, n = predict_rows(faulty, r.model.scorer, r.model.spec, DetectorConfig(**det), device="p1")
+    assert n == 120 - W + 1
+    alerts = r.pub.on(f"{PREFIX}/alerts/p1")
+    assert [(b["state"], b["window_end"]) for _, b, _, _ in alerts] == \
+        [(e.state, _iso(e.window_end)) for e in expected]
+    raised = [b for _, b, _, _ in alerts if b["state"] == "raised"]
+    assert raised, "the step fault was not detected"
+    # Raised within raise_after windows of the onset (row 50), cleared after the fault ends (row 70).
+    assert raised[0]["window_end"] == _iso(series.timestamps[51])
+    cleared = [b for _, b, _, _ in alerts if b["state"] == "cleared"]
+    assert cleared and cleared[0]["window_end"] >= _iso(series.timestamps[69 + W])
+    body = raised[0]
+    assert set(body) == {"device", "state", "window_start", "window_end", "raised_at", "score", "error",
+                         "threshold", "top_channels", "model_id"}
+    assert body["model_id"] == r.model.bundle.model_id
+    assert body["score"] > 1 and body["error"] > body["threshold"]
+    assert len(body["top_channels"]) == 3 and set(body["top_channels"][0]) == {"channel", "share"}
+    assert all(qos == 1 and not retain for _, _, qos, retain in alerts)
+    states = [b["state"] for _, b, _, _ in r.pub.on(f"{PREFIX}/state/p1")]
+    assert states == ["normal"] + ["alert" if b["state"] == "raised" else "normal" for _, b, _, _ in alerts]
+    assert states[-1] == "normal"
+    assert r.value("sensord_alerts_raised_total", device="p1") == len(raised)
+    assert r.value("sensord_anomaly_state", device="p1") == 0
+
+
+def _iso(ts: float) -> str:
+    from sensord.sinks import iso
+    return iso(float(ts))
+
+
+# -- bounds and rejections ----------------------------------------------------------------------
+
+def test_max_devices_cap(data: tuple[Path, Series], rigs: list[Rig]) -> None:
+    r = Rig(make_cfg(data[0], max_devices=2))
+    rigs.append(r)
+    v = data[1].values[0]
+    for t, dev in enumerate(["d1", "d2", "d3", "d1", "d3", "d4", "d2"]):
+        r.send(dev, 1000.0 + t, v)
+    assert set(r.intake.buffers) == {"d1", "d2"}
+    assert r.value("sensord_devices") == 2
+    assert r.value("sensord_devices_rejected_total") == 3
+    assert r.value("sensord_readings_rejected_total", reason="device_limit") == 3
+    assert r.value("sensord_messages_received_total") == 7
+
+
+def test_full_queue_drops_and_counts(data: tuple[Path, Series], rigs: list[Rig],
+                                     caplog: pytest.LogCaptureFixture) -> None:
+    r = Rig(make_cfg(data[0]), queue_size=3)  # scoring thread not started: nothing leaves the queue
+    rigs.append(r)
+    with caplog.at_level(logging.WARNING, logger="sensord.pipeline"):
+        r.send_rows("p1", data[1], 0, W + 5)  # 6 windows
+    assert r.scoring.queue.qsize() == 3
+    assert r.value("sensord_windows_dropped_total") == 3
+    assert r.value("sensord_queue_depth") == 3
+    full = [rec for rec in caplog.records if "queue full" in rec.getMessage()]
+    assert len(full) == 1  # rate-limited
+
+
+def test_out_of_order_reading_counted_and_skipped(rig: Rig, data: tuple[Path, Series]) -> None:
+    v = data[1].values
+    for t in range(12):
+        rig.send("p1", 100.0 + t, v[t])
+    rig.send("p1", 105.0, v[12])  # older than the last reading
+    rig.send("p1", 111.0, v[13])  # equal timestamps are accepted
+    rig.send("p1", 112.0, v[14])
+    assert rig.value("sensord_readings_rejected_total", reason="out_of_order") == 1
+    ends = [w.end for _, w in rig.queued()]
+    assert ends == [109.0, 110.0, 111.0, 111.0, 112.0]
+
+
+def test_gap_restarts_the_window(rig: Rig, data: tuple[Path, Series]) -> None:
+    v = data[1].values
+    for t in range(12):
+        rig.send("p1", 100.0 + t, v[t])
+    for t in range(12):
+        rig.send("p1", 200.0 + t, v[t])  # 89 s silence > max_gap_seconds
+    ends = [w.end for _, w in rig.queued()]
+    assert ends == [109.0, 110.0, 111.0, 209.0, 210.0, 211.0]
+
+
+def test_rejected_messages_and_readings_by_reason(rig: Rig, data: tuple[Path, Series]) -> None:
+    good = {ch: 1.0 for ch in CHANNELS}
+    msgs = [
+        ("s/p1/t", b"{oops"),
+        ("s/p1/t", b"[1, 2]"),
+        ("nope/p1/x", json.dumps({"ts": 1, **good}).encode()),
+        ("s/p1/t", json.dumps({"ts": 1, **{**good, "flow": "x"}}).encode()),
+        ("s/p1/t", json.dumps({"ts": 2, "vibration_1": 1.0}).encode()),
+        ("s/p1/t", json.dumps({"ts": "never", **good}).encode()),
+        ("s/p1/t", b'{"ts": 3, "values": {"vibration_1": NaN, "vibration_2": 1, "current": 1, "pressure": 1,'
+                   b' "temperature": 1, "thermocouple": 1, "voltage": 1, "flow": 1}}'),
+        ("s/p1/t", json.dumps({"ts": 4, **good}).encode()),
+    ]
+    for topic, payload in msgs:
+        rig.intake.on_message(topic, payload)
+    assert rig.value("sensord_messages_received_total") == len(msgs)
+    for reason, n in {"malformed_json": 1, "bad_payload": 1, "no_device": 1, "stopping": 0}.items():
+        assert rig.value("sensord_messages_rejected_total", reason=reason) == n, reason
+    for reason, n in {"bad_value": 1, "missing_channel": 1, "bad_timestamp": 1, "non_finite": 1,
+                      "out_of_order": 0}.items():
+        assert rig.value("sensord_readings_rejected_total", reason=reason) == n, reason
+    assert list(rig.intake.buffers) == ["p1"]  # the last reading was accepted
+
+
+def test_stopped_intake_counts_messages_as_stopping(rig: Rig, data: tuple[Path, Series]) -> None:
+    rig.send_rows("p1", data[1], 0, W)
+    rig.intake.stop()
+    rig.send_rows("p1", data[1], W, W + 4)
+    assert rig.value("sensord_messages_received_total") == W + 4
+    assert rig.value("sensord_messages_rejected_total", reason="stopping") == 4
+    assert rig.scoring.queue.qsize() == 1
+
+
+def test_repeated_malformed_messages_logged_once(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="sensord.pipeline"):
+        for _ in range(5):
+            rig.intake.on_message("s/p1/t", b"garbage")
+    assert rig.value("sensord_messages_rejected_total", reason="malformed_json") == 5
+    assert len([r for r in caplog.records if "malformed_json" in r.getMessage()]) == 1
+
+
+# -- reload -------------------------------------------------------------------------------------
+
+def test_swap_keeps_buffers_and_queued_windows_keep_their_model(data: tuple[Path, Series], rigs: list[Rig],
+                                                                tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    shutil.copytree(data[0], other)
+    meta = json.loads((other / "bundle.json").read_text())
+    meta["model_id"] = "other-model"
+    meta["threshold"]["value"] = meta["threshold"]["value"] * 3
+    (other / "bundle.json").write_text(json.dumps(meta))
+    r = Rig(make_cfg(data[0]))
+    rigs.append(r)
+    old = r.model
+    r.send_rows("p1", data[1], 0, W + 2)  # 3 windows with the old model
+    new_cfg = make_cfg(other)
+    new = ServingModel.load(new_cfg)
+    assert new.compatible(old)
+    r.intake.swap(new_cfg, new)
+    r.send_rows("p1", data[1], W + 2, W + 4)  # buffer kept: each reading completes a window at once
+    items = r.queued()
+    assert [m.bundle.model_id for m, _ in items] == [old.bundle.model_id] * 3 + ["other-model"] * 2
+    r.scoring.process(items)
+    assert r.value("sensord_windows_scored_total", device="p1") == 5
+    assert r.scoring.detectors["p1"].threshold == pytest.approx(meta["threshold"]["value"])
+
+
+# -- RateLimitedLog -----------------------------------------------------------------------------
+
+def test_rate_limited_log_suppresses_repeats(caplog: pytest.LogCaptureFixture) -> None:
+    logger = logging.getLogger("test.ratelimit")
+    rl = RateLimitedLog(logger, 0.3)
+    with caplog.at_level(logging.WARNING, logger="test.ratelimit"):
+        for i in range(4):
+            rl.warning("k1", "problem %d", i)
+        rl.warning("k2", "other %s", "x")
+        assert [r.getMessage() for r in caplog.records] == ["problem 0", "other x"]
+        time.sleep(0.35)
+        rl.warning("k1", "problem %d", 9)
+        rl.warning("k1", "problem %d", 10)
+        rl.warning("k2", "other %s", "y")
+    assert [r.getMessage() for r in caplog.records] == [
+        "problem 0", "other x", "problem 9 (3 similar suppressed)", "other y"]
+    assert all(r.levelno == logging.WARNING for r in caplog.records)
+
+
+def test_rate_limited_log_zero_interval_logs_everything(caplog: pytest.LogCaptureFixture) -> None:
+    rl = RateLimitedLog(logging.getLogger("test.ratelimit0"), 0.0)
+    with caplog.at_level(logging.WARNING, logger="test.ratelimit0"):
+        for i in range(3):
+            rl.warning("k", "m%d", i)
+    assert [r.getMessage() for r in caplog.records] == ["m0", "m1", "m2"]

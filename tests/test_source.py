@@ -1,0 +1,226 @@
+"""Unit tests of sensord.source.PayloadParser: topic + bytes -> readings, no broker involved."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+import numpy as np
+import pytest
+
+from sensord.source import MessageRejected, PayloadParser, Reading
+
+CHANNELS = ("a", "b", "c")
+TEMPLATE = "plant/{device}/telemetry"
+ARRIVAL = 1_700_000_123.5
+T0 = datetime(2024, 1, 1, tzinfo=timezone.utc).timestamp()  # 1704067200.0
+
+
+def parser(device_topic: str | None = TEMPLATE, device_field: str | None = None,
+           timestamp_field: str = "ts", values_field: str = "values") -> PayloadParser:
+    return PayloadParser(CHANNELS, device_topic, device_field, timestamp_field, values_field,
+                         clock=lambda: ARRIVAL)
+
+
+def parse(payload: object, topic: str = "plant/p1/telemetry", **kw: str | None) -> list[Reading]:
+    raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    return parser(**kw).parse(topic, raw)  # type: ignore[arg-type]
+
+
+def one(payload: object, **kw: str | None) -> Reading:
+    (r,) = parse(payload, **kw)
+    return r
+
+
+def rejected(payload: object, topic: str = "plant/p1/telemetry", **kw: str | None) -> MessageRejected:
+    with pytest.raises(MessageRejected) as exc:
+        parse(payload, topic=topic, **kw)
+    return exc.value
+
+
+# -- accepted shapes ----------------------------------------------------------------------------
+
+def test_flat_object() -> None:
+    r = one({"ts": 5, "a": 1, "b": 2.5, "c": -3})
+    assert r.device == "p1"
+    assert r.timestamp == 5.0
+    assert r.problem is None
+    assert r.values is not None and r.values.dtype == np.float32
+    assert r.values.tolist() == [1.0, 2.5, -3.0]
+
+
+def test_values_object_in_model_channel_order_extra_keys_ignored() -> None:
+    r = one({"ts": 7, "values": {"c": 3, "extra": 99, "a": 1, "b": 2}, "other": "x"})
+    assert r.problem is None
+    assert r.values.tolist() == [1.0, 2.0, 3.0]  # type: ignore[union-attr]
+
+
+def test_custom_field_names() -> None:
+    r = one({"time": 9, "data": {"a": 1, "b": 2, "c": 3}}, timestamp_field="time", values_field="data")
+    assert (r.timestamp, r.values.tolist()) == (9.0, [1.0, 2.0, 3.0])  # type: ignore[union-attr]
+
+
+def test_json_array_is_a_batch_in_order() -> None:
+    rs = parse([{"ts": 1, "a": 1, "b": 1, "c": 1},
+                {"ts": 2, "values": {"a": 2, "b": 2, "c": 2}},
+                {"ts": 3, "a": 3, "b": 3, "c": 3}])
+    assert [r.timestamp for r in rs] == [1.0, 2.0, 3.0]
+    assert [r.values.tolist()[0] for r in rs] == [1.0, 2.0, 3.0]  # type: ignore[union-attr]
+    assert {r.device for r in rs} == {"p1"}
+
+
+def test_batch_keeps_a_bad_reading_next_to_good_ones() -> None:
+    rs = parse([{"ts": 1, "a": 1, "b": 1, "c": 1}, {"ts": 2, "a": 1, "b": 1}])
+    assert rs[0].problem is None
+    assert rs[1].problem is not None and rs[1].problem[0] == "missing_channel"
+
+
+# -- device id ----------------------------------------------------------------------------------
+
+def test_device_from_topic_template() -> None:
+    p = parser()
+    assert p.device_from_topic("plant/pump-7/telemetry") == "pump-7"
+    assert p.device_from_topic("plant/a/b/telemetry") is None  # {device} is one topic level
+    assert p.device_from_topic("other/p1/telemetry") is None
+    assert p.device_from_topic("plant/p1/telemetry/extra") is None
+
+
+def test_template_special_characters_are_literal() -> None:
+    p = PayloadParser(CHANNELS, "site.1/{device}/t+x", None, "ts", "values")
+    assert p.device_from_topic("site.1/d9/t+x") == "d9"
+    assert p.device_from_topic("siteX1/d9/t+x") is None
+
+
+def test_device_from_payload_field() -> None:
+    r = one({"ts": 1, "id": "boiler", "a": 1, "b": 2, "c": 3}, topic="anything/else", device_topic=None,
+            device_field="id")
+    assert r.device == "boiler"
+
+
+def test_device_field_wins_over_topic_and_falls_back_to_it() -> None:
+    rs = parse([{"ts": 1, "id": 42, "a": 1, "b": 2, "c": 3}, {"ts": 2, "a": 1, "b": 2, "c": 3}],
+               device_field="id")
+    assert [r.device for r in rs] == ["42", "p1"]
+
+
+def test_topic_not_matching_template_is_no_device() -> None:
+    exc = rejected({"ts": 1, "a": 1, "b": 2, "c": 3}, topic="elsewhere/p1/telemetry")
+    assert exc.reason == "no_device"
+    assert "elsewhere/p1/telemetry" in str(exc)
+
+
+def test_no_device_field_and_no_template() -> None:
+    exc = rejected({"ts": 1, "a": 1, "b": 2, "c": 3}, topic="x", device_topic=None, device_field="id")
+    assert exc.reason == "no_device"
+    assert "'id'" in str(exc)
+
+
+# -- timestamps ---------------------------------------------------------------------------------
+
+def test_missing_timestamp_is_arrival_time_from_clock() -> None:
+    r = one({"a": 1, "b": 2, "c": 3})
+    assert r.timestamp == ARRIVAL
+    assert r.problem is None
+
+
+def test_null_timestamp_is_arrival_time() -> None:
+    assert one({"ts": None, "a": 1, "b": 2, "c": 3}).timestamp == ARRIVAL
+
+
+def test_clock_is_read_once_per_message() -> None:
+    ticks = iter([100.0, 200.0])
+    p = PayloadParser(CHANNELS, TEMPLATE, None, "ts", "values", clock=lambda: next(ticks))
+    rs = p.parse("plant/p1/telemetry", b'[{"a":1,"b":1,"c":1},{"a":1,"b":1,"c":1}]')
+    assert [r.timestamp for r in rs] == [100.0, 100.0]
+
+
+@pytest.mark.parametrize("raw, expected", [
+    (T0, T0),
+    (T0 + 0.25, T0 + 0.25),
+    (int(T0 * 1000), T0),  # epoch milliseconds
+    (T0 * 1000 + 500, T0 + 0.5),
+    (str(T0), T0),  # numeric string
+    (str(int(T0 * 1000)), T0),
+    ("2024-01-01T00:00:00Z", T0),
+    ("2024-01-01T00:00:00.500Z", T0 + 0.5),
+    ("2024-01-01T00:00:00", T0),  # naive ISO is UTC, never local time
+    ("2024-01-01 00:00:00", T0),
+    ("2024-01-01T02:00:00+02:00", T0),
+    (" 2024-01-01T00:00:00Z ", T0),
+])
+def test_timestamp_formats(raw: object, expected: float) -> None:
+    r = one({"ts": raw, "a": 1, "b": 2, "c": 3})
+    assert r.problem is None
+    assert r.timestamp == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("raw", ["yesterday", True, [1], {"t": 1}, ""])
+def test_bad_timestamp_is_a_reading_problem(raw: object) -> None:
+    r = one({"ts": raw, "a": 1, "b": 2, "c": 3})
+    assert r.values is None
+    assert r.problem is not None and r.problem[0] == "bad_timestamp"
+    assert r.timestamp == ARRIVAL
+
+
+# -- whole-message rejections -------------------------------------------------------------------
+
+@pytest.mark.parametrize("payload", [b"{not json", b"", b"\xff\xfe\x00garbage", b'{"ts": 1, "a": 1,}'])
+def test_malformed_json(payload: bytes) -> None:
+    exc = rejected(payload)
+    assert exc.reason == "malformed_json"
+    assert isinstance(exc, ValueError)
+
+
+@pytest.mark.parametrize("payload, where", [
+    (42, "item 0"), ("text", "item 0"), (None, "item 0"),
+    ([{"ts": 1, "a": 1, "b": 1, "c": 1}, 5], "item 1"),
+    ([{"ts": 1, "a": 1, "b": 1, "c": 1}, [1, 2]], "item 1"),
+])
+def test_non_object_item_is_bad_payload(payload: object, where: str) -> None:
+    exc = rejected(payload)
+    assert exc.reason == "bad_payload"
+    assert where in str(exc)
+
+
+def test_empty_array_is_bad_payload() -> None:
+    assert rejected([]).reason == "bad_payload"
+
+
+# -- per-reading problems -----------------------------------------------------------------------
+
+def test_missing_channel() -> None:
+    r = one({"ts": 3, "a": 1, "c": 3})
+    assert r.values is None
+    assert r.problem == ("missing_channel", "channel 'b' missing")
+    assert (r.device, r.timestamp) == ("p1", 3.0)
+
+
+def test_null_channel_counts_as_missing() -> None:
+    assert one({"ts": 3, "values": {"a": 1, "b": None, "c": 3}}).problem[0] == "missing_channel"  # type: ignore[index]
+
+
+@pytest.mark.parametrize("value", ["1.5", "abc", [1], {"v": 1}])
+def test_non_numeric_value(value: object) -> None:
+    r = one({"ts": 3, "a": 1, "b": value, "c": 3})
+    assert r.values is None
+    assert r.problem is not None and r.problem[0] == "bad_value"
+    assert "'b'" in r.problem[1]
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_bool_value_is_not_a_number(value: bool) -> None:
+    r = one({"ts": 3, "a": value, "b": 2, "c": 3})
+    assert r.problem is not None and r.problem[0] == "bad_value"
+
+
+def test_values_field_not_an_object() -> None:
+    r = one({"ts": 3, "values": [1, 2, 3]})
+    assert r.problem is not None and r.problem[0] == "bad_value"
+    assert "'values'" in r.problem[1]
+
+
+def test_non_finite_numbers_pass_the_parser() -> None:
+    """NaN is valid Python-JSON; the window buffer (not the parser) rejects it as non_finite."""
+    r = one(b'{"ts": 3, "a": NaN, "b": 2, "c": 3}')
+    assert r.problem is None
+    assert np.isnan(r.values[0])  # type: ignore[index]
