@@ -20,10 +20,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow C++ chatter, tr
 from .bundle import BundleError, ModelBundle  # noqa: E402
 from .config import ConfigError, DataConfig, SensordConfig, load_config  # noqa: E402
 from .dataio import DataError, load_csv  # noqa: E402
+from .metrics import MetricsUnavailable  # noqa: E402
 
 EX_OK = 0
 EX_USAGE = 64
 EX_DATAERR = 65
+EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70
 EX_CONFIG = 78
 
@@ -237,6 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DataError, ValueError) as exc:
         print(f"sensord: data error: {exc}", file=sys.stderr)
         return EX_DATAERR
+    except MetricsUnavailable as exc:
+        print(f"sensord: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
     except KeyboardInterrupt:
         return 130
 

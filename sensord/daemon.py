@@ -26,7 +26,11 @@ from .source import MqttConnection
 
 log = logging.getLogger(__name__)
 
-_RESTART_KEYS = ("mqtt", "metrics")
+_RESTART_KEYS = ("metrics",)
+_RESTART_SETTINGS = (("mqtt", "host"), ("mqtt", "port"), ("mqtt", "client_id"), ("mqtt", "keepalive"),
+                     ("mqtt", "protocol"), ("mqtt", "username"), ("mqtt", "password"), ("mqtt", "tls"),
+                     ("mqtt", "subscriptions"), ("mqtt", "qos"), ("mqtt", "topic_prefix"),
+                     ("daemon", "queue_size"), ("daemon", "batch_wait_seconds"), ("scoring", "batch_max"))
 
 
 class Daemon:
@@ -91,6 +95,9 @@ class Daemon:
         for key in _RESTART_KEYS:
             if getattr(cfg, key) != getattr(self.cfg, key):
                 log.warning("reload: changes under '%s' need a restart; they are not applied", key)
+        for section, key in _RESTART_SETTINGS:
+            if getattr(getattr(cfg, section), key) != getattr(getattr(self.cfg, section), key):
+                log.warning("reload: %s.%s needs a restart; it is not applied", section, key)
         logging.getLogger().setLevel(cfg.logging.level)
         self.intake.swap(cfg, model)
         self.alerts.publish_scores = cfg.mqtt.publish_scores

@@ -164,6 +164,8 @@ class MosquittoBroker:
                 f"listener {self._port} {self.host}\n"
                 "allow_anonymous true\n"
                 "persistence false\n"
+                # A fast replay must not be thinned by the broker's default per-client queue limit.
+                "max_queued_messages 100000\n"
                 "log_dest stderr\n"
                 "log_type all\n"
                 "log_timestamp true\n"

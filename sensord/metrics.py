@@ -25,6 +25,10 @@ READING_REJECT_REASONS = ("missing_channel", "bad_value", "bad_timestamp", "out_
                           "wrong_shape", "device_limit")
 
 
+class MetricsUnavailable(RuntimeError):
+    """The metrics endpoint cannot be opened (port taken, address not local)."""
+
+
 class DaemonMetrics:
     """All metrics, registered on a private registry (several daemons can live in one test process)."""
 
@@ -75,7 +79,11 @@ class DaemonMetrics:
 
     def serve(self, host: str, port: int) -> int:
         """Start the HTTP endpoint; returns the bound port (0 in config picks a free one)."""
-        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        try:
+            self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise MetricsUnavailable(f"metrics endpoint {host}:{port}: cannot listen: {exc.strerror or exc} "
+                                     "(change metrics.port, or stop what holds it)") from None
         bound = int(self._server.server_address[1])
         log.info("metrics on http://%s:%d/metrics", host, bound)
         return bound

@@ -563,3 +563,20 @@ def test_daemon_never_maps_tensorflow(e2e: E2E, models: Models) -> None:
     assert any("/ai_edge_litert/" in f for f in files), "ai_edge_litert is not mapped: the check is blind"
     tf = sorted(f for f in files if ("/tensorflow/" in f or "/keras/" in f) and "/ai_edge_litert/" not in f)
     assert tf == []
+
+
+def test_metrics_port_taken_exits_69_with_one_clear_line(e2e: E2E) -> None:
+    """A taken metrics port is not a config mistake for ever (exit 69 lets systemd retry), but it is one line."""
+    doc = e2e.config()
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        doc["metrics"]["port"] = squatter.getsockname()[1]
+        cfg_path = e2e.tmp / "port.yaml"
+        write_yaml(cfg_path, doc)
+        res = subprocess.run([sys.executable, "-m", "sensord.cli", "run", "--config", str(cfg_path)],
+                             capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert res.returncode == 69, res.stderr
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("sensord: ")]
+    assert len(errors) == 1 and f"127.0.0.1:{doc['metrics']['port']}" in errors[0], res.stderr
+    assert "Traceback" not in res.stderr
