@@ -108,7 +108,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     c = res.confusion
     print(f"model {bundle.model_id}  data {args.data}")
     print(f"rows {res.rows} (unscored {res.unscored_rows}), windows {res.windows}, threshold {bundle.threshold.value:.6g}")
-    print(f"TP {c.tp}  FP {c.fp}  TN {c.tn}  FN {c.fn}")
+    w = res.window_counts
+    print(f"windows: normal under threshold {w['normal_under']}/{w['normal_under'] + w['normal_over']}, "
+          f"anomalous over threshold {w['anomalous_over']}/{w['anomalous_over'] + w['anomalous_under']}")
+    print(f"rows: TP {c.tp}  FP {c.fp}  TN {c.tn}  FN {c.fn}")
     print(f"F1 {c.f1:.3f}  FAR {_pct(c.far)}  MAR {_pct(c.mar)}")
     detected = sum(s.detected for s in res.segments)
     delay = res.mean_delay_seconds

@@ -78,6 +78,7 @@ class EvaluationResult:
     alerts: list[AlertEvent] = field(default_factory=list)
     predicted: np.ndarray | None = None  # per counted row: 1 alert, 0 normal, -1 unscored
     errors: np.ndarray | None = None  # per window
+    window_counts: dict[str, int] = field(default_factory=dict)  # windows labelled by their end row
 
     @property
     def mean_delay_seconds(self) -> float | None:
@@ -92,7 +93,7 @@ class EvaluationResult:
     def as_dict(self) -> dict[str, Any]:
         return {
             **self.confusion.as_dict(), "rows": self.rows, "unscored_rows": self.unscored_rows,
-            "windows": self.windows, "segments": len(self.segments),
+            "windows": self.windows, "window_counts": self.window_counts, "segments": len(self.segments),
             "segments_detected": sum(s.detected for s in self.segments),
             "mean_delay_seconds": _round(self.mean_delay_seconds), "mean_delay_rows": _round(self.mean_delay_rows),
             "segment_details": [asdict(s) for s in self.segments],
@@ -114,6 +115,20 @@ def segments_of(labels: np.ndarray) -> list[tuple[int, int]]:
 
 def predict_rows(series: Series, scorer: Scorer, spec: WindowSpec, detector_cfg: DetectorConfig,
                  device: str = "eval", top_k: int = 3) -> tuple[np.ndarray, np.ndarray, list[AlertEvent], int]:
+    predicted, errors, alerts, rows = _predict(series, scorer, spec, detector_cfg, device, top_k)
+    return predicted, errors, alerts, len(rows)
+
+
+def window_counts(errors: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, int]:
+    """How many normal windows stay under the threshold and how many anomalous ones go over it."""
+    over = np.asarray(errors) > threshold
+    anomalous = np.asarray(labels).astype(bool)
+    return {"normal_under": int(np.sum(~anomalous & ~over)), "normal_over": int(np.sum(~anomalous & over)),
+            "anomalous_over": int(np.sum(anomalous & over)), "anomalous_under": int(np.sum(anomalous & ~over))}
+
+
+def _predict(series: Series, scorer: Scorer, spec: WindowSpec, detector_cfg: DetectorConfig,
+             device: str, top_k: int) -> tuple[np.ndarray, np.ndarray, list[AlertEvent], np.ndarray]:
     """Per-row causal predictions (1/0/-1 unscored), window errors, alert events, window count.
 
     Windows are scored in one batch (scoring is per-window and stateless, so
@@ -124,7 +139,7 @@ def predict_rows(series: Series, scorer: Scorer, spec: WindowSpec, detector_cfg:
     n = len(series)
     predicted = np.full(n, -1, dtype=np.int8)
     if not pairs:
-        return predicted, np.zeros(0), [], 0
+        return predicted, np.zeros(0), [], np.zeros(0, dtype=np.int64)
     rows = np.fromiter((r for r, _ in pairs), dtype=np.int64, count=len(pairs))
     scored = scorer.score(np.stack([w.values for _, w in pairs]))
     detector = AlertDetector(device, scorer.threshold, detector_cfg.raise_after, detector_cfg.clear_after)
@@ -139,7 +154,7 @@ def predict_rows(series: Series, scorer: Scorer, spec: WindowSpec, detector_cfg:
         if i + 1 < len(rows):
             stop = min(stop, int(rows[i + 1]))
         predicted[row:stop] = 1 if decision.active else 0
-    return predicted, scored.errors, alerts, len(pairs)
+    return predicted, scored.errors, alerts, rows
 
 
 def evaluate_series(series: Series, scorer: Scorer, spec: WindowSpec, detector_cfg: DetectorConfig,
@@ -147,7 +162,9 @@ def evaluate_series(series: Series, scorer: Scorer, spec: WindowSpec, detector_c
     """Metrics over rows ``count_from`` onward; earlier rows only fill the windows (causal warm-up)."""
     if series.labels is None:
         raise ValueError(f"{series.path}: no label column to evaluate against")
-    predicted, errors, alerts, n_windows = predict_rows(series, scorer, spec, detector_cfg, top_k=top_k)
+    predicted, errors, alerts, rows = _predict(series, scorer, spec, detector_cfg, "eval", top_k)
+    counted = rows >= count_from
+    windows = window_counts(errors[counted], series.labels[rows[counted]], scorer.threshold)
     pred = predicted[count_from:]
     labels = series.labels[count_from:]
     ts = series.timestamps[count_from:]
@@ -161,5 +178,5 @@ def evaluate_series(series: Series, scorer: Scorer, spec: WindowSpec, detector_c
         else:
             segments.append(SegmentResult(a + count_from, b + count_from, False, None, None))
     first_counted = series.timestamps[count_from] if len(series) > count_from else np.inf
-    return EvaluationResult(confusion, len(pred), int(np.sum(pred == -1)), n_windows, segments,
-                            [a for a in alerts if a.window_end >= first_counted], pred, errors)
+    return EvaluationResult(confusion, len(pred), int(np.sum(pred == -1)), len(rows), segments,
+                            [a for a in alerts if a.window_end >= first_counted], pred, errors, windows)

@@ -235,3 +235,18 @@ def test_hop_3_each_window_decides_rows_up_to_the_next(scorer: Scorer, labelled:
         faulty = any(a <= r <= b + W - 2 for a, b in SEGS)
         expected[r:r + hop] = 1 if faulty else 0
     np.testing.assert_array_equal(predicted, expected)
+
+
+def test_window_counts_on_known_numbers() -> None:
+    from sensord.evaluation import window_counts
+    errors = np.array([0.1, 0.5, 2.0, 3.0, 0.2, 1.0])
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    assert window_counts(errors, labels, threshold=1.0) == {
+        "normal_under": 2, "normal_over": 1, "anomalous_over": 1, "anomalous_under": 2}  # 1.0 is not over
+
+
+def test_evaluate_reports_window_counts(scorer: Scorer, labelled: Series) -> None:
+    res = evaluate_series(labelled, scorer, SPEC, DET)
+    w = res.window_counts
+    assert sum(w.values()) == res.windows
+    assert w["anomalous_over"] > 0 and w["normal_under"] > w["normal_over"]
