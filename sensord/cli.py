@@ -167,6 +167,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run(args.config)
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plots import make_plots
+    for path in make_plots(Path(args.model), Path(args.data), Path(args.out), label_column=args.label_column):
+        print(path)
+    return EX_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     return run_demo(Path(args.workdir), rate=args.rate, config=args.config)
@@ -206,6 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--hop", type=int, default=None, help="window hop (default: config, else the bundle's)")
     s.add_argument("--json", help="also write the figures to this JSON file")
     s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("plot", help="PNG pictures: input vs reconstruction, error histograms, latent space")
+    s.add_argument("--model", required=True)
+    s.add_argument("--data", required=True, help="labelled CSV")
+    s.add_argument("--label-column", default="anomaly")
+    s.add_argument("--out", required=True, help="directory for the PNG files")
+    s.set_defaults(func=cmd_plot)
 
     s = sub.add_parser("bench", help="benchmarks")
     bsub = s.add_subparsers(dest="bench", required=True, metavar="BENCH")

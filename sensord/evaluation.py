@@ -120,11 +120,25 @@ def predict_rows(series: Series, scorer: Scorer, spec: WindowSpec, detector_cfg:
 
 
 def window_counts(errors: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, int]:
-    """How many normal windows stay under the threshold and how many anomalous ones go over it."""
-    over = np.asarray(errors) > threshold
-    anomalous = np.asarray(labels).astype(bool)
-    return {"normal_under": int(np.sum(~anomalous & ~over)), "normal_over": int(np.sum(~anomalous & over)),
-            "anomalous_over": int(np.sum(anomalous & over)), "anomalous_under": int(np.sum(anomalous & ~over))}
+    """How many normal/anomalous windows fall under/over the threshold.
+
+    "Over" means ``error > threshold``, the detector's own comparison; an error
+    equal to the threshold is "under".
+
+    >>> window_counts(np.array([0.1, 0.5, 0.2, 0.9]), np.array([0, 0, 1, 1]), 0.3)
+    {'normal_under': 1, 'normal_over': 1, 'anomalous_over': 1, 'anomalous_under': 1}
+    """
+    e = np.asarray(errors, dtype=np.float64).ravel()
+    y = np.asarray(labels).ravel().astype(bool)
+    if e.shape != y.shape:
+        raise ValueError(f"errors and labels must have the same length, got {e.shape[0]} and {y.shape[0]}")
+    over = e > threshold
+    return {
+        "normal_under": int(np.sum(~y & ~over)),
+        "normal_over": int(np.sum(~y & over)),
+        "anomalous_over": int(np.sum(y & over)),
+        "anomalous_under": int(np.sum(y & ~over)),
+    }
 
 
 def _predict(series: Series, scorer: Scorer, spec: WindowSpec, detector_cfg: DetectorConfig,

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from .evaluation import window_counts
+
 RECONSTRUCTION_PNG = "reconstruction.png"
 HISTOGRAM_PNG = "error_histogram.png"
 LATENT_PNG = "latent.png"
@@ -34,28 +36,6 @@ LATENT_LAYER = "latent"
 _NORMAL_COLOR = "tab:blue"
 _ANOMALY_COLOR = "tab:red"
 _THRESHOLD_COLOR = "black"
-
-
-def window_counts(errors: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, int]:
-    """How many normal/anomalous windows fall under/over the threshold.
-
-    "Over" means ``error > threshold``, the detector's own comparison; an error
-    equal to the threshold is "under".
-
-    >>> window_counts(np.array([0.1, 0.5, 0.2, 0.9]), np.array([0, 0, 1, 1]), 0.3)
-    {'normal_under': 1, 'normal_over': 1, 'anomalous_over': 1, 'anomalous_under': 1}
-    """
-    e = np.asarray(errors, dtype=np.float64).ravel()
-    y = np.asarray(labels).ravel().astype(bool)
-    if e.shape != y.shape:
-        raise ValueError(f"errors and labels must have the same length, got {e.shape[0]} and {y.shape[0]}")
-    over = e > threshold
-    return {
-        "normal_under": int(np.sum(~y & ~over)),
-        "normal_over": int(np.sum(~y & over)),
-        "anomalous_over": int(np.sum(y & over)),
-        "anomalous_under": int(np.sum(y & ~over)),
-    }
 
 
 @dataclass(frozen=True)
@@ -80,8 +60,8 @@ def _fmt(x: float) -> str:
 
 
 def _utc(ts: float) -> str:
-    from datetime import datetime, timezone
-    return datetime.fromtimestamp(float(ts), timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    from datetime import UTC, datetime
+    return datetime.fromtimestamp(float(ts), UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def make_plots(bundle_dir: Path, data_csv: Path, out_dir: Path, label_column: str = "anomaly") -> list[Path]:
@@ -205,7 +185,7 @@ def _plot_histogram(bundle: Any, s: _Scored, path: Path, data_name: str) -> Path
     if log_x:
         ax.set_xscale("log")
     ax.set_yscale("log")  # anomalous windows are usually far fewer than normal ones
-    bottom, top = ax.get_ylim()
+    _, top = ax.get_ylim()
     ax.set_ylim(0.7, top * 8)  # head-room so the legend does not hide the tallest bars
     ax.set_xlabel(f"window reconstruction error ({bundle.error_metric}, scaled units"
                   f"{', log scale' if log_x else ''})")
@@ -233,8 +213,11 @@ def _latent_codes(bundle: Any, scaled: np.ndarray) -> np.ndarray:
         layer = model.get_layer(LATENT_LAYER)
     except ValueError:
         raise ValueError(f"{path}: model has no layer named {LATENT_LAYER!r}") from None
-    encoder = keras.Model(model.inputs, layer.output)
-    codes = np.asarray(encoder.predict(scaled, batch_size=1024, verbose=0), dtype=np.float64)
+    encoder = keras.Model(model.inputs[0], layer.output)  # one input tensor, so plain arrays match
+    # Eager calls in chunks (not Model.predict): no tf.function tracing per model, no progress bar.
+    chunks = [np.asarray(encoder(scaled[i:i + 1024], training=False), dtype=np.float64)
+              for i in range(0, len(scaled), 1024)]
+    codes = np.concatenate(chunks)
     return codes.reshape(len(codes), -1)
 
 

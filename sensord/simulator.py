@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
