@@ -81,9 +81,9 @@ class WindowConfig:
 
 @dataclass(config=_STRICT)
 class ModelConfig:
-    """Autoencoder architecture. ``dense`` is the default; ``conv1d``/``lstm`` for sequences."""
+    """Autoencoder architecture: ``conv1d`` (default, best on SKAB), ``dense`` bottleneck, or ``lstm``."""
 
-    kind: Literal["dense", "conv1d", "lstm"] = "dense"
+    kind: Literal["dense", "conv1d", "lstm"] = "conv1d"
     encoder_units: list[PositiveInt] = field(default_factory=lambda: [64, 32, 16])
     latent_units: PositiveInt = 8
     conv_filters: list[PositiveInt] = field(default_factory=lambda: [32, 16])
@@ -99,6 +99,8 @@ class TrainingConfig:
     """Optimisation settings; a fixed seed makes a run reproducible."""
 
     scaler: Literal["standard", "minmax"] = "standard"
+    # Floor on each channel's scale, as a fraction of the channel's mean level (0 = off).
+    min_relative_scale: Annotated[StrictFloat, Field(ge=0.0, lt=1.0)] = 0.01
     validation_fraction: Annotated[StrictFloat, Field(gt=0.0, lt=0.9)] = 0.2
     epochs: PositiveInt = 100
     batch_size: PositiveInt = 32
@@ -114,10 +116,10 @@ class TrainingConfig:
 class ThresholdConfig:
     """How the alert threshold is fitted on healthy validation errors."""
 
-    method: Literal["quantile", "mean_std", "max_factor", "contamination"] = "quantile"
+    method: Literal["quantile", "mean_std", "max_factor", "contamination"] = "max_factor"
     quantile: Annotated[StrictFloat, Field(gt=0.0, lt=1.0)] = 0.99
     k: Annotated[StrictFloat, Field(ge=0.0)] = 2.0
-    factor: PositiveFloat = 1.0
+    factor: PositiveFloat = 3.0
     contamination: Annotated[StrictFloat, Field(gt=0.0, lt=0.5)] = 0.01
 
 
@@ -135,7 +137,7 @@ class DetectorConfig:
     """Hysteresis: raise after N consecutive windows over, clear after M under."""
 
     raise_after: PositiveInt = 1
-    clear_after: PositiveInt = 1
+    clear_after: PositiveInt = 20
 
 
 @dataclass(config=_STRICT)

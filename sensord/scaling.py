@@ -30,7 +30,17 @@ class Scaler:
     scale: np.ndarray
 
     @classmethod
-    def fit(cls, values: np.ndarray, kind: ScalerKind) -> "Scaler":
+    def fit(cls, values: np.ndarray, kind: ScalerKind, min_relative_scale: float = 0.0) -> "Scaler":
+        """Fit on training rows; ``min_relative_scale`` r floors each channel's scale at r * |mean|.
+
+        A short healthy period can leave a slow channel (a temperature creeping by a few
+        hundredths of a degree) with a tiny spread; scaled by that spread, any later drift
+        of it looks like many standard deviations and dominates the error. The floor says
+        "changes smaller than r of the reading's own level are not meaningful"; channels
+        whose spread is already larger than that are unchanged.
+        """
+        if min_relative_scale < 0:
+            raise ValueError(f"min_relative_scale must be >= 0, got {min_relative_scale}")
         v = np.asarray(values, dtype=np.float64)
         if v.ndim != 2 or len(v) == 0:
             raise ValueError(f"scaler needs a non-empty (rows, channels) array, got shape {v.shape}")
@@ -43,6 +53,8 @@ class Scaler:
         # A constant channel in the healthy period must not divide by zero; any
         # later movement of it then shows up as a (large) reconstruction error.
         scale = np.where(scale < _EPS, 1.0, scale)
+        if min_relative_scale > 0:
+            scale = np.maximum(scale, min_relative_scale * np.abs(v.mean(axis=0)))
         return cls(kind, offset.astype(np.float32), scale.astype(np.float32))
 
     def transform(self, values: np.ndarray) -> np.ndarray:

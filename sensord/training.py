@@ -115,7 +115,7 @@ def train_bundle(series: Series, cfg: SensordConfig, out_dir: str | Path,
     out = Path(out_dir)
     tc = cfg.training
     split = split_windows(series, cfg)
-    scaler = Scaler.fit(series.values[:split.train_rows], tc.scaler)
+    scaler = Scaler.fit(series.values[:split.train_rows], tc.scaler, tc.min_relative_scale)
     x_train = scaler.transform(split.train)
     x_val = scaler.transform(split.validation)
     log.info("training %s autoencoder: %d training windows, %d validation windows, %d channels, window %d",
