@@ -43,11 +43,12 @@ def test_defaults_load() -> None:
     assert cfg.window.length == 30
     assert cfg.window.hop == 1
     assert cfg.window.max_gap_seconds == 10.0
-    assert cfg.model.kind == "dense"
+    assert cfg.model.kind == "conv1d"
     assert cfg.model.encoder_units == [64, 32, 16]
-    assert cfg.threshold.method == "quantile"
+    assert cfg.threshold.method == "max_factor" and cfg.threshold.factor == 3.0
     assert cfg.threshold.quantile == 0.99
-    assert cfg.detector.raise_after == 1 and cfg.detector.clear_after == 1
+    assert cfg.training.min_relative_scale == 0.01
+    assert cfg.detector.raise_after == 1 and cfg.detector.clear_after == 20
     assert cfg.mqtt.port == 1883
     assert cfg.mqtt.device_topic == "sensors/{device}/telemetry"
     assert cfg.mqtt.tls is None
