@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from sensord.bundle import BUNDLE_JSON, FORMAT_VERSION, KERAS_FILE, TFLITE_FILE, BundleError, ModelBundle, sha256_of
-from sensord.config import config_from_dict
+from sensord.config import SensordConfig, config_from_dict
 from sensord.dataio import load_csv
 from sensord.simulator import CHANNELS, PumpSimulator, write_csv
 
@@ -19,7 +19,7 @@ EPOCHS = 5
 
 TINY = {
     "window": {"length": WINDOW},
-    "model": {"encoder_units": [16], "latent_units": 4},
+    "model": {"kind": "dense", "encoder_units": [16], "latent_units": 4},
     "training": {"epochs": EPOCHS, "batch_size": 64, "patience": EPOCHS},
 }
 
@@ -75,7 +75,7 @@ def test_load_round_trip(trained: tuple[ModelBundle, Path]) -> None:
     np.testing.assert_array_equal(loaded.scaler.scale, bundle.scaler.scale)
     assert loaded.scaler.offset.shape == (len(CHANNELS),)
     assert loaded.threshold == bundle.threshold
-    assert loaded.threshold.method == "quantile"
+    assert loaded.threshold.method == SensordConfig().threshold.method
     assert loaded.threshold.value > 0
     assert loaded.threshold.validation_stats["count"] > 0
     assert loaded.model == bundle.model and loaded.model["encoder_units"] == [16]

@@ -78,7 +78,7 @@ def scorer(tmp_path_factory: pytest.TempPathFactory) -> Scorer:
 
     cfg = config_from_dict({
         "window": {"length": W},
-        "model": {"encoder_units": [16], "latent_units": 4},
+        "model": {"kind": "dense", "encoder_units": [16], "latent_units": 4},
         "training": {"epochs": 5, "batch_size": 32, "patience": 5},
         "threshold": {"method": "max_factor", "factor": 3.0},
     })

@@ -26,7 +26,7 @@ W = 10
 PREFIX = "pfx"
 TINY = {
     "window": {"length": W},
-    "model": {"encoder_units": [16], "latent_units": 4},
+    "model": {"kind": "dense", "encoder_units": [16], "latent_units": 4},
     "training": {"epochs": 15, "batch_size": 64, "patience": 15},
     "threshold": {"method": "max_factor", "factor": 2.0},
 }

@@ -28,7 +28,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]
     root = tmp_path_factory.mktemp("plots")
     healthy, labelled = simulate(root / "sim", seconds=900)
     cfg = SensordConfig(window=WindowConfig(length=10),
-                        model=ModelConfig(encoder_units=[16], latent_units=2),
+                        model=ModelConfig(kind="dense", encoder_units=[16], latent_units=2),
                         training=TrainingConfig(epochs=5))
     train_bundle(load_csv(healthy), cfg, root / "model")
     return root / "model", labelled, root

@@ -23,7 +23,7 @@ C = len(CHANNELS)
 
 TINY = {
     "window": {"length": WINDOW},
-    "model": {"encoder_units": [16], "latent_units": 4},
+    "model": {"kind": "dense", "encoder_units": [16], "latent_units": 4},
     "training": {"epochs": 6, "batch_size": 64, "patience": 6},
 }
 
