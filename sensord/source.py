@@ -167,6 +167,7 @@ class MqttConnection:
         self.client.on_disconnect = self._handle_disconnect
         self.client.on_message = self._handle_message
         self._subscribed = True
+        self._closing = False
 
     def start(self) -> None:
         """Connect in the background; paho's loop thread reconnects with backoff."""
@@ -200,7 +201,9 @@ class MqttConnection:
     def _handle_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         was = self.connected.is_set()
         self.connected.clear()
-        if was:
+        if was and self._closing:
+            log.info("mqtt disconnected from %s:%d", self.cfg.host, self.cfg.port)
+        elif was:
             log.warning("mqtt disconnected from %s:%d: %s", self.cfg.host, self.cfg.port, reason)
         if self._on_connected_cb:
             self._on_connected_cb(False)
@@ -219,6 +222,7 @@ class MqttConnection:
 
     def close(self, timeout: float = 2.0) -> None:
         """Publish ``offline`` (the clean-shutdown counterpart of the last will) and disconnect."""
+        self._closing = True
         if self.connected.is_set():
             info = self.client.publish(self.status_topic, "offline", qos=1, retain=True)
             try:
