@@ -8,6 +8,7 @@ mistake only a person can fix; 65 (EX_DATAERR) for unusable data files.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -18,15 +19,13 @@ from typing import Any, Sequence
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow C++ chatter, training only
 
 from .bundle import BundleError, ModelBundle  # noqa: E402
-from .config import ConfigError, DataConfig, SensordConfig, load_config  # noqa: E402
+from .config import ConfigError, SensordConfig, load_config  # noqa: E402
 from .dataio import DataError, load_csv  # noqa: E402
 from .metrics import MetricsUnavailable  # noqa: E402
 
 EX_OK = 0
-EX_USAGE = 64
 EX_DATAERR = 65
 EX_UNAVAILABLE = 69
-EX_SOFTWARE = 70
 EX_CONFIG = 78
 
 log = logging.getLogger("sensord")
@@ -100,9 +99,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .windows import WindowSpec
     cfg = load_config(args.config) if args.config else SensordConfig()
     bundle = ModelBundle.load(args.model)
-    data_cfg = DataConfig(**{**_dc(cfg.data), "label_column": args.label_column})
+    data_cfg = dataclasses.replace(cfg.data, label_column=args.label_column)
     series = load_csv(args.data, data_cfg, channels=bundle.channels, require_labels=True)
-    hop = args.hop or cfg.window.hop if args.config else (args.hop or bundle.window_hop)
+    hop = args.hop or (cfg.window.hop if args.config else bundle.window_hop)
     spec = WindowSpec(bundle.window_length, hop, cfg.window.max_gap_seconds)
     res = evaluate_series(series, Scorer(bundle), spec, cfg.detector, top_k=cfg.scoring.top_channels)
     c = res.confusion
@@ -121,11 +120,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _write_json(args.json, {"model_id": bundle.model_id, "data": str(args.data),
                             "threshold": bundle.threshold.value, **res.as_dict()})
     return EX_OK
-
-
-def _dc(obj: Any) -> dict[str, Any]:
-    from dataclasses import asdict
-    return asdict(obj)
 
 
 def cmd_bench_skab(args: argparse.Namespace) -> int:

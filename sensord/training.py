@@ -18,7 +18,7 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -156,14 +156,14 @@ def train_bundle(series: Series, cfg: SensordConfig, out_dir: str | Path,
         "train_windows": len(x_train), "validation_windows": len(x_val),
         "epochs_run": len(losses.get("loss", [])), "best_epoch": best_epoch,
         "loss": tc.loss, "loss_history": losses, "source": series.path,
-        "config": {"training": _asdict(tc), "window": _asdict(cfg.window)},
+        "config": {"training": asdict(tc), "window": asdict(cfg.window)},
         "versions": _versions(),
     }
     bundle = ModelBundle(
         path=out, model_id=f"{out.name}-{sha[:8]}", channels=series.channels,
         window_length=cfg.window.length, window_hop=cfg.window.hop, error_metric=cfg.scoring.error,
         scaler=scaler, threshold=ThresholdRecord(cfg.threshold.method, {}, 1.0),
-        model=_asdict(cfg.model), training=training_meta,
+        model=asdict(cfg.model), training=training_meta,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), tflite_sha256=sha,
     )
     val_errors = Scorer(bundle).score(split.validation).errors
@@ -176,13 +176,3 @@ def train_bundle(series: Series, cfg: SensordConfig, out_dir: str | Path,
              training_meta["duration_seconds"])
     return bundle
 
-
-def _asdict(obj: Any) -> dict[str, Any]:
-    from dataclasses import asdict
-    return asdict(obj)
-
-
-def clear_bundle_dir(path: Path) -> None:
-    """Remove a previous bundle's files (used by the benchmark's scratch directories)."""
-    if path.exists():
-        shutil.rmtree(path)
