@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import platform
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
