@@ -94,6 +94,8 @@ def run_demo(workdir: Path, rate: float = 400.0, config: str | None = None) -> i
             if "/state/" not in msg.topic and "/scores/" not in msg.topic:
                 print(f"    {msg.topic} {text}", flush=True)
 
+        _say(f"status and alerts as `mosquitto_sub -h 127.0.0.1 -p {broker.port} -t '{PREFIX}/#' -v` "
+             "shows them (per-device state topics left out):")
         sub = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id="sensord-demo-sub")
         sub.on_message = on_message
         sub.on_connect = lambda c, u, f, r, p: c.subscribe(f"{PREFIX}/#", qos=1)
@@ -103,7 +105,6 @@ def run_demo(workdir: Path, rate: float = 400.0, config: str | None = None) -> i
             if not online.wait(60):
                 _say(f"daemon did not come online; see {workdir / 'daemon.log'}")
                 return 1
-            _say(f"alerts as `mosquitto_sub -h 127.0.0.1 -p {broker.port} -t '{PREFIX}/#' -v` shows them:")
             series = load_csv(labelled, cfg.data)
             assert series.labels is not None
             faults = segments_of(series.labels)
