@@ -151,3 +151,26 @@ def test_scoring_runs_without_tensorflow(setup: tuple[Path, np.ndarray], tmp_pat
     assert out["tensorflow"] is False
     assert out["keras"] is False
     assert len(out["errors"]) == 20 and all(np.isfinite(out["errors"]))
+
+
+@pytest.mark.parametrize("kind", ["conv1d", "lstm"])
+def test_every_model_kind_converts_and_scores_like_keras(setup: tuple[Path, np.ndarray], kind: str,
+                                                         tmp_path: Path) -> None:
+    """The sequence variants go through the same TFLite path (LSTM unrolled) and match Keras too."""
+    import keras
+
+    from sensord.training import train_bundle
+
+    healthy = PumpSimulator(seed=5).generate(300)
+    series = Series(healthy.timestamps, healthy.values.astype(np.float32), CHANNELS, None, "healthy")
+    cfg = config_from_dict({**TINY, "model": {"kind": kind, "conv_filters": [8], "lstm_units": [8],
+                                              "latent_units": 4, "kernel_size": 3},
+                            "training": {"epochs": 2, "batch_size": 64}})
+    bundle = train_bundle(series, cfg, tmp_path / kind)
+    assert bundle.model["kind"] == kind
+    windows = setup[1][:37]
+    scaled = bundle.scaler.transform(windows)
+    recon = keras.models.load_model(tmp_path / kind / "model.keras").predict(scaled, verbose=0)
+    expected, _ = reconstruction_errors(scaled, recon, bundle.error_metric)
+    got = Scorer(ModelBundle.load(tmp_path / kind)).score(windows)
+    assert np.allclose(got.errors, expected, rtol=1e-4)
