@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -144,12 +145,14 @@ def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: flo
 
 
 class DaemonProcess:
-    def __init__(self, cfg_path: Path, log_path: Path, metrics_port: int) -> None:
+    def __init__(self, cfg_path: Path, log_path: Path, metrics_port: int,
+                 extra_env: dict[str, str] | None = None) -> None:
         self.cfg_path = cfg_path
         self.log_path = log_path
         self.metrics_port = metrics_port
         env = {k: v for k, v in os.environ.items()
                if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM")}
+        env.update(extra_env or {})
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen([sys.executable, "-m", "sensord.cli", "run", "--config", str(cfg_path)],
                                      stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
@@ -275,10 +278,11 @@ class E2E:
         }
         return merge(base, over)
 
-    def spawn(self, doc: dict[str, Any], name: str = "sensord") -> DaemonProcess:
+    def spawn(self, doc: dict[str, Any], name: str = "sensord",
+              extra_env: dict[str, str] | None = None) -> DaemonProcess:
         cfg_path = self.tmp / f"{name}.yaml"
         write_yaml(cfg_path, doc)
-        d = DaemonProcess(cfg_path, self.tmp / f"{name}.log", doc["metrics"]["port"])
+        d = DaemonProcess(cfg_path, self.tmp / f"{name}.log", doc["metrics"]["port"], extra_env)
         self.daemons.append(d)
         return d
 
@@ -582,3 +586,37 @@ def test_metrics_port_taken_exits_69_with_one_clear_line(e2e: E2E) -> None:
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("sensord: ")]
     assert len(errors) == 1 and f"127.0.0.1:{doc['metrics']['port']}" in errors[0], res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_systemd_notify_ready_watchdog_reload_stopping(e2e: E2E) -> None:
+    """What systemd sees on NOTIFY_SOCKET: READY=1 once connected, WATCHDOG=1 pings, RELOADING=1 then
+    READY=1 on SIGHUP, STOPPING=1 on SIGTERM."""
+    sock_dir = Path(tempfile.mkdtemp(prefix="sd-", dir="/tmp"))  # AF_UNIX paths must be short
+    path = str(sock_dir / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as srv:
+        srv.bind(path)
+        srv.settimeout(0.2)
+        got: list[str] = []
+
+        def until(pred: Callable[[], bool], timeout: float, what: str) -> None:
+            deadline = time.monotonic() + timeout
+            while not pred():
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"no {what} within {timeout} s; got {got}")
+                try:
+                    got.append(srv.recv(4096).decode())
+                except TimeoutError:
+                    pass
+
+        d = e2e.spawn(e2e.config(), extra_env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000"})
+        until(lambda: any(m.startswith("READY=1") for m in got), 20, "READY=1")
+        assert e2e.retained("status").payload == b"online"  # ready only once the broker has us
+        until(lambda: sum(m == "WATCHDOG=1\n" for m in got) >= 3, 5, "three WATCHDOG=1 pings")
+        got.clear()
+        d.proc.send_signal(signal.SIGHUP)
+        until(lambda: any(m.startswith("READY=1") for m in got), 10, "READY=1 after the reload")
+        assert got[0].startswith("RELOADING=1\nMONOTONIC_USEC=")
+        d.proc.send_signal(signal.SIGTERM)
+        until(lambda: "STOPPING=1\n" in got, 10, "STOPPING=1")
+        assert d.proc.wait(10) == 0
+    shutil.rmtree(sock_dir, ignore_errors=True)
