@@ -18,12 +18,15 @@ install: $(PY) system-deps
 install-test: $(PY) system-deps
 	$(PY) -m pip install --quiet -e '.[test]'
 
-# The broker the demo and the end-to-end tests start privately, and systemd-analyze for the unit test.
+# The broker the demo and the end-to-end tests start privately (mosquitto_passwd comes with it),
+# systemd-analyze for the unit test, openssl for the TLS test's throwaway certificates.
 system-deps:
 	@command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || \
 	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq mosquitto mosquitto-clients; }
 	@command -v systemd-analyze >/dev/null 2>&1 || \
 	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq systemd; }
+	@command -v openssl >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq openssl; }
 
 demo: install
 	$(VENV)/bin/sensord demo

@@ -64,6 +64,22 @@ _CONNACK_AUTH_REFUSED = (b"\x20\x02\x00\x04", b"\x20\x02\x00\x05")
 _DISCONNECT = b"\xe0\x00"
 
 
+def _probe(s: socket.socket, auth_refusal_ok: bool) -> bool:
+    s.sendall(_PROBE_CONNECT)
+    reply = b""
+    while len(reply) < len(_CONNACK_OK):
+        chunk = s.recv(len(_CONNACK_OK) - len(reply))
+        if not chunk:
+            return False
+        reply += chunk
+    if reply in _CONNACK_AUTH_REFUSED and auth_refusal_ok:
+        return True  # the broker closes the connection itself
+    if reply != _CONNACK_OK:
+        return False
+    s.sendall(_DISCONNECT)
+    return True
+
+
 def _mqtt_ping(host: str, port: int, timeout: float, tls: bool = False, auth_refusal_ok: bool = False) -> bool:
     """True if an MQTT broker accepts a connection on host:port.
 
@@ -76,25 +92,13 @@ def _mqtt_ping(host: str, port: int, timeout: float, tls: bool = False, auth_ref
     """
     try:
         with socket.create_connection((host, port), timeout=timeout) as raw:
-            s = raw
-            if tls:
-                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-                ctx.check_hostname = False
-                ctx.verify_mode = ssl.CERT_NONE
-                s = ctx.wrap_socket(raw, server_hostname=host)
-            s.sendall(_PROBE_CONNECT)
-            reply = b""
-            while len(reply) < len(_CONNACK_OK):
-                chunk = s.recv(len(_CONNACK_OK) - len(reply))
-                if not chunk:
-                    return False
-                reply += chunk
-            if reply in _CONNACK_AUTH_REFUSED and auth_refusal_ok:
-                return True  # the broker closes the connection itself
-            if reply != _CONNACK_OK:
-                return False
-            s.sendall(_DISCONNECT)
-            return True
+            if not tls:
+                return _probe(raw, auth_refusal_ok)
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            with ctx.wrap_socket(raw, server_hostname=host) as s:
+                return _probe(s, auth_refusal_ok)
     except OSError:  # refused, reset, or timed out (TimeoutError is an OSError)
         return False
 
@@ -181,7 +185,8 @@ class MosquittoBroker:
         """Start mosquitto and wait until it answers an MQTT CONNECT with CONNACK.
 
         Retries on a fresh port if mosquitto exits at start-up because another
-        process grabbed the chosen port in the meantime. Raises RuntimeError
+        process grabbed the chosen port in the meantime (with a fixed ``port``,
+        on that port after a short pause). Raises RuntimeError
         (including the broker log) if it does not come up within
         ``startup_timeout`` seconds.
         """
@@ -192,6 +197,7 @@ class MosquittoBroker:
 
         The new process starts empty (no retained messages, no sessions). A port
         still held by the old process is retried a few times before giving up.
+        After :meth:`stop` it starts again on the port the broker last used.
         """
         port = self.port
         self.stop()

@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import ssl
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -164,10 +165,12 @@ class MqttConnection:
         self.client.will_set(self.status_topic, "offline", qos=1, retain=True)
         self.client.reconnect_delay_set(cfg.reconnect_min_seconds, cfg.reconnect_max_seconds)
         self.client.on_connect = self._handle_connect
+        self.client.on_connect_fail = self._handle_connect_fail
         self.client.on_disconnect = self._handle_disconnect
         self.client.on_message = self._handle_message
         self._subscribed = True
         self._closing = False
+        self._last_failure: str | None = None
 
     def start(self) -> None:
         """Connect in the background; paho's loop thread reconnects with backoff."""
@@ -183,6 +186,7 @@ class MqttConnection:
         if reason.is_failure:
             log.error("mqtt connect to %s:%d refused: %s", self.cfg.host, self.cfg.port, reason)
             return
+        self._last_failure = None
         if self.ever_connected:
             self.reconnects += 1
         log.info("mqtt connected to %s:%d (%s)", self.cfg.host, self.cfg.port,
@@ -197,6 +201,22 @@ class MqttConnection:
         self.connected.set()
         if self._on_connected_cb:
             self._on_connected_cb(True)
+
+    def _handle_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        """A (re)connect attempt failed before any CONNACK: refused, unreachable, TLS handshake.
+
+        paho calls this from inside its ``except OSError`` and then retries with backoff,
+        so the exception is still the one being handled. The first failure of a kind is
+        logged (ERROR for TLS, which will not fix itself); identical repeats go to DEBUG.
+        """
+        exc = sys.exc_info()[1]
+        detail = f"{type(exc).__name__}: {exc}" if exc is not None else "unknown error"
+        if detail == self._last_failure:
+            log.debug("mqtt connect to %s:%d failed again: %s", self.cfg.host, self.cfg.port, detail)
+            return
+        self._last_failure = detail
+        log.log(logging.ERROR if isinstance(exc, ssl.SSLError) else logging.WARNING,
+                "mqtt connect to %s:%d failed: %s (retrying)", self.cfg.host, self.cfg.port, detail)
 
     def _handle_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         was = self.connected.is_set()
