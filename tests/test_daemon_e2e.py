@@ -19,31 +19,28 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from broker import MosquittoBroker, MqttRecorder, RecordedMessage
+from e2e_support import (ROOT, DaemonProcess, QosPublisher, daemon_config, merge, train_tiny_bundle, wait_until,
+                         write_yaml)
 from sensord.bundle import ModelBundle
-from sensord.config import DetectorConfig, config_from_dict
-from sensord.dataio import Series, load_csv
+from sensord.config import DetectorConfig
+from sensord.dataio import Series
 from sensord.evaluation import predict_rows
 from sensord.scorer import Scorer
-from sensord.simulator import simulate
 from sensord.sinks import iso
 from sensord.windows import WindowSpec
 
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parent.parent
 W = 10
 DETECTOR = {"raise_after": 2, "clear_after": 5}
 TRAIN = {
@@ -74,14 +71,8 @@ class Models:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
-    from sensord.training import train_bundle
-
-    root = tmp_path_factory.mktemp("e2e")
-    healthy_csv, labelled_csv = simulate(root / "sim", seconds=1200)
-    cfg = config_from_dict(TRAIN)
-    train_bundle(load_csv(healthy_csv, cfg.data), cfg, root / "model-a")  # ~5 s on 2 idle cores
-    labelled = load_csv(labelled_csv, cfg.data, require_labels=True)
-    return Models(root / "model-a", labelled_csv, labelled)
+    trained = train_tiny_bundle(tmp_path_factory.mktemp("e2e"), TRAIN, "model-a")  # ~5 s on 2 idle cores
+    return Models(trained.bundle, trained.labelled_csv, trained.labelled)
 
 
 def with_step(series: Series, start: int, stop: int) -> Series:
@@ -113,122 +104,21 @@ def corrupt_bundle(src: Path, dst: Path) -> Path:
 
 # -- helpers ------------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m sensord.cli ARGS`` in the foreground, to its exit, output captured."""
+    return subprocess.run([sys.executable, "-m", "sensord.cli", *args],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
 
 
-def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def write_yaml(path: Path, doc: dict[str, Any]) -> None:
-    """Atomic, so a SIGHUP never reads half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
-    os.replace(tmp, path)
-
-
-def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
-
-
-class DaemonProcess:
-    def __init__(self, cfg_path: Path, log_path: Path, metrics_port: int,
-                 extra_env: dict[str, str] | None = None) -> None:
-        self.cfg_path = cfg_path
-        self.log_path = log_path
-        self.metrics_port = metrics_port
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM")}
-        env.update(extra_env or {})
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", "sensord.cli", "run", "--config", str(cfg_path)],
-                                     stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-                                     cwd=ROOT, env=env)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as resp:
-            text = resp.read().decode()
-        out = {}
-        for fam in text_string_to_metric_families(text):
-            for s in fam.samples:
-                out[(s.name, tuple(sorted(s.labels.items())))] = float(s.value)
-        return out
-
-    def metric(self, name: str, **labels: str) -> float | None:
-        return self.metrics().get((name, tuple(sorted(labels.items()))))
-
-    def model_info(self) -> dict[str, str]:
-        (labels,) = [dict(lab) for (name, lab) in self.metrics() if name == "sensord_model_info"]
-        return labels
-
-    def wait_metric(self, name: str, value: float, timeout: float = 15.0, **labels: str) -> None:
-        last: list[float | None] = [None]
-
-        def check() -> bool:
-            assert self.alive(), f"daemon exited ({self.proc.returncode}); log:\n{self.log()}"
-            last[0] = self.metric(name, **labels)
-            return last[0] == value
-        try:
-            wait_until(check, timeout, f"{name}{labels} == {value}")
-        except AssertionError as exc:
-            raise AssertionError(f"{exc} (last value {last[0]}); daemon log:\n{self.log()[-3000:]}") from None
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._log.close()
-
-
-class Streamer:
-    """One paho client publishing QoS 1 and waiting for each PUBACK (so the broker never drops)."""
+class Streamer(QosPublisher):
+    """Publishes readings, one a message, to ``{root}/sensors/{device}/telemetry``."""
 
     def __init__(self, broker: MosquittoBroker, root: str) -> None:
         self.root = root
-        self.sent = 0
-        self._connected = threading.Event()
-        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-                                  client_id=f"e2e-pub-{uuid.uuid4().hex[:10]}")
-        self.client.on_connect = lambda *a: self._connected.set()
-        self.client.connect(broker.host, broker.port, keepalive=30)
-        self.client.loop_start()
-        assert self._connected.wait(10), "publisher could not connect"
+        super().__init__(broker)
 
     def topic(self, device: str) -> str:
         return f"{self.root}/sensors/{device}/telemetry"
-
-    def send_raw(self, topic: str, payload: bytes | str) -> None:
-        info = self.client.publish(topic, payload, qos=1)
-        info.wait_for_publish(10)
-        assert info.is_published(), f"publish to {topic} not acknowledged"
-        self.sent += 1
 
     def send_rows(self, device: str, series: Series, start: int = 0, stop: int | None = None,
                   pause: float = 0.0) -> None:
@@ -241,10 +131,6 @@ class Streamer:
         body = {"ts": float(series.timestamps[i]),
                 "values": {ch: float(series.values[i, j]) for j, ch in enumerate(series.channels)}}
         self.send_raw(self.topic(device), json.dumps(body))
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 @dataclass
@@ -262,27 +148,16 @@ class E2E:
         return f"{self.root}/sensord"
 
     def config(self, **over: Any) -> dict[str, Any]:
-        base = {
-            "window": {"length": W},
-            "detector": DETECTOR,
-            "mqtt": {
-                "host": self.broker.host, "port": self.broker.port,
-                "client_id": f"sensord-{uuid.uuid4().hex[:10]}", "keepalive": 5,
-                "subscriptions": [f"{self.root}/sensors/+/telemetry"],
-                "device_topic": f"{self.root}/sensors/{{device}}/telemetry",
-                "topic_prefix": self.prefix,
-            },
-            "metrics": {"host": "127.0.0.1", "port": free_port()},
-            "daemon": {"model": str(self.models.bundle)},
-            "logging": {"level": "INFO"},
-        }
+        base = daemon_config(self.broker, self.models.bundle, window=W, detector=DETECTOR,
+                             client_id=f"sensord-{uuid.uuid4().hex[:10]}",
+                             subscriptions=[f"{self.root}/sensors/+/telemetry"],
+                             device_topic=f"{self.root}/sensors/{{device}}/telemetry",
+                             topic_prefix=self.prefix)
         return merge(base, over)
 
     def spawn(self, doc: dict[str, Any], name: str = "sensord",
               extra_env: dict[str, str] | None = None) -> DaemonProcess:
-        cfg_path = self.tmp / f"{name}.yaml"
-        write_yaml(cfg_path, doc)
-        d = DaemonProcess(cfg_path, self.tmp / f"{name}.log", doc["metrics"]["port"], extra_env)
+        d = DaemonProcess(self.tmp, name, doc, extra_env)
         self.daemons.append(d)
         return d
 
@@ -408,9 +283,8 @@ def test_live_alerts_equal_offline_evaluation(e2e: E2E, models: Models) -> None:
     cfg_path = e2e.tmp / "evaluate.yaml"
     write_yaml(cfg_path, {"window": {"length": W}, "detector": DETECTOR})
     out = e2e.tmp / "eval.json"
-    res = subprocess.run([sys.executable, "-m", "sensord.cli", "evaluate", "--model", str(models.bundle),
-                          "--data", str(models.labelled_csv), "--config", str(cfg_path), "--json", str(out)],
-                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    res = run_cli("evaluate", "--model", str(models.bundle), "--data", str(models.labelled_csv),
+                  "--config", str(cfg_path), "--json", str(out))
     assert res.returncode == 0, res.stderr
     cli = [(a["state"], iso(a["window_end"])) for a in json.loads(out.read_text())["alerts"]]
     assert cli == expected
@@ -544,8 +418,7 @@ def test_bad_start_exits_78_with_one_clear_line(e2e: E2E, models: Models, case: 
         expect = ["model error", str(models.bundle), "window length"]
     cfg_path = e2e.tmp / "bad.yaml"
     write_yaml(cfg_path, doc)
-    res = subprocess.run([sys.executable, "-m", "sensord.cli", "run", "--config", str(cfg_path)],
-                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    res = run_cli("run", "--config", str(cfg_path))
     assert res.returncode == 78, res.stderr
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, res.stderr
@@ -580,8 +453,7 @@ def test_metrics_port_taken_exits_69_with_one_clear_line(e2e: E2E) -> None:
         doc["metrics"]["port"] = squatter.getsockname()[1]
         cfg_path = e2e.tmp / "port.yaml"
         write_yaml(cfg_path, doc)
-        res = subprocess.run([sys.executable, "-m", "sensord.cli", "run", "--config", str(cfg_path)],
-                             capture_output=True, text=True, timeout=60, cwd=ROOT)
+        res = run_cli("run", "--config", str(cfg_path))
     assert res.returncode == 69, res.stderr
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("sensord: ")]
     assert len(errors) == 1 and f"127.0.0.1:{doc['metrics']['port']}" in errors[0], res.stderr

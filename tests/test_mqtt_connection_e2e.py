@@ -14,14 +14,9 @@ import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
-import sys
-import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,18 +25,14 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from broker import MosquittoBroker, MqttRecorder
-from sensord.config import config_from_dict
-from sensord.dataio import Series, load_csv
-from sensord.simulator import simulate
+from e2e_support import DaemonProcess, QosPublisher, daemon_config, merge, train_tiny_bundle, wait_until
+from sensord.dataio import Series
 from sensord.sinks import iso
 
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parent.parent
 W = 10
 DETECTOR = {"raise_after": 2, "clear_after": 5}
 TRAIN = {
@@ -65,43 +56,14 @@ class Models:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
-    from sensord.training import train_bundle
-
-    root = tmp_path_factory.mktemp("mqtt-e2e")
-    healthy_csv, labelled_csv = simulate(root / "sim", seconds=1200)
-    cfg = config_from_dict(TRAIN)
-    train_bundle(load_csv(healthy_csv, cfg.data), cfg, root / "model")
-    labelled = load_csv(labelled_csv, cfg.data, require_labels=True)
+    trained = train_tiny_bundle(tmp_path_factory.mktemp("mqtt-e2e"), TRAIN, "model")
+    labelled = trained.labelled
     lead = int(labelled.labels.argmax())  # the first faulty row: everything before is healthy
     assert lead >= 200, lead
-    return Models(root / "model", labelled.slice(0, 200))
+    return Models(trained.bundle, labelled.slice(0, 200))
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
-
-
-def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
 
 @dataclass(frozen=True)
 class Access:
@@ -135,39 +97,16 @@ def retained(broker: MosquittoBroker, topic: str, access: Access = Access()) -> 
     return m.payload
 
 
-class Streamer:
-    """One paho client publishing QoS 1 and waiting for each PUBACK (so nothing is dropped)."""
+class Streamer(QosPublisher):
+    """Publishes with ``access``; the broker must accept the connection."""
 
     def __init__(self, broker: MosquittoBroker, access: Access = Access()) -> None:
-        self.sent = 0
-        self._connected = threading.Event()
-        self._rc: list[Any] = []
-        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-                                  client_id=f"e2e-pub-{uuid.uuid4().hex[:10]}")
-        access.apply(self.client)
-
-        def on_connect(client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
-            self._rc.append(rc)
-            self._connected.set()
-        self.client.on_connect = on_connect
-        self.client.connect(broker.host, broker.port, keepalive=30)
-        self.client.loop_start()
-        assert self._connected.wait(10), "publisher could not connect"
-        assert not self._rc[0].is_failure, f"publisher refused: {self._rc[0]}"
-
-    def send_raw(self, topic: str, payload: bytes | str) -> None:
-        info = self.client.publish(topic, payload, qos=1)
-        info.wait_for_publish(10)
-        assert info.is_published(), f"publish to {topic} not acknowledged"
-        self.sent += 1
+        super().__init__(broker, access.apply)
+        assert not self.connect_rc[0].is_failure, f"publisher refused: {self.connect_rc[0]}"
 
     def send_rows(self, topic: str, series: Series, start: int, stop: int, **extra: Any) -> None:
         for i in range(start, stop):
             self.send_raw(topic, json.dumps({**extra, **reading(series, i)}))
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 def reading(series: Series, i: int, flat: bool = False) -> dict[str, Any]:
@@ -179,112 +118,16 @@ def telemetry(device: str) -> str:
     return f"sensors/{device}/telemetry"
 
 
-class DaemonProcess:
-    """``python -m sensord.cli run`` with its own config, log file and metrics port."""
-
-    def __init__(self, tmp: Path, name: str, doc: dict[str, Any]) -> None:
-        self.name = name
-        self.doc = doc
-        self.cfg_path = tmp / f"{name}.yaml"
-        self.cfg_path.write_text(yaml.safe_dump(doc, sort_keys=False))
-        self.log_path = tmp / f"{name}.log"
-        self.metrics_port = int(doc["metrics"]["port"])
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM")}
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", "sensord.cli", "run", "--config", str(self.cfg_path)],
-                                     stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-                                     cwd=ROOT, env=env)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as resp:
-            text = resp.read().decode()
-        out = {}
-        for fam in text_string_to_metric_families(text):
-            for s in fam.samples:
-                out[(s.name, tuple(sorted(s.labels.items())))] = float(s.value)
-        return out
-
-    def metric(self, name: str, **labels: str) -> float | None:
-        return self.metrics().get((name, tuple(sorted(labels.items()))))
-
-    def wait_metrics_up(self, timeout: float = 20.0) -> None:
-        def up() -> bool:
-            assert self.alive(), f"{self.name} exited ({self.proc.returncode}); log:\n{self.log()}"
-            try:
-                self.metrics()
-                return True
-            except (urllib.error.URLError, ConnectionError):
-                return False
-        wait_until(up, timeout, f"{self.name}'s metrics endpoint")
-
-    def wait_metric(self, name: str, value: float, timeout: float = 15.0, **labels: str) -> None:
-        last: list[float | None] = [None]
-
-        def check() -> bool:
-            assert self.alive(), f"{self.name} exited ({self.proc.returncode}); log:\n{self.log()}"
-            last[0] = self.metric(name, **labels)
-            return last[0] == value
-        try:
-            wait_until(check, timeout, f"{name}{labels} == {value}")
-        except AssertionError as exc:
-            raise AssertionError(f"{exc} (last value {last[0]}); {self.name} log:\n{self.log()[-3000:]}") from None
-
-    def wait_log(self, text: str, timeout: float = 15.0) -> str:
-        """Wait until a log line contains ``text``; return that line."""
-        def find() -> str | None:
-            return next((ln for ln in self.log().splitlines() if text in ln), None)
-        try:
-            return wait_until(find, timeout, f"{text!r} in {self.name}'s log")
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}; log:\n{self.log()[-3000:]}") from None
-
-    def terminate(self, timeout: float = 10.0) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._log.close()
-
-
 @pytest.fixture
 def daemons(tmp_path: Path, models: Models) -> Iterator[Callable[..., DaemonProcess]]:
     """``spawn(broker, name, **config overrides)`` starts a daemon; all are stopped at the end."""
     started: list[DaemonProcess] = []
 
     def spawn(broker: MosquittoBroker, name: str = "sensord", **over: Any) -> DaemonProcess:
-        base = {
-            "window": {"length": W},
-            "detector": DETECTOR,
-            "mqtt": {
-                "host": broker.host, "port": broker.port,
-                "client_id": f"sensord-{name}-{uuid.uuid4().hex[:8]}", "keepalive": 5,
-                "subscriptions": [telemetry("+")],
-                "device_topic": telemetry("{device}"),
-                "topic_prefix": PREFIX,
-                "reconnect_min_seconds": 0.2, "reconnect_max_seconds": 1.0,
-            },
-            "metrics": {"host": "127.0.0.1", "port": free_port()},
-            "daemon": {"model": str(models.bundle)},
-            "logging": {"level": "INFO"},
-        }
+        base = daemon_config(broker, models.bundle, window=W, detector=DETECTOR,
+                             client_id=f"sensord-{name}-{uuid.uuid4().hex[:8]}",
+                             subscriptions=[telemetry("+")], device_topic=telemetry("{device}"), topic_prefix=PREFIX,
+                             reconnect_min_seconds=0.2, reconnect_max_seconds=1.0)
         d = DaemonProcess(tmp_path, name, merge(base, over))
         started.append(d)
         return d
@@ -311,6 +154,32 @@ def broker_tool(name: str) -> str:
     if path is None:
         pytest.fail(f"{name} not found; it comes with the broker: apt-get install -y mosquitto")
     return path
+
+
+def stream_rows(broker: MosquittoBroker, access: Access, topic: str, series: Series, start: int, stop: int) -> None:
+    """Publish rows ``[start, stop)`` of ``series`` to ``topic`` from a publisher of their own."""
+    stream = Streamer(broker, access)
+    try:
+        stream.send_rows(topic, series, start, stop)
+    finally:
+        stream.close()
+
+
+def assert_kept_out(bad: DaemonProcess, broker: MosquittoBroker, error: str, zero: tuple[str, ...]) -> str:
+    """``bad`` cannot connect to ``broker``: an ERROR line with ``error`` names the broker; it serves metrics and
+    stays alive through several retries, never connected, the counters ``zero`` still 0, never ready and
+    without a traceback. Returns its log."""
+    line = bad.wait_log(error)
+    assert "ERROR" in line and f"127.0.0.1:{broker.port}" in line, line
+    bad.wait_metrics_up()
+    time.sleep(1.5)  # several retries
+    assert bad.alive(), bad.log()
+    assert bad.metric("sensord_mqtt_connected") == 0
+    for name in zero:
+        assert bad.metric(name) == 0, name
+    bad_log = bad.log()
+    assert "ready: serving" not in bad_log and "Traceback" not in bad_log, bad_log
+    return bad_log
 
 
 def scored(d: DaemonProcess, device: str) -> float:
@@ -394,24 +263,12 @@ def test_password_auth_right_credentials_score_wrong_ones_are_refused(
                                            "topic_prefix": "intruder"})
         try:
             wait_online(good, rec)
-            stream = Streamer(broker, tester)
-            try:
-                stream.send_rows(telemetry("pump2"), models.stream, 0, 25)
-            finally:
-                stream.close()
+            stream_rows(broker, tester, telemetry("pump2"), models.stream, 0, 25)
             good.wait_metric("sensord_windows_scored_total", 25 - W + 1, device="pump2")
             assert good.metric("sensord_mqtt_connected") == 1
 
-            line = bad.wait_log("refused")
-            assert "ERROR" in line and f"127.0.0.1:{broker.port}" in line, line
-            bad.wait_metrics_up()
-            time.sleep(1.5)  # several retries, each refused
-            assert bad.alive(), bad.log()
-            assert bad.metric("sensord_mqtt_connected") == 0
-            assert bad.metric("sensord_mqtt_reconnects_total") == 0
-            assert bad.metric("sensord_messages_received_total") == 0
-            bad_log = bad.log()
-            assert "ready: serving" not in bad_log and "Traceback" not in bad_log, bad_log
+            assert_kept_out(bad, broker, "refused",
+                            ("sensord_mqtt_reconnects_total", "sensord_messages_received_total"))
             assert not any(m.topic.startswith("intruder/") for m in rec.messages())
             assert "not authorised" in broker.log_text()
             # It stops cleanly although it never connected.
@@ -532,22 +389,10 @@ def test_tls_connects_with_the_right_ca_and_refuses_another(
         try:
             wait_online(good, rec)
             assert good.metric("sensord_mqtt_connected") == 1
-            stream = Streamer(broker, access)
-            try:
-                stream.send_rows(telemetry("pump4"), models.stream, 0, 25)
-            finally:
-                stream.close()
+            stream_rows(broker, access, telemetry("pump4"), models.stream, 0, 25)
             good.wait_metric("sensord_windows_scored_total", 25 - W + 1, device="pump4")
 
-            line = bad.wait_log("certificate verify failed")
-            assert "ERROR" in line and f"127.0.0.1:{broker.port}" in line, line
-            bad.wait_metrics_up()
-            time.sleep(1.5)  # several retries, each failing the handshake
-            assert bad.alive(), bad.log()
-            assert bad.metric("sensord_mqtt_connected") == 0
-            assert bad.metric("sensord_messages_received_total") == 0
-            bad_log = bad.log()
-            assert "ready: serving" not in bad_log and "Traceback" not in bad_log, bad_log
+            bad_log = assert_kept_out(bad, broker, "certificate verify failed", ("sensord_messages_received_total",))
             # Repeated identical failures are not logged at ERROR again and again.
             assert sum("certificate verify failed" in ln and "ERROR" in ln for ln in bad_log.splitlines()) == 1
             assert not any(m.topic.startswith("untrusted/") for m in rec.messages())

@@ -1,0 +1,248 @@
+"""Helpers shared by the end-to-end tests that run ``sensord run`` as a real subprocess.
+
+Imported as a top-level module (``from e2e_support import DaemonProcess``), like
+``broker.py``: ``conftest.py`` puts ``tests/`` on ``sys.path``.
+
+- :func:`train_tiny_bundle`: one small bundle trained on the built-in simulator
+  (each test module keeps its own module-scoped fixture around it);
+- :class:`DaemonProcess`: the daemon as a subprocess with its own config, log
+  file and metrics port, its Prometheus metrics scraped over HTTP;
+- :class:`QosPublisher`: a paho client publishing QoS 1, waiting for each PUBACK;
+- :func:`daemon_config`: the config document a test daemon starts from;
+- small things: :func:`free_port`, :func:`wait_until`, :func:`merge`, :func:`write_yaml`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import paho.mqtt.client as mqtt
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from broker import MosquittoBroker
+from sensord.config import config_from_dict
+from sensord.dataio import Series, load_csv
+from sensord.simulator import simulate
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Set by systemd; a daemon under test must not inherit them from a test run that itself runs under systemd.
+_SYSTEMD_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "JOURNAL_STREAM")
+
+
+# -- small things -------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = pred()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def write_yaml(path: Path, doc: dict[str, Any]) -> None:
+    """Atomic, so a SIGHUP never reads half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
+    os.replace(tmp, path)
+
+
+# -- the tiny bundle ----------------------------------------------------------------------------
+
+class TrainedBundle(NamedTuple):
+    bundle: Path
+    labelled_csv: Path
+    labelled: Series  # 2040 rows at 1 Hz, four labelled faults after a 600 s healthy lead
+
+
+def train_tiny_bundle(root: Path, train: dict[str, Any], model_dir: str = "model") -> TrainedBundle:
+    """Simulate 1200 s of a pump under ``root/sim``, train a bundle on the healthy run into ``root/model_dir``
+    with the config document ``train`` (a few seconds for a tiny model), and load the labelled run."""
+    from sensord.training import train_bundle
+
+    healthy_csv, labelled_csv = simulate(root / "sim", seconds=1200)
+    cfg = config_from_dict(train)
+    train_bundle(load_csv(healthy_csv, cfg.data), cfg, root / model_dir)
+    labelled = load_csv(labelled_csv, cfg.data, require_labels=True)
+    return TrainedBundle(root / model_dir, labelled_csv, labelled)
+
+
+# -- the daemon -----------------------------------------------------------------------------------
+
+def daemon_config(broker: MosquittoBroker, bundle: Path, *, window: int, detector: dict[str, int],
+                  client_id: str, subscriptions: list[str], device_topic: str, topic_prefix: str,
+                  **mqtt_extra: Any) -> dict[str, Any]:
+    """A daemon config document: ``broker`` with a 5 s keepalive, ``bundle`` served, metrics on a free port."""
+    return {
+        "window": {"length": window},
+        "detector": detector,
+        "mqtt": {
+            "host": broker.host, "port": broker.port,
+            "client_id": client_id, "keepalive": 5,
+            "subscriptions": subscriptions,
+            "device_topic": device_topic,
+            "topic_prefix": topic_prefix,
+            **mqtt_extra,
+        },
+        "metrics": {"host": "127.0.0.1", "port": free_port()},
+        "daemon": {"model": str(bundle)},
+        "logging": {"level": "INFO"},
+    }
+
+
+class DaemonProcess:
+    """``python -m sensord.cli run`` on ``doc``, written to ``{tmp}/{name}.yaml``; output in ``{tmp}/{name}.log``.
+
+    Started at once; the systemd variables of the test's own environment are not passed on, ``extra_env`` is.
+    """
+
+    def __init__(self, tmp: Path, name: str, doc: dict[str, Any], extra_env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.doc = doc
+        self.cfg_path = tmp / f"{name}.yaml"
+        write_yaml(self.cfg_path, doc)
+        self.log_path = tmp / f"{name}.log"
+        self.metrics_port = int(doc["metrics"]["port"])
+        env = {k: v for k, v in os.environ.items() if k not in _SYSTEMD_ENV}
+        env.update(extra_env or {})
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([sys.executable, "-m", "sensord.cli", "run", "--config", str(self.cfg_path)],
+                                     stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+                                     cwd=ROOT, env=env)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        out = {}
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                out[(s.name, tuple(sorted(s.labels.items())))] = float(s.value)
+        return out
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        return self.metrics().get((name, tuple(sorted(labels.items()))))
+
+    def model_info(self) -> dict[str, str]:
+        (labels,) = [dict(lab) for (name, lab) in self.metrics() if name == "sensord_model_info"]
+        return labels
+
+    def wait_metrics_up(self, timeout: float = 20.0) -> None:
+        def up() -> bool:
+            assert self.alive(), f"{self.name} exited ({self.proc.returncode}); log:\n{self.log()}"
+            try:
+                self.metrics()
+                return True
+            except (urllib.error.URLError, ConnectionError):
+                return False
+        wait_until(up, timeout, f"{self.name}'s metrics endpoint")
+
+    def wait_metric(self, name: str, value: float, timeout: float = 15.0, **labels: str) -> None:
+        last: list[float | None] = [None]
+
+        def check() -> bool:
+            assert self.alive(), f"{self.name} exited ({self.proc.returncode}); log:\n{self.log()}"
+            last[0] = self.metric(name, **labels)
+            return last[0] == value
+        try:
+            wait_until(check, timeout, f"{name}{labels} == {value}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc} (last value {last[0]}); {self.name} log:\n{self.log()[-3000:]}") from None
+
+    def wait_log(self, text: str, timeout: float = 15.0) -> str:
+        """Wait until a log line contains ``text``; return that line."""
+        def find() -> str | None:
+            return next((ln for ln in self.log().splitlines() if text in ln), None)
+        try:
+            return wait_until(find, timeout, f"{text!r} in {self.name}'s log")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; log:\n{self.log()[-3000:]}") from None
+
+    def terminate(self, timeout: float = 10.0) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+
+
+# -- publishing -----------------------------------------------------------------------------------
+
+class QosPublisher:
+    """One paho client publishing QoS 1 and waiting for each PUBACK (so the broker never drops).
+
+    ``configure`` is applied to the client before it connects (credentials, TLS); the CONNACK's reason
+    codes are kept in ``connect_rc``.
+    """
+
+    def __init__(self, broker: MosquittoBroker, configure: Callable[[mqtt.Client], None] | None = None) -> None:
+        self.sent = 0
+        self._connected = threading.Event()
+        self.connect_rc: list[Any] = []
+        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+                                  client_id=f"e2e-pub-{uuid.uuid4().hex[:10]}")
+        if configure is not None:
+            configure(self.client)
+
+        def on_connect(client: mqtt.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+            self.connect_rc.append(rc)
+            self._connected.set()
+        self.client.on_connect = on_connect
+        self.client.connect(broker.host, broker.port, keepalive=30)
+        self.client.loop_start()
+        assert self._connected.wait(10), "publisher could not connect"
+
+    def send_raw(self, topic: str, payload: bytes | str) -> None:
+        info = self.client.publish(topic, payload, qos=1)
+        info.wait_for_publish(10)
+        assert info.is_published(), f"publish to {topic} not acknowledged"
+        self.sent += 1
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
