@@ -13,9 +13,10 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .scaling import Scaler
 from .threshold import ThresholdRecord
@@ -76,7 +77,7 @@ class ModelBundle:
             "tflite_sha256": self.tflite_sha256,
         }
 
-    def with_threshold(self, threshold: ThresholdRecord) -> "ModelBundle":
+    def with_threshold(self, threshold: ThresholdRecord) -> ModelBundle:
         return ModelBundle(self.path, self.model_id, self.channels, self.window_length, self.window_hop,
                            self.error_metric, self.scaler, threshold, self.model, self.training,
                            self.created, self.tflite_sha256)
@@ -93,7 +94,7 @@ class ModelBundle:
 
     @classmethod
     def load(cls, path: str | Path, expect_channels: Sequence[str] | None = None,
-             expect_window: int | None = None) -> "ModelBundle":
+             expect_window: int | None = None) -> ModelBundle:
         p = Path(path)
         if not p.is_dir():
             raise BundleError(f"{p}: model bundle directory not found")

@@ -15,10 +15,20 @@ import json
 import re
 from dataclasses import asdict, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.dataclasses import dataclass
 
 _STRICT = ConfigDict(extra="forbid")
@@ -73,7 +83,7 @@ class WindowConfig:
     max_gap_seconds: PositiveFloat = 10.0
 
     @model_validator(mode="after")
-    def _hop_fits(self) -> "WindowConfig":
+    def _hop_fits(self) -> WindowConfig:
         if self.hop > self.length:
             raise ValueError(f"hop: must be <= window.length ({self.length}), got {self.hop}")
         return self
@@ -148,7 +158,7 @@ class TlsConfig:
     insecure: StrictBool = False
 
     @model_validator(mode="after")
-    def _pair(self) -> "TlsConfig":
+    def _pair(self) -> TlsConfig:
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("cert_file and key_file must be given together")
         return self
@@ -190,7 +200,7 @@ class MqttConfig:
         return v
 
     @model_validator(mode="after")
-    def _device_source(self) -> "MqttConfig":
+    def _device_source(self) -> MqttConfig:
         if self.device_topic is None and self.device_field is None:
             raise ValueError("device_topic: one of device_topic or device_field must be set")
         if self.device_topic is not None and self.device_topic.count("{device}") != 1:

@@ -52,7 +52,7 @@ class Daemon:
         self.intake = Intake(cfg, model, self.scoring, self.metrics)
 
     @classmethod
-    def from_config(cls, path: str | Path) -> "Daemon":
+    def from_config(cls, path: str | Path) -> Daemon:
         """Validate everything first (ConfigError / BundleError propagate to the CLI -> exit 78)."""
         cfg = load_config(path)
         logging.getLogger().setLevel(cfg.logging.level)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -37,7 +37,7 @@ class Series:
     def __len__(self) -> int:
         return len(self.timestamps)
 
-    def slice(self, start: int, stop: int | None = None) -> "Series":
+    def slice(self, start: int, stop: int | None = None) -> Series:
         labels = None if self.labels is None else self.labels[start:stop]
         return Series(self.timestamps[start:stop], self.values[start:stop], self.channels, labels, self.path)
 
@@ -50,7 +50,7 @@ def parse_timestamp(text: str) -> float:
         pass
     dt = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
+        dt = dt.replace(tzinfo=UTC)
     return dt.timestamp()
 
 

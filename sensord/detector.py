@@ -18,7 +18,7 @@ class Decision:
     over: bool
     active: bool  # alert state after this window
     score: float  # error / threshold
-    event: "AlertEvent | None" = None
+    event: AlertEvent | None = None
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ class Confusion:
     tn: int = 0
     fn: int = 0
 
-    def __add__(self, other: "Confusion") -> "Confusion":
+    def __add__(self, other: Confusion) -> Confusion:
         return Confusion(self.tp + other.tp, self.fp + other.fp, self.tn + other.tn, self.fn + other.fn)
 
     @property
@@ -54,7 +54,7 @@ class Confusion:
                 "f1": round(self.f1, 4), "far": round(self.far, 4), "mar": round(self.mar, 4)}
 
     @classmethod
-    def of(cls, labels: np.ndarray, predicted: np.ndarray) -> "Confusion":
+    def of(cls, labels: np.ndarray, predicted: np.ndarray) -> Confusion:
         y, p = labels.astype(bool), predicted.astype(bool)
         return cls(int(np.sum(y & p)), int(np.sum(~y & p)), int(np.sum(~y & ~p)), int(np.sum(y & ~p)))
 

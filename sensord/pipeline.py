@@ -18,8 +18,8 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -69,14 +69,14 @@ class ServingModel:
     top_k: int
 
     @classmethod
-    def load(cls, cfg: SensordConfig) -> "ServingModel":
+    def load(cls, cfg: SensordConfig) -> ServingModel:
         """Load and validate the configured bundle against the config (raises BundleError)."""
         bundle = ModelBundle.load(cfg.daemon.model, cfg.data.channels or None, cfg.window.length)
         spec = WindowSpec(bundle.window_length, cfg.window.hop, cfg.window.max_gap_seconds)
         return cls(bundle, Scorer(bundle, max_batch=cfg.scoring.batch_max), spec, cfg.detector,
                    cfg.scoring.top_channels)
 
-    def compatible(self, other: "ServingModel") -> bool:
+    def compatible(self, other: ServingModel) -> bool:
         return (self.bundle.channels == other.bundle.channels
                 and self.bundle.window_length == other.bundle.window_length)
 

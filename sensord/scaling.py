@@ -30,7 +30,7 @@ class Scaler:
     scale: np.ndarray
 
     @classmethod
-    def fit(cls, values: np.ndarray, kind: ScalerKind, min_relative_scale: float = 0.0) -> "Scaler":
+    def fit(cls, values: np.ndarray, kind: ScalerKind, min_relative_scale: float = 0.0) -> Scaler:
         """Fit on training rows; ``min_relative_scale`` r floors each channel's scale at r * |mean|.
 
         A short healthy period can leave a slow channel (a temperature creeping by a few
@@ -64,7 +64,7 @@ class Scaler:
         return {"kind": self.kind, "offset": self.offset.tolist(), "scale": self.scale.tolist()}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], channels: int) -> "Scaler":
+    def from_dict(cls, d: dict[str, Any], channels: int) -> Scaler:
         kind = d.get("kind")
         if kind not in ("standard", "minmax"):
             raise ValueError(f"scaler.kind must be 'standard' or 'minmax', got {kind!r}")

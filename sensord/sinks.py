@@ -8,7 +8,7 @@ at once; per-window scores are optional QoS 0 telemetry.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from .detector import AlertEvent, Decision
@@ -20,7 +20,7 @@ class Publisher(Protocol):
 
 
 def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def alert_payload(event: AlertEvent, model_id: str) -> dict[str, Any]:

@@ -15,15 +15,16 @@ import ssl
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from .config import MqttConfig
 
@@ -62,7 +63,7 @@ def _timestamp(raw: Any, arrival: float) -> float:
             return _timestamp(float(raw), arrival)
         except ValueError:
             dt = datetime.fromisoformat(raw.strip().replace("Z", "+00:00"))
-            return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
+            return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()
     raise ValueError(f"timestamp must be a number or ISO-8601 string, got {type(raw).__name__}")
 
 

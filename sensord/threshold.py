@@ -31,7 +31,7 @@ class ThresholdRecord:
                 "validation_stats": dict(self.validation_stats)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ThresholdRecord":
+    def from_dict(cls, d: dict[str, Any]) -> ThresholdRecord:
         method = d.get("method")
         if method not in METHODS:
             raise ValueError(f"threshold.method must be one of {METHODS}, got {method!r}")

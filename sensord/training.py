@@ -17,10 +17,11 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -163,7 +164,7 @@ def train_bundle(series: Series, cfg: SensordConfig, out_dir: str | Path,
         window_length=cfg.window.length, window_hop=cfg.window.hop, error_metric=cfg.scoring.error,
         scaler=scaler, threshold=ThresholdRecord(cfg.threshold.method, {}, 1.0),
         model=asdict(cfg.model), training=training_meta,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), tflite_sha256=sha,
+        created=datetime.now(UTC).isoformat(timespec="seconds"), tflite_sha256=sha,
     )
     val_errors = Scorer(bundle).score(split.validation).errors
     threshold = ThresholdCalibrator(cfg.threshold).fit(val_errors)

@@ -11,8 +11,8 @@ window would be scored on a sequence the machine never produced.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 
