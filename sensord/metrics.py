@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 # ``*_created`` series double the exposition size and nobody graphs them.
 disable_created_metrics()
 
-MESSAGE_REJECT_REASONS = ("malformed_json", "bad_payload", "no_device", "stopping")
+MESSAGE_REJECT_REASONS = ("malformed_json", "bad_payload", "no_device", "stopping", "internal_error")
 READING_REJECT_REASONS = ("missing_channel", "bad_value", "bad_timestamp", "out_of_order", "non_finite",
                           "wrong_shape", "device_limit")
 

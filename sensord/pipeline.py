@@ -45,15 +45,24 @@ class RateLimitedLog:
         self._suppressed: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def warning(self, key: str, msg: str, *args: object) -> None:
+    def allow(self, key: str) -> bool:
+        """Whether a message for ``key`` may be logged now (counts it as suppressed otherwise)."""
+        return self._take(key) is not None
+
+    def _take(self, key: str) -> int | None:
         now = time.monotonic()
         with self._lock:
             last = self._last.get(key)
             if last is not None and now - last < self.interval:
                 self._suppressed[key] = self._suppressed.get(key, 0) + 1
-                return
+                return None
             self._last[key] = now
-            dropped = self._suppressed.pop(key, 0)
+            return self._suppressed.pop(key, 0)
+
+    def warning(self, key: str, msg: str, *args: object) -> None:
+        dropped = self._take(key)
+        if dropped is None:
+            return
         suffix = f" ({dropped} similar suppressed)" if dropped else ""
         self.logger.warning(msg + suffix, *args)
 
@@ -238,6 +247,15 @@ class Intake:
         self._warn.warning(f"reading:{reason}", "reading rejected reason=%s device=%s: %s", reason, device, detail)
 
     def on_message(self, topic: str, payload: bytes) -> None:
+        """Never raises: an exception here would end paho's network thread and silently stop intake."""
+        try:
+            self._on_message(topic, payload)
+        except Exception:  # noqa: BLE001
+            self.metrics.messages_rejected.labels("internal_error").inc()
+            if self._warn.allow("internal_error"):
+                log.exception("message on topic=%s could not be processed; daemon continues", topic)
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
         self.metrics.messages_received.inc()
         with self._lock:
             if not self.accepting:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import ssl
 import sys
@@ -57,6 +58,8 @@ def _timestamp(raw: Any, arrival: float) -> float:
         raise ValueError(f"timestamp must be a number or ISO-8601 string, got {raw!r}")
     if isinstance(raw, (int, float)):
         ts = float(raw)
+        if not math.isfinite(ts):
+            raise ValueError(f"timestamp must be finite, got {raw!r}")
         return ts / 1000.0 if ts > _MS_THRESHOLD else ts
     if isinstance(raw, str):
         try:
@@ -103,6 +106,8 @@ class PayloadParser:
             doc = json.loads(payload)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise MessageRejected("malformed_json", f"payload is not JSON: {exc}") from None
+        except RecursionError:
+            raise MessageRejected("malformed_json", "payload is nested too deeply") from None
         items = doc if isinstance(doc, list) else [doc]
         if not items:
             raise MessageRejected("bad_payload", "empty JSON array")

@@ -30,9 +30,9 @@ from typing import Any, NamedTuple
 
 import paho.mqtt.client as mqtt
 import yaml
+from broker import MosquittoBroker
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker import MosquittoBroker
 from sensord.config import config_from_dict
 from sensord.dataio import Series, load_csv
 from sensord.simulator import simulate

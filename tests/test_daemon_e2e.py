@@ -27,10 +27,18 @@ from typing import Any
 
 import pytest
 import yaml
-
 from broker import MosquittoBroker, MqttRecorder, RecordedMessage
-from e2e_support import (ROOT, DaemonProcess, QosPublisher, daemon_config, merge, train_tiny_bundle, wait_until,
-                         write_yaml)
+from e2e_support import (
+    ROOT,
+    DaemonProcess,
+    QosPublisher,
+    daemon_config,
+    merge,
+    train_tiny_bundle,
+    wait_until,
+    write_yaml,
+)
+
 from sensord.bundle import ModelBundle
 from sensord.config import DetectorConfig
 from sensord.dataio import Series

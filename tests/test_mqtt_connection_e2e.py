@@ -25,9 +25,9 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-
 from broker import MosquittoBroker, MqttRecorder
 from e2e_support import DaemonProcess, QosPublisher, daemon_config, merge, train_tiny_bundle, wait_until
+
 from sensord.dataio import Series
 from sensord.sinks import iso
 

@@ -412,3 +412,36 @@ def test_rate_limited_log_zero_interval_logs_everything(caplog: pytest.LogCaptur
         for i in range(3):
             rl.warning("k", "m%d", i)
     assert [r.getMessage() for r in caplog.records] == ["m0", "m1", "m2"]
+
+
+def test_deeply_nested_and_infinite_payloads_are_rejected_not_raised(rig: Rig, data: tuple[Path, Series]) -> None:
+    rig.intake.on_message("s/p1/t", b"[" * 100_000)
+    good = {ch: 1.0 for ch in CHANNELS}
+    rig.intake.on_message("s/p1/t", b'{"ts": 1e400, "values": ' + json.dumps(good).encode() + b"}")
+    assert rig.value("sensord_messages_rejected_total", reason="malformed_json") == 1
+    assert rig.value("sensord_readings_rejected_total", reason="bad_timestamp") == 1
+    rig.send_rows("p1", data[1], 0, W)  # and the intake still works
+    assert rig.scoring.queue.qsize() == 1
+
+
+def test_an_unexpected_error_is_counted_logged_once_and_intake_goes_on(
+        rig: Rig, data: tuple[Path, Series], caplog: pytest.LogCaptureFixture) -> None:
+    """paho would end its network thread on an exception from a callback: on_message must never raise."""
+    real_parse = rig.intake.parser.parse
+
+    def broken(topic: str, payload: bytes) -> Any:
+        if payload == b"boom":
+            raise RuntimeError("a bug")
+        return real_parse(topic, payload)
+
+    rig.intake.parser.parse = broken  # type: ignore[method-assign]
+    with caplog.at_level(logging.ERROR, logger="sensord.pipeline"):
+        for _ in range(3):
+            rig.intake.on_message("s/p1/t", b"boom")
+    assert rig.value("sensord_messages_rejected_total", reason="internal_error") == 3
+    assert len([r for r in caplog.records if "could not be processed" in r.getMessage()]) == 1
+    assert "RuntimeError: a bug" in caplog.text
+    rig.send_rows("p1", data[1], 0, W)
+    assert rig.scoring.queue.qsize() == 1
+    assert rig.intake._lock.acquire(timeout=1)  # the lock was released on the error path
+    rig.intake._lock.release()

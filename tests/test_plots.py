@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-
 from sensord.evaluation import window_counts
 from sensord.plots import HISTOGRAM_PNG, LATENT_PNG, RECONSTRUCTION_PNG, make_plots, pca_2d
 

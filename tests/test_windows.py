@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from sensord.windows import (
-    Rejection,
     ReadingRejected,
+    Rejection,
     WindowBuffer,
     WindowSpec,
     iter_windows,
