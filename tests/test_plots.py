@@ -58,16 +58,21 @@ def test_make_plots_writes_three_valid_pngs(written: list[Path], trained: tuple[
     assert h > w
 
 
-def test_make_plots_requires_anomalies(trained: tuple[Path, Path, Path]) -> None:
-    bundle, labelled, root = trained
+def _relabelled(labelled: Path, out: Path, label: str, rows_kept: int) -> Path:
+    """A copy of the labelled CSV with every row's label set to ``label``, cut to ``rows_kept`` rows."""
     with labelled.open(newline="") as f:
         rows = list(csv.reader(f))
     col = rows[0].index("anomaly")
     for r in rows[1:]:
-        r[col] = "0"
-    quiet = root / "no_anomalies.csv"
-    with quiet.open("w", newline="") as f:
-        csv.writer(f).writerows(rows[:400])
+        r[col] = label
+    with out.open("w", newline="") as f:
+        csv.writer(f).writerows(rows[:rows_kept])
+    return out
+
+
+def test_make_plots_requires_anomalies(trained: tuple[Path, Path, Path]) -> None:
+    bundle, labelled, root = trained
+    quiet = _relabelled(labelled, root / "no_anomalies.csv", "0", 400)
     with pytest.raises(ValueError, match="no anomalous windows") as exc:
         make_plots(bundle, quiet, root / "never")
     assert str(quiet) in str(exc.value)
@@ -76,14 +81,7 @@ def test_make_plots_requires_anomalies(trained: tuple[Path, Path, Path]) -> None
 
 def test_make_plots_requires_normal_windows(trained: tuple[Path, Path, Path]) -> None:
     bundle, labelled, root = trained
-    with labelled.open(newline="") as f:
-        rows = list(csv.reader(f))
-    col = rows[0].index("anomaly")
-    for r in rows[1:]:
-        r[col] = "1"
-    loud = root / "all_anomalies.csv"
-    with loud.open("w", newline="") as f:
-        csv.writer(f).writerows(rows[:100])
+    loud = _relabelled(labelled, root / "all_anomalies.csv", "1", 100)
     with pytest.raises(ValueError, match="no normal windows") as exc:
         make_plots(bundle, loud, root / "never")
     assert str(loud) in str(exc.value)
