@@ -19,7 +19,8 @@ install-test: $(PY) system-deps
 	$(PY) -m pip install --quiet -e '.[test]'
 
 # The broker the demo and the end-to-end tests start privately (mosquitto_passwd comes with it),
-# systemd-analyze for the unit test, openssl for the TLS test's throwaway certificates.
+# systemd-analyze for the unit test, openssl for the TLS test's throwaway certificates, and a real
+# Prometheus (with promtool) that scrapes the daemon and checks the shipped scrape config and rules.
 system-deps:
 	@command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || \
 	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq mosquitto mosquitto-clients; }
@@ -27,6 +28,8 @@ system-deps:
 	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq systemd; }
 	@command -v openssl >/dev/null 2>&1 || \
 	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq openssl; }
+	@command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq prometheus; }
 
 demo: install
 	$(VENV)/bin/sensord demo
