@@ -1,35 +1,36 @@
 # Two entry points for a fresh machine (see README):
 #   make demo  - install, train on simulated data, run the daemon against a private broker, show alerts
-#   make test  - install everything the tests need (Python packages, mosquitto, systemd-analyze) and run them
+#   make test  - install everything the tests need (Python packages, apt packages) and run them
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT    := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 
-.PHONY: demo test install install-test system-deps bench clean
+.PHONY: demo test install install-test demo-deps test-deps bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-install: $(PY) system-deps
+install: $(PY) demo-deps
 	$(PY) -m pip install --quiet -e '.[train]'
 
-install-test: $(PY) system-deps
+install-test: $(PY) test-deps
 	$(PY) -m pip install --quiet -e '.[test]'
 
-# The broker the demo and the end-to-end tests start privately (mosquitto_passwd comes with it),
-# systemd-analyze for the unit test, openssl for the TLS test's throwaway certificates, and a real
-# Prometheus (with promtool) that scrapes the daemon and checks the shipped scrape config and rules.
-system-deps:
+# The broker the demo (and the end-to-end tests) start privately; mosquitto_passwd comes with it.
+demo-deps:
 	@command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || \
-	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq mosquitto mosquitto-clients; }
-	@command -v systemd-analyze >/dev/null 2>&1 || \
-	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq systemd; }
-	@command -v openssl >/dev/null 2>&1 || \
-	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq openssl; }
+	  { $(APT) update -qq && $(APT) install -y -qq mosquitto mosquitto-clients; }
+
+# Also: systemd-analyze for the unit test, openssl for the TLS test's throwaway certificates, and a
+# real Prometheus (with promtool) that scrapes the daemon and checks the shipped scrape config and rules.
+test-deps: demo-deps
+	@command -v systemd-analyze >/dev/null 2>&1 || { $(APT) update -qq && $(APT) install -y -qq systemd; }
+	@command -v openssl >/dev/null 2>&1 || { $(APT) update -qq && $(APT) install -y -qq openssl; }
 	@command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || \
-	  { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq prometheus; }
+	  { $(APT) update -qq && $(APT) install -y -qq prometheus; }
 
 demo: install
 	$(VENV)/bin/sensord demo
@@ -38,7 +39,7 @@ test: install-test
 	$(PY) -m pytest -q
 
 bench: install
-	$(VENV)/bin/sensord bench skab --data ../shared/datasets/skab/data --json bench/skab-latest.json
+	$(VENV)/bin/sensord bench skab --data ../shared/datasets/skab/data --json out/skab.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info
