@@ -84,6 +84,32 @@ class TrainedBundle(NamedTuple):
     labelled: Series  # 2040 rows at 1 Hz, four labelled faults after a 600 s healthy lead
 
 
+TINY_WINDOW = 10
+TINY_DETECTOR = {"raise_after": 2, "clear_after": 5}
+
+
+def tiny_train_config(epochs: int, detector: dict[str, int] | None = None) -> dict[str, Any]:
+    """The config of the tiny dense bundle the end-to-end tests serve (seconds to train)."""
+    return {
+        "window": {"length": TINY_WINDOW},
+        "model": {"kind": "dense", "encoder_units": [16], "latent_units": 4},
+        "training": {"epochs": epochs, "patience": 5, "min_relative_scale": 0.0},
+        "threshold": {"method": "max_factor", "factor": 1.5},
+        "detector": detector or TINY_DETECTOR,
+    }
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL if it does not exit within ``timeout``."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
 def train_tiny_bundle(root: Path, train: dict[str, Any], model_dir: str = "model") -> TrainedBundle:
     """Simulate 1200 s of a pump under ``root/sim``, train a bundle on the healthy run into ``root/model_dir``
     with the config document ``train`` (a few seconds for a tiny model), and load the labelled run."""
@@ -201,13 +227,7 @@ class DaemonProcess:
         return self.proc.wait(timeout)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
         self._log.close()
 
 

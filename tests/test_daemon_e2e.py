@@ -30,10 +30,13 @@ import yaml
 from broker import MosquittoBroker, MqttRecorder, RecordedMessage
 from e2e_support import (
     ROOT,
+    TINY_DETECTOR,
+    TINY_WINDOW,
     DaemonProcess,
     QosPublisher,
     daemon_config,
     merge,
+    tiny_train_config,
     train_tiny_bundle,
     wait_until,
     write_yaml,
@@ -49,15 +52,9 @@ from sensord.windows import WindowSpec
 
 pytestmark = pytest.mark.e2e
 
-W = 10
-DETECTOR = {"raise_after": 2, "clear_after": 5}
-TRAIN = {
-    "window": {"length": W},
-    "model": {"kind": "dense", "encoder_units": [16], "latent_units": 4},
-    "training": {"epochs": 30, "patience": 5, "min_relative_scale": 0.0},
-    "threshold": {"method": "max_factor", "factor": 1.5},
-    "detector": DETECTOR,
-}
+W = TINY_WINDOW
+DETECTOR = TINY_DETECTOR
+TRAIN = tiny_train_config(epochs=30)
 HEALTHY_ROWS = 300  # the labelled run starts with 600 healthy seconds (the simulator's lead)
 FAULT_START, FAULT_STOP = 150, 210  # injected step, rows [start, stop)
 

@@ -26,22 +26,26 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 from broker import MosquittoBroker, MqttRecorder
-from e2e_support import DaemonProcess, QosPublisher, daemon_config, merge, train_tiny_bundle, wait_until
+from e2e_support import (
+    TINY_DETECTOR,
+    TINY_WINDOW,
+    DaemonProcess,
+    QosPublisher,
+    daemon_config,
+    merge,
+    tiny_train_config,
+    train_tiny_bundle,
+    wait_until,
+)
 
 from sensord.dataio import Series
 from sensord.sinks import iso
 
 pytestmark = pytest.mark.e2e
 
-W = 10
-DETECTOR = {"raise_after": 2, "clear_after": 5}
-TRAIN = {
-    "window": {"length": W},
-    "model": {"kind": "dense", "encoder_units": [16], "latent_units": 4},
-    "training": {"epochs": 15, "patience": 5, "min_relative_scale": 0.0},
-    "threshold": {"method": "max_factor", "factor": 1.5},
-    "detector": DETECTOR,
-}
+W = TINY_WINDOW
+DETECTOR = TINY_DETECTOR
+TRAIN = tiny_train_config(epochs=15)
 PREFIX = "sensord"  # every test has a broker of its own, so plain topics do not collide
 STATUS = f"{PREFIX}/status"
 

@@ -21,19 +21,25 @@ import numpy as np
 import pytest
 import yaml
 from broker import MosquittoBroker
-from e2e_support import ROOT, DaemonProcess, QosPublisher, daemon_config, free_port, train_tiny_bundle, wait_until
+from e2e_support import (
+    ROOT,
+    TINY_WINDOW,
+    DaemonProcess,
+    QosPublisher,
+    daemon_config,
+    free_port,
+    stop_process,
+    tiny_train_config,
+    train_tiny_bundle,
+    wait_until,
+)
 
 from sensord.dataio import Series
 
 pytestmark = pytest.mark.e2e
 
-W = 10
-TRAIN = {
-    "window": {"length": W},
-    "model": {"kind": "dense", "encoder_units": [16], "latent_units": 4},
-    "training": {"epochs": 15, "patience": 5, "min_relative_scale": 0.0},
-    "threshold": {"method": "max_factor", "factor": 1.5},
-}
+W = TINY_WINDOW
+TRAIN = tiny_train_config(epochs=15)
 DETECTOR = {"raise_after": 2, "clear_after": 500}  # the alert stays raised while Prometheus looks
 DEPLOY = ROOT / "deploy" / "prometheus"
 
@@ -106,12 +112,7 @@ class Prometheus:
                 for r in self.api("query", query=query)["result"]}
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        stop_process(self.proc, 10)
         self._log.close()
 
 
