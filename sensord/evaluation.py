@@ -17,7 +17,7 @@ import numpy as np
 from .config import DetectorConfig
 from .dataio import Series
 from .detector import AlertDetector, AlertEvent
-from .scorer import Scorer
+from .scorer import Scorer, top_channels
 from .windows import WindowSpec, iter_windows
 
 
@@ -141,44 +141,80 @@ def window_counts(errors: np.ndarray, labels: np.ndarray, threshold: float) -> d
     }
 
 
-def _predict(series: Series, scorer: Scorer, spec: WindowSpec, detector_cfg: DetectorConfig,
-             device: str, top_k: int) -> tuple[np.ndarray, np.ndarray, list[AlertEvent], np.ndarray]:
-    """Per-row causal predictions (1/0/-1 unscored), window errors, alert events, window count.
+@dataclass(frozen=True)
+class ScoredSeries:
+    """Every window of a series scored once; what the detector needs to decide its rows.
 
-    Windows are scored in one batch (scoring is per-window and stateless, so
-    this gives the same errors as the daemon's streaming batches), then fed to
-    the detector in time order.
+    Kept apart from the decisions so a threshold or hysteresis sweep (the
+    cross-validation in ``bench/skab_cv.py``) re-decides the same errors
+    without scoring again, through the same code as ``evaluate``.
     """
+
+    n_rows: int
+    hop: int
+    rows: np.ndarray  # end row of each window
+    starts: np.ndarray  # first timestamp of each window
+    ends: np.ndarray  # last timestamp of each window
+    errors: np.ndarray
+    channel_shares: np.ndarray
+    channels: tuple[str, ...]
+
+
+def score_series(series: Series, scorer: Scorer, spec: WindowSpec, device: str = "eval") -> ScoredSeries:
+    """Score every window of ``series`` (scoring is per-window and stateless, so one batch
+    gives the same errors as the daemon's streaming batches)."""
     pairs = list(iter_windows(series.timestamps, series.values, spec, device))
-    n = len(series)
-    predicted = np.full(n, -1, dtype=np.int8)
+    c = len(scorer.channels)
     if not pairs:
-        return predicted, np.zeros(0), [], np.zeros(0, dtype=np.int64)
+        return ScoredSeries(len(series), spec.hop, np.zeros(0, np.int64), np.zeros(0), np.zeros(0),
+                            np.zeros(0), np.zeros((0, c)), scorer.channels)
     rows = np.fromiter((r for r, _ in pairs), dtype=np.int64, count=len(pairs))
     scored = scorer.score(np.stack([w.values for _, w in pairs]))
-    detector = AlertDetector(device, scorer.threshold, detector_cfg.raise_after, detector_cfg.clear_after)
+    return ScoredSeries(len(series), spec.hop, rows, np.array([w.start for _, w in pairs]),
+                        np.array([w.end for _, w in pairs]), scored.errors, scored.channel_shares,
+                        scorer.channels)
+
+
+def decide_rows(scored: ScoredSeries, threshold: float, detector_cfg: DetectorConfig, device: str = "eval",
+                top_k: int = 3) -> tuple[np.ndarray, list[AlertEvent]]:
+    """Per-row causal predictions (1 alert, 0 normal, -1 unscored) and the alert events.
+
+    The windows go through the daemon's detector in time order; a window decides
+    its own end row and, with hop > 1, the rows up to the next window.
+    """
+    predicted = np.full(scored.n_rows, -1, dtype=np.int8)
+    detector = AlertDetector(device, threshold, detector_cfg.raise_after, detector_cfg.clear_after)
     alerts: list[AlertEvent] = []
-    for i, (row, win) in enumerate(pairs):
-        top = scorer.top_channels(scored.channel_shares[i], top_k)
-        decision = detector.update(float(scored.errors[i]), win.start, win.end, top)
+    rows, n = scored.rows, scored.n_rows
+    for i in range(len(rows)):
+        row = int(rows[i])
+        top = top_channels(scored.channels, scored.channel_shares[i], top_k)
+        decision = detector.update(float(scored.errors[i]), float(scored.starts[i]), float(scored.ends[i]), top)
         if decision.event is not None:
             alerts.append(decision.event)
-        # This window decides its own end row and, with hop > 1, the rows up to the next window.
-        stop = min(n, row + spec.hop)
+        stop = min(n, row + scored.hop)
         if i + 1 < len(rows):
             stop = min(stop, int(rows[i + 1]))
         predicted[row:stop] = 1 if decision.active else 0
-    return predicted, scored.errors, alerts, rows
+    return predicted, alerts
 
 
-def evaluate_series(series: Series, scorer: Scorer, spec: WindowSpec, detector_cfg: DetectorConfig,
+def _predict(series: Series, scorer: Scorer, spec: WindowSpec, detector_cfg: DetectorConfig,
+             device: str, top_k: int) -> tuple[np.ndarray, np.ndarray, list[AlertEvent], np.ndarray]:
+    scored = score_series(series, scorer, spec, device)
+    predicted, alerts = decide_rows(scored, scorer.threshold, detector_cfg, device, top_k)
+    return predicted, scored.errors, alerts, scored.rows
+
+
+def evaluate_scored(series: Series, scored: ScoredSeries, threshold: float, detector_cfg: DetectorConfig,
                     count_from: int = 0, top_k: int = 3) -> EvaluationResult:
-    """Metrics over rows ``count_from`` onward; earlier rows only fill the windows (causal warm-up)."""
+    """Metrics over rows ``count_from`` onward of already scored windows, at ``threshold``."""
     if series.labels is None:
         raise ValueError(f"{series.path}: no label column to evaluate against")
-    predicted, errors, alerts, rows = _predict(series, scorer, spec, detector_cfg, "eval", top_k)
+    predicted, alerts = decide_rows(scored, threshold, detector_cfg, "eval", top_k)
+    rows, errors = scored.rows, scored.errors
     counted = rows >= count_from
-    windows = window_counts(errors[counted], series.labels[rows[counted]], scorer.threshold)
+    windows = window_counts(errors[counted], series.labels[rows[counted]], threshold)
     pred = predicted[count_from:]
     labels = series.labels[count_from:]
     ts = series.timestamps[count_from:]
@@ -194,3 +230,12 @@ def evaluate_series(series: Series, scorer: Scorer, spec: WindowSpec, detector_c
     first_counted = series.timestamps[count_from] if len(series) > count_from else np.inf
     return EvaluationResult(confusion, len(pred), int(np.sum(pred == -1)), len(rows), segments,
                             [a for a in alerts if a.window_end >= first_counted], pred, errors, windows)
+
+
+def evaluate_series(series: Series, scorer: Scorer, spec: WindowSpec, detector_cfg: DetectorConfig,
+                    count_from: int = 0, top_k: int = 3) -> EvaluationResult:
+    """Metrics over rows ``count_from`` onward; earlier rows only fill the windows (causal warm-up)."""
+    if series.labels is None:
+        raise ValueError(f"{series.path}: no label column to evaluate against")
+    return evaluate_scored(series, score_series(series, scorer, spec), scorer.threshold, detector_cfg,
+                           count_from, top_k)
