@@ -138,3 +138,54 @@ def test_from_dict_defaults_optional_parts() -> None:
 def test_from_dict_errors(d: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         ThresholdRecord.from_dict(d)
+
+
+# --- peaks over threshold (extreme-value tail) ------------------------------------------------
+
+
+def test_gpd_fit_recovers_known_shape_and_scale() -> None:
+    from sensord.threshold import fit_gpd
+    rng = np.random.default_rng(3)
+    xi, sigma = 0.2, 1.5
+    u = rng.uniform(size=40_000)
+    sample = sigma / xi * ((1 - u) ** (-xi) - 1)  # inverse CDF of the GPD
+    got_xi, got_sigma = fit_gpd(sample)
+    assert got_xi == pytest.approx(xi, abs=0.03)
+    assert got_sigma == pytest.approx(sigma, rel=0.05)
+
+
+@pytest.mark.parametrize(("risk", "exact"), [(1e-3, -np.log(1e-3)), (1e-5, -np.log(1e-5))])
+def test_pot_extrapolates_an_exponential_tail(risk: float, exact: float) -> None:
+    # 2000 errors cannot show the 1e-5 quantile empirically; the tail fit can extrapolate to it.
+    errors = np.random.default_rng(5).exponential(1.0, 2000)
+    rec = _fit(errors, method="pot", risk=risk, pot_level=0.9)
+    assert rec.value == pytest.approx(exact, rel=0.15)
+    assert rec.method == "pot" and rec.params["risk"] == risk and rec.params["excesses"] == 200
+    if risk < 1 / len(errors):
+        assert rec.value > errors.max()
+
+
+def test_pot_on_a_bounded_tail_stays_near_its_end() -> None:
+    # Uniform errors: a bounded tail (xi < 0); the threshold must not run off to infinity.
+    errors = np.random.default_rng(6).uniform(0.0, 1.0, 5000)
+    assert 0.95 < _fit(errors, method="pot", risk=1e-6, pot_level=0.8).value < 1.3
+
+
+def test_pot_factor_scales_and_few_points_fall_back_to_the_maximum() -> None:
+    errors = np.random.default_rng(7).exponential(1.0, 500)
+    one = _fit(errors, method="pot").value
+    assert _fit(errors, method="pot", pot_factor=2.0).value == pytest.approx(2 * one)
+    few = np.array([1.0, 2.0, 3.0, 4.0])  # one point above the 0.8 quantile: no tail to fit
+    assert _fit(few, method="pot").value == 4.0
+
+
+def test_pot_is_steadier_than_the_maximum_across_resamples() -> None:
+    # The reason it exists: with ~50 validation windows the maximum swings; the tail fit less so.
+    rng = np.random.default_rng(8)
+    maxima, pots = [], []
+    for _ in range(200):
+        e = rng.lognormal(0.0, 0.5, 50)
+        maxima.append(_fit(e, method="max_factor", factor=1.0).value)
+        pots.append(_fit(e, method="pot", risk=1e-2).value)
+    cv = lambda v: np.std(v) / np.mean(v)  # noqa: E731
+    assert cv(pots) < cv(maxima)
