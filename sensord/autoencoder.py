@@ -1,7 +1,11 @@
 """Keras autoencoders (training only: importing this module imports TensorFlow).
 
 Every variant maps a (length, channels) window to a (length, channels)
-reconstruction, so the serving path treats them all alike.
+reconstruction, so the serving path treats them all alike. An *ensemble* of K
+members maps it to (K, length, channels): the members run side by side in one
+graph (one TFLite interpreter call per batch) and the scorer averages their
+errors. Averaging members that differ only in their random initialisation is
+what makes the score, and so the alerts, independent of the seed.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 
 from .config import ModelConfig  # noqa: E402
 
@@ -65,8 +70,49 @@ _BUILDERS = {"dense": _dense, "conv1d": _conv1d, "lstm": _lstm}
 
 
 def build_autoencoder(cfg: ModelConfig, length: int, channels: int, scaler_kind: str,
-                      noise_std: float = 0.0) -> keras.Model:
+                      noise_std: float = 0.0, members: int = 1) -> keras.Model:
+    """One autoencoder, or ``members`` of them stacked on a member axis (B, K, length, channels).
+
+    Each member is its own sub-model (its own "latent" layer), initialised from
+    the global Keras seed in turn, so K members from seed s share nothing with
+    those from seed s + 1.
+    """
+    if cfg.kind == "pca":
+        raise ValueError("model.kind 'pca' is fitted in closed form: use build_pca_autoencoder")
     inp = keras.Input((length, channels), name="window")
     x = keras.layers.GaussianNoise(noise_std)(inp) if noise_std > 0 else inp
-    out = _BUILDERS[cfg.kind](cfg, x, length, channels, output_activation(cfg, scaler_kind))
-    return keras.Model(inp, out, name=f"sensord_{cfg.kind}_ae")
+    out_act = output_activation(cfg, scaler_kind)
+    if members == 1:
+        out = _BUILDERS[cfg.kind](cfg, x, length, channels, out_act)
+        return keras.Model(inp, out, name=f"sensord_{cfg.kind}_ae")
+    outs = []
+    for k in range(members):
+        m_in = keras.Input((length, channels), name=f"member{k}_window")
+        member = keras.Model(m_in, _BUILDERS[cfg.kind](cfg, m_in, length, channels, out_act), name=f"member{k}")
+        outs.append(keras.layers.Reshape((1, length, channels), name=f"member{k}_stack")(member(x)))
+    out = keras.layers.Concatenate(axis=1, name="members")(outs)
+    return keras.Model(inp, out, name=f"sensord_{cfg.kind}_ensemble{members}")
+
+
+def build_pca_autoencoder(components: np.ndarray, mean: np.ndarray, length: int, channels: int) -> keras.Model:
+    """The linear autoencoder: PCA's projection onto ``components`` and back, as two Dense layers.
+
+    ``components`` is (k, length * channels) with orthonormal rows and ``mean``
+    the flattened training mean, so ``x -> (x - mean) V^T V + mean`` is the
+    reconstruction whose squared error is SKAB's Q statistic. As a Keras model
+    it converts to the same TFLite flatbuffer format as the networks, so the
+    baseline is served, thresholded and evaluated by exactly the same code.
+    """
+    k, d = components.shape
+    inp = keras.Input((length, channels), name="window")
+    h = keras.layers.Flatten()(inp)
+    enc = keras.layers.Dense(k, name="latent")
+    dec = keras.layers.Dense(d, name="reconstruction")
+    z = enc(h)
+    out = keras.layers.Reshape((length, channels))(dec(z))
+    model = keras.Model(inp, out, name="sensord_pca_ae")
+    v = components.astype(np.float32)
+    mu = mean.astype(np.float32)
+    enc.set_weights([v.T, -(mu @ v.T)])
+    dec.set_weights([v, mu])
+    return model

@@ -91,9 +91,13 @@ class WindowConfig:
 
 @dataclass(config=_STRICT)
 class ModelConfig:
-    """Autoencoder architecture: ``conv1d`` (default, best on SKAB), ``dense`` bottleneck, or ``lstm``."""
+    """Autoencoder architecture: ``conv1d`` (default), ``dense`` bottleneck, ``lstm``, or ``pca``.
 
-    kind: Literal["dense", "conv1d", "lstm"] = "conv1d"
+    ``pca`` is the linear autoencoder (SKAB's T²+Q line), fitted in closed form:
+    the baseline every network has to beat, served by the same code.
+    """
+
+    kind: Literal["dense", "conv1d", "lstm", "pca"] = "conv1d"
     encoder_units: list[PositiveInt] = field(default_factory=lambda: [64, 32, 16])
     latent_units: PositiveInt = 8
     conv_filters: list[PositiveInt] = field(default_factory=lambda: [32, 16])
@@ -102,6 +106,8 @@ class ModelConfig:
     output_activation: Literal["auto", "sigmoid", "linear"] = "auto"
     dropout: Annotated[StrictFloat, Field(ge=0.0, lt=1.0)] = 0.0
     l2: Annotated[StrictFloat, Field(ge=0.0)] = 0.0
+    # pca: keep the fewest components that explain this fraction of the training windows' variance.
+    pca_variance: Annotated[StrictFloat, Field(gt=0.0, lt=1.0)] = 0.95
 
 
 @dataclass(config=_STRICT)
@@ -117,6 +123,10 @@ class TrainingConfig:
     learning_rate: PositiveFloat = 1e-3
     loss: Literal["mse", "mae"] = "mse"
     patience: PositiveInt = 10
+    # Halve the learning rate when the validation loss has not improved for this many epochs (0 = off).
+    reduce_lr_patience: Annotated[StrictInt, Field(ge=0)] = 0
+    # Members trained side by side from different initialisations; their errors are averaged.
+    ensemble: Annotated[StrictInt, Field(ge=1, le=16)] = 1
     seed: StrictInt = 42
     shuffle: StrictBool = True
     noise_std: Annotated[StrictFloat, Field(ge=0.0)] = 0.0
@@ -126,11 +136,16 @@ class TrainingConfig:
 class ThresholdConfig:
     """How the alert threshold is fitted on healthy validation errors."""
 
-    method: Literal["quantile", "mean_std", "max_factor", "contamination"] = "max_factor"
+    method: Literal["quantile", "mean_std", "max_factor", "contamination", "pot"] = "max_factor"
     quantile: Annotated[StrictFloat, Field(gt=0.0, lt=1.0)] = 0.99
     k: Annotated[StrictFloat, Field(ge=0.0)] = 2.0
     factor: PositiveFloat = 3.0
     contamination: Annotated[StrictFloat, Field(gt=0.0, lt=0.5)] = 0.01
+    # pot: extreme-value tail fitted above the pot_level quantile, extrapolated to `risk` per window,
+    # times pot_factor.
+    risk: Annotated[StrictFloat, Field(gt=0.0, lt=0.1)] = 1e-3
+    pot_level: Annotated[StrictFloat, Field(ge=0.5, lt=1.0)] = 0.8
+    pot_factor: PositiveFloat = 1.0
 
 
 @dataclass(config=_STRICT)

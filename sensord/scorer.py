@@ -43,15 +43,29 @@ def reconstruction_errors(scaled: np.ndarray, reconstructed: np.ndarray, metric:
     The error is the mean over all (time, channel) cells, so it does not grow
     with the window length; the per-channel shares tell an operator which
     sensor the deviation comes from.
+
+    An ensemble's reconstructions come stacked as (B, K, length, channels); the
+    error is then the mean of the K members' errors (mean over cells commutes
+    with the mean over members).
     """
-    diff = reconstructed.astype(np.float64) - scaled.astype(np.float64)
+    x = scaled.astype(np.float64)
+    r = reconstructed.astype(np.float64)
+    diff = r - (x[:, None] if r.ndim == 4 else x)
     cell = diff * diff if metric == "mse" else np.abs(diff)
+    if cell.ndim == 4:
+        cell = cell.mean(axis=1)
     per_channel = cell.mean(axis=1)  # (B, C)
     errors = per_channel.mean(axis=1)
     total = per_channel.sum(axis=1, keepdims=True)
     shares = np.divide(per_channel, total, out=np.full_like(per_channel, 1.0 / per_channel.shape[1]),
                        where=total > 0)
     return errors, shares
+
+
+def top_channels(channels: tuple[str, ...], shares: np.ndarray, k: int) -> tuple[tuple[str, float], ...]:
+    """The ``k`` channels with the largest share of one window's error."""
+    order = np.argsort(shares)[::-1][:k]
+    return tuple((channels[j], round(float(shares[j]), 4)) for j in order)
 
 
 def _bucket(n: int) -> int:
@@ -68,7 +82,10 @@ class Scorer:
         self._make = _interpreter_class()
         self._num_threads = num_threads
         self._interpreters: dict[int, tuple[Any, int, int]] = {}
-        self._interpreter(1)  # fail now, not on the first window, if the model does not load
+        it = self._interpreter(1)[0]  # fail now, not on the first window, if the model does not load
+        shape = it.get_output_details()[0]["shape"]
+        # How many reconstructions the model gives per window (1, or an ensemble's K).
+        self.members = int(shape[1]) if len(shape) == 4 else 1
 
     @property
     def channels(self) -> tuple[str, ...]:
@@ -90,6 +107,10 @@ class Scorer:
                                      f"({w}, {c}) in bundle.json")
                 it.resize_tensor_input(inp["index"], [batch, w, c])
                 it.allocate_tensors()
+                shape = list(it.get_output_details()[0]["shape"][1:])
+                if shape[-2:] != [w, c] or len(shape) not in (2, 3):
+                    raise ValueError(f"model output shape {[batch] + shape} is neither a reconstruction "
+                                     f"({batch}, {w}, {c}) nor an ensemble's ({batch}, members, {w}, {c})")
             except ValueError as exc:
                 from .bundle import BundleError
                 raise BundleError(f"{self.bundle.tflite_path}: cannot load model: {exc}") from None
@@ -98,8 +119,13 @@ class Scorer:
         return hit
 
     def reconstruct(self, scaled: np.ndarray) -> np.ndarray:
-        """Run the network on already-scaled windows, in padded power-of-two batches."""
-        out = np.empty_like(scaled, dtype=np.float32)
+        """Run the network on already-scaled windows, in padded power-of-two batches.
+
+        Returns (B, length, channels), or (B, K, length, channels) for an ensemble.
+        """
+        k = self.members
+        shape = scaled.shape if k == 1 else (scaled.shape[0], k) + scaled.shape[1:]
+        out = np.empty(shape, dtype=np.float32)
         n = len(scaled)
         i = 0
         while i < n:
@@ -128,6 +154,4 @@ class Scorer:
         return ScoredBatch(errors, shares)
 
     def top_channels(self, shares: np.ndarray, k: int) -> tuple[tuple[str, float], ...]:
-        """The ``k`` channels with the largest share of one window's error."""
-        order = np.argsort(shares)[::-1][:k]
-        return tuple((self.bundle.channels[j], round(float(shares[j]), 4)) for j in order)
+        return top_channels(self.bundle.channels, shares, k)

@@ -105,12 +105,77 @@ def _import_tensorflow() -> tuple[Any, Any]:
     return keras, tf
 
 
+def _fit_network(keras: Any, cfg: SensordConfig, x_train: np.ndarray, x_val: np.ndarray,
+                 on_epoch: EpochCallback | None) -> tuple[Any, dict[str, list[float]], int]:
+    """Adam on the reconstruction loss, early stopping with the best weights restored.
+
+    An ensemble is one model with K stacked outputs trained against K copies of
+    the input: the loss is the mean of the members' losses, so each member gets
+    its own gradient and the whole ensemble costs one ``fit``.
+    """
+    from .autoencoder import build_autoencoder
+
+    tc = cfg.training
+    k = tc.ensemble
+    model = build_autoencoder(cfg.model, cfg.window.length, x_train.shape[2], tc.scaler, tc.noise_std, members=k)
+    model.compile(optimizer=keras.optimizers.Adam(tc.learning_rate), loss=tc.loss)
+
+    class _Progress(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+            logs = {k: float(v) for k, v in (logs or {}).items() if k != "learning_rate"}
+            if on_epoch is not None:
+                on_epoch(epoch + 1, tc.epochs, logs)
+            else:
+                log.debug("epoch %d/%d loss=%.6g val_loss=%.6g", epoch + 1, tc.epochs,
+                          logs.get("loss", float("nan")), logs.get("val_loss", float("nan")))
+
+    callbacks = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=tc.patience,
+                                               restore_best_weights=True)]
+    if tc.reduce_lr_patience > 0:
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5,
+                                                           patience=tc.reduce_lr_patience,
+                                                           min_lr=tc.learning_rate / 64))
+    callbacks.append(_Progress())
+
+    def target(x: np.ndarray) -> np.ndarray:
+        return x if k == 1 else np.repeat(x[:, None], k, axis=1)
+
+    history = model.fit(x_train, target(x_train), validation_data=(x_val, target(x_val)), epochs=tc.epochs,
+                        batch_size=tc.batch_size, shuffle=tc.shuffle, verbose=0, callbacks=callbacks)
+    losses = {key: [round(float(v), 8) for v in vals] for key, vals in history.history.items()
+              if key in ("loss", "val_loss")}
+    best_epoch = int(np.argmin(losses["val_loss"])) + 1 if losses.get("val_loss") else len(losses.get("loss", []))
+    return model, losses, best_epoch
+
+
+def _fit_pca(keras: Any, cfg: SensordConfig, x_train: np.ndarray,
+             x_val: np.ndarray) -> tuple[Any, dict[str, list[float]], int]:
+    """Closed-form PCA of the flattened scaled training windows, as a linear Keras autoencoder."""
+    from .autoencoder import build_pca_autoencoder
+
+    n, length, channels = x_train.shape
+    flat = x_train.reshape(n, -1).astype(np.float64)
+    mean = flat.mean(axis=0)
+    _, sing, vt = np.linalg.svd(flat - mean, full_matrices=False)
+    var = sing ** 2
+    explained = np.cumsum(var) / var.sum() if var.sum() > 0 else np.ones_like(var)
+    k = int(min(len(explained), np.searchsorted(explained, cfg.model.pca_variance) + 1))
+    model = build_pca_autoencoder(vt[:k], mean, length, channels)
+
+    def loss(x: np.ndarray) -> float:
+        rec = np.asarray(model(x.astype(np.float32), training=False))
+        d = rec - x
+        return float(np.mean(d * d) if cfg.training.loss == "mse" else np.mean(np.abs(d)))
+
+    log.info("pca: %d of %d components explain %.1f %% of the training windows' variance",
+             k, len(explained), 100 * float(explained[k - 1]))
+    return model, {"loss": [round(loss(x_train), 8)], "val_loss": [round(loss(x_val), 8)]}, 1
+
+
 def train_bundle(series: Series, cfg: SensordConfig, out_dir: str | Path,
                  on_epoch: EpochCallback | None = None) -> ModelBundle:
     """Train on a healthy series and write a complete, loadable bundle to ``out_dir``."""
     keras, tf = _import_tensorflow()
-    from .autoencoder import build_autoencoder
-
     t0 = time.monotonic()
     out = Path(out_dir)
     tc = cfg.training
@@ -123,24 +188,11 @@ def train_bundle(series: Series, cfg: SensordConfig, out_dir: str | Path,
 
     keras.utils.set_random_seed(tc.seed)
     tf.config.experimental.enable_op_determinism()
-    model = build_autoencoder(cfg.model, cfg.window.length, len(series.channels), tc.scaler, tc.noise_std)
-    model.compile(optimizer=keras.optimizers.Adam(tc.learning_rate), loss=tc.loss)
-
-    class _Progress(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
-            logs = {k: float(v) for k, v in (logs or {}).items()}
-            if on_epoch is not None:
-                on_epoch(epoch + 1, tc.epochs, logs)
-            else:
-                log.debug("epoch %d/%d loss=%.6g val_loss=%.6g", epoch + 1, tc.epochs,
-                          logs.get("loss", float("nan")), logs.get("val_loss", float("nan")))
-
-    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=tc.patience, restore_best_weights=True)
-    history = model.fit(x_train, x_train, validation_data=(x_val, x_val), epochs=tc.epochs,
-                        batch_size=tc.batch_size, shuffle=tc.shuffle, verbose=0,
-                        callbacks=[stop, _Progress()])
-    losses = {k: [round(float(v), 8) for v in vals] for k, vals in history.history.items()}
-    best_epoch = int(np.argmin(losses["val_loss"])) + 1 if losses.get("val_loss") else len(losses.get("loss", []))
+    if cfg.model.kind == "pca":
+        model, losses, best_epoch = _fit_pca(keras, cfg, x_train, x_val)
+    else:
+        model, losses, best_epoch = _fit_network(keras, cfg, x_train, x_val, on_epoch)
+    members = tc.ensemble if cfg.model.kind != "pca" else 1
 
     if out.exists() and not out.is_dir():
         raise TrainingError(f"{out}: exists and is not a directory")
@@ -154,7 +206,7 @@ def train_bundle(series: Series, cfg: SensordConfig, out_dir: str | Path,
     training_meta: dict[str, Any] = {
         "rows": len(series), "train_rows": split.train_rows, "validation_rows": split.validation_rows,
         "train_windows": len(x_train), "validation_windows": len(x_val),
-        "epochs_run": len(losses.get("loss", [])), "best_epoch": best_epoch,
+        "epochs_run": len(losses.get("loss", [])), "best_epoch": best_epoch, "members": members,
         "loss": tc.loss, "loss_history": losses, "source": series.path,
         "config": {"training": asdict(tc), "window": asdict(cfg.window)},
         "versions": _versions(),

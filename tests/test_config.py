@@ -188,10 +188,10 @@ def test_yaml_yes_is_a_bool(tmp_path: Path) -> None:
 
 def test_literal_choices() -> None:
     assert _errors({"model": {"kind": "gru"}}) == [
-        "model.kind: must be one of 'dense', 'conv1d' or 'lstm', got \"gru\""]
+        "model.kind: must be one of 'dense', 'conv1d', 'lstm' or 'pca', got \"gru\""]
     errs = _errors({"threshold": {"method": "median"}})
     assert len(errs) == 1 and errs[0].startswith("threshold.method: must be one of ")
-    for m in ("'quantile'", "'mean_std'", "'max_factor'", "'contamination'"):
+    for m in ("'quantile'", "'mean_std'", "'max_factor'", "'contamination'", "'pot'"):
         assert m in errs[0]
     assert errs[0].endswith('got "median"')
 
@@ -255,7 +255,7 @@ def test_several_errors_reported_at_once() -> None:
     assert sorted(errs) == sorted([
         'window.length: must be an integer, got "abc"',
         "window.hop: must be an integer >= 1, got 0",
-        "model.kind: must be one of 'dense', 'conv1d' or 'lstm', got \"x\"",
+        "model.kind: must be one of 'dense', 'conv1d', 'lstm' or 'pca', got \"x\"",
         "training.epochs: must be an integer >= 1, got 0",
         'training.shuffle: must be true or false, got "no"',
         "mqtt.port: must be an integer <= 65535, got 70000",
