@@ -8,21 +8,27 @@ at it), unlike the published Conv-AE which looks ~60 s into the future.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import multiprocessing
+import os
 import re
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .bundle import ModelBundle
-from .config import SensordConfig
+from .config import SensordConfig, config_from_dict, config_to_dict
 from .dataio import DataError, load_csv
-from .evaluation import Confusion, EvaluationResult, evaluate_series
+from .evaluation import Confusion, EvaluationResult, ScoredSeries, evaluate_scored, score_series
 from .scorer import Scorer
-from .training import train_bundle
+from .training import split_windows, train_bundle
 from .windows import WindowSpec
 
 log = logging.getLogger(__name__)
@@ -43,9 +49,15 @@ PUBLISHED: tuple[tuple[str, float, float | None, float | None], ...] = (
 @dataclass(frozen=True)
 class FileResult:
     name: str
+    seed: int
     result: EvaluationResult
     threshold: float
     train_seconds: float
+    epochs_run: int = 0
+    best_epoch: int = 0
+    # Kept only when asked (cross-validation re-decides them at other thresholds).
+    scored: ScoredSeries | None = None
+    validation_errors: np.ndarray | None = None
 
 
 def skab_files(data_dir: Path) -> list[Path]:
@@ -64,41 +76,120 @@ def skab_files(data_dir: Path) -> list[Path]:
     return sorted(files, key=key)
 
 
+def bench_file(path: Path, data_dir: Path, cfg: SensordConfig, model_dir: Path, fit_rows: int = FIT_ROWS,
+               keep_scores: bool = False) -> FileResult:
+    """One file of the protocol: train on the first ``fit_rows`` rows, evaluate the rest causally.
+
+    Uses exactly ``sensord train``'s and ``sensord evaluate``'s code (the
+    window factory, the serving scorer and the daemon's detector).
+    """
+    name = str(path.relative_to(data_dir))
+    series = load_csv(path, cfg.data, require_labels=True)
+    if len(series) <= fit_rows:
+        raise DataError(f"{path}: only {len(series)} rows, need more than {fit_rows}")
+    t = time.monotonic()
+    healthy = series.slice(0, fit_rows)
+    train_bundle(healthy, cfg, model_dir)
+    bundle = ModelBundle.load(model_dir)
+    scorer = Scorer(bundle)
+    spec = WindowSpec(bundle.window_length, cfg.window.hop, cfg.window.max_gap_seconds)
+    scored = score_series(series, scorer, spec)
+    result = evaluate_scored(series, scored, bundle.threshold.value, cfg.detector, count_from=fit_rows,
+                             top_k=cfg.scoring.top_channels)
+    val_errors = scorer.score(split_windows(healthy, cfg).validation).errors if keep_scores else None
+    return FileResult(name, cfg.training.seed, result, bundle.threshold.value, time.monotonic() - t,
+                      int(bundle.training.get("epochs_run", 0)), int(bundle.training.get("best_epoch", 0)),
+                      scored if keep_scores else None, val_errors)
+
+
+def _init_worker() -> None:
+    """One TensorFlow thread per worker process: the workers already fill the cores."""
+    os.environ["TF_NUM_INTRAOP_THREADS"] = "1"
+    os.environ["TF_NUM_INTEROP_THREADS"] = "1"
+    logging.getLogger("sensord").setLevel(logging.WARNING)
+
+
+def _bench_task(args: tuple[Path, Path, dict[str, Any], Path, int, bool]) -> FileResult:
+    path, data_dir, raw, model_dir, fit_rows, keep = args
+    from .training import _import_tensorflow
+    _, tf = _import_tensorflow()
+    with contextlib.suppress(RuntimeError):  # already initialised in this worker
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    return bench_file(path, data_dir, config_from_dict(raw), model_dir, fit_rows, keep)
+
+
+def with_seed(cfg: SensordConfig, seed: int) -> SensordConfig:
+    raw = config_to_dict(cfg)
+    raw["training"]["seed"] = seed
+    return config_from_dict(raw)
+
+
+def summarize(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean, min and max of the pooled figures over seeds: the spread is part of the result."""
+    out: dict[str, Any] = {"seeds": [r["seed"] for r in per_seed]}
+    for key in ("f1", "far", "mar"):
+        vals = [r["pooled"][key] for r in per_seed]
+        out[key] = {"mean": round(float(np.mean(vals)), 4), "min": round(float(min(vals)), 4),
+                    "max": round(float(max(vals)), 4)}
+    return out
+
+
 def run_skab(data_dir: Path, cfg: SensordConfig, work_dir: Path | None = None,
-             fit_rows: int = FIT_ROWS, on_file: Callable[[FileResult], None] | None = None) -> dict[str, Any]:
+             fit_rows: int = FIT_ROWS, on_file: Callable[[FileResult], None] | None = None,
+             seeds: list[int] | None = None, jobs: int = 1, keep_scores: bool = False,
+             results: list[FileResult] | None = None) -> dict[str, Any]:
+    """The protocol once per seed (``training.seed`` when ``seeds`` is None), files spread over ``jobs``
+    worker processes. ``results``, when given, receives every FileResult (for re-deciding them)."""
     files = skab_files(data_dir)
-    pooled = Confusion()
-    per_file: list[FileResult] = []
+    seeds = list(seeds) if seeds else [cfg.training.seed]
     t0 = time.monotonic()
+    done: dict[tuple[int, str], FileResult] = {}
     with tempfile.TemporaryDirectory(prefix="sensord-skab-") as tmp:
         root = work_dir or Path(tmp)
-        for path in files:
-            name = str(path.relative_to(data_dir))
-            series = load_csv(path, cfg.data, require_labels=True)
-            if len(series) <= fit_rows:
-                raise DataError(f"{path}: only {len(series)} rows, need more than {fit_rows}")
-            t = time.monotonic()
-            model_dir = root / re.sub(r"[^\w.-]+", "_", name.removesuffix(".csv"))
-            train_bundle(series.slice(0, fit_rows), cfg, model_dir)
-            bundle = ModelBundle.load(model_dir)
-            spec = WindowSpec(bundle.window_length, cfg.window.hop, cfg.window.max_gap_seconds)
-            result = evaluate_series(series, Scorer(bundle), spec, cfg.detector, count_from=fit_rows,
-                                     top_k=cfg.scoring.top_channels)
-            fr = FileResult(name, result, bundle.threshold.value, time.monotonic() - t)
-            per_file.append(fr)
-            pooled = pooled + result.confusion
-            if on_file is not None:
-                on_file(fr)
+        tasks = []
+        for seed in seeds:
+            raw = config_to_dict(with_seed(cfg, seed))
+            for path in files:
+                name = str(path.relative_to(data_dir))
+                model_dir = root / f"seed{seed}" / re.sub(r"[^\w.-]+", "_", name.removesuffix(".csv"))
+                tasks.append((path, data_dir, raw, model_dir, fit_rows, keep_scores))
+        if jobs <= 1:
+            it = (bench_file(p, d, config_from_dict(r), m, f, k) for p, d, r, m, f, k in tasks)
+            for fr in it:
+                done[(fr.seed, fr.name)] = fr
+                if on_file is not None:
+                    on_file(fr)
+        else:
+            ctx = multiprocessing.get_context("spawn")  # TensorFlow does not survive fork
+            with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker) as pool:
+                for fr in pool.map(_bench_task, tasks):
+                    done[(fr.seed, fr.name)] = fr
+                    if on_file is not None:
+                        on_file(fr)
+    per_seed = []
+    for seed in seeds:
+        frs = [done[(seed, str(p.relative_to(data_dir)))] for p in files]
+        pooled = sum((f.result.confusion for f in frs), Confusion())
+        per_seed.append({"seed": seed, "pooled": pooled.as_dict(), "per_file": [_file_row(f) for f in frs]})
+        if results is not None:
+            results.extend(frs)
     return {
         "protocol": {"fit_rows": fit_rows, "causal": True, "files": len(files), "data": str(data_dir)},
-        "pooled": pooled.as_dict(),
-        "per_file": [{"file": f.name, **f.result.confusion.as_dict(), "threshold": f.threshold,
-                      "unscored_rows": f.result.unscored_rows,
-                      "mean_delay_seconds": f.result.mean_delay_seconds,
-                      "train_seconds": round(f.train_seconds, 2)} for f in per_file],
+        # The first seed's figures, as before --seeds existed; every seed's are under "seeds".
+        "pooled": per_seed[0]["pooled"],
+        "per_file": per_seed[0]["per_file"],
+        "seeds": per_seed,
+        "summary": summarize(per_seed),
         "published": [{"method": n, "f1": f1, "far": far, "mar": mar} for n, f1, far, mar in PUBLISHED],
         "duration_seconds": round(time.monotonic() - t0, 1),
         "config": {"window": cfg.window.length, "hop": cfg.window.hop, "model": cfg.model.kind,
-                   "threshold": cfg.threshold.method, "raise_after": cfg.detector.raise_after,
-                   "clear_after": cfg.detector.clear_after},
+                   "ensemble": cfg.training.ensemble, "threshold": cfg.threshold.method,
+                   "raise_after": cfg.detector.raise_after, "clear_after": cfg.detector.clear_after},
     }
+
+
+def _file_row(f: FileResult) -> dict[str, Any]:
+    return {"file": f.name, **f.result.confusion.as_dict(), "threshold": f.threshold,
+            "unscored_rows": f.result.unscored_rows, "mean_delay_seconds": f.result.mean_delay_seconds,
+            "train_seconds": round(f.train_seconds, 2), "epochs_run": f.epochs_run, "best_epoch": f.best_epoch}

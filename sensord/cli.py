@@ -25,6 +25,7 @@ from .dataio import DataError, load_csv  # noqa: E402
 from .metrics import MetricsUnavailable  # noqa: E402
 
 EX_OK = 0
+EX_USAGE = 64
 EX_DATAERR = 65
 EX_UNAVAILABLE = 69
 EX_CONFIG = 78
@@ -123,23 +124,57 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def parse_seeds(text: str, base: int) -> list[int]:
+    """``--seeds 5`` means five seeds from ``training.seed`` on; ``--seeds 42,1,7`` means exactly those.
+
+    >>> parse_seeds("3", 42), parse_seeds("42,1,7", 0)
+    ([42, 43, 44], [42, 1, 7])
+    """
+    try:
+        if "," not in text:
+            n = int(text)
+            if n < 1:
+                raise ValueError
+            return [base + i for i in range(n)]
+        seeds = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds: expected a count >= 1 or a comma-separated list of integers, "
+                         f"got {text!r}") from None
+    if len(set(seeds)) != len(seeds) or not seeds:
+        raise ValueError(f"--seeds: seeds must be distinct, got {text!r}")
+    return seeds
+
+
 def cmd_bench_skab(args: argparse.Namespace) -> int:
     from .benchmark import run_skab
     cfg = load_config(args.config) if args.config else SensordConfig()
-    print(f"{'file':<18} {'F1':>6} {'FAR':>8} {'MAR':>8} {'delay s':>8} {'train s':>8}")
+    try:
+        seeds = parse_seeds(args.seeds, cfg.training.seed) if args.seeds else None
+    except ValueError as exc:
+        print(f"sensord bench skab: {exc}", file=sys.stderr)
+        return EX_USAGE
+    jobs = args.jobs if args.jobs is not None else min(2, os.cpu_count() or 1)
+    print(f"{'file':<18} {'seed':>5} {'F1':>6} {'FAR':>8} {'MAR':>8} {'delay s':>8} {'train s':>8}")
 
     def row(fr: Any) -> None:
         c = fr.result.confusion
         d = fr.result.mean_delay_seconds
-        print(f"{fr.name:<18} {c.f1:6.3f} {_pct(c.far):>8} {_pct(c.mar):>8} "
+        print(f"{fr.name:<18} {fr.seed:>5} {c.f1:6.3f} {_pct(c.far):>8} {_pct(c.mar):>8} "
               f"{(f'{d:.0f}' if d is not None else '-'):>8} {fr.train_seconds:8.1f}", flush=True)
 
     work = Path(args.work_dir) if args.work_dir else None
-    report = run_skab(Path(args.data), cfg, work, on_file=row)
-    p = report["pooled"]
-    print("-" * 62)
-    print(f"{'pooled (sensord)':<18} {p['f1']:6.3f} {_pct(p['far']):>8} {_pct(p['mar']):>8}   "
-          f"({report['protocol']['files']} files, causal, {report['duration_seconds']:.0f} s)")
+    report = run_skab(Path(args.data), cfg, work, on_file=row, seeds=seeds, jobs=jobs)
+    print("-" * 68)
+    for r in report["seeds"]:
+        p = r["pooled"]
+        print(f"{'pooled, seed ' + str(r['seed']):<24} {p['f1']:6.3f} {_pct(p['far']):>8} {_pct(p['mar']):>8}")
+    sm = report["summary"]
+    if len(report["seeds"]) > 1:
+        for key in ("mean", "min", "max"):
+            print(f"{key + ' over seeds':<24} {sm['f1'][key]:6.3f} {_pct(sm['far'][key]):>8} "
+                  f"{_pct(sm['mar'][key]):>8}")
+    print(f"({report['protocol']['files']} files x {len(report['seeds'])} seeds, causal, "
+          f"{report['duration_seconds']:.0f} s with {jobs} worker(s))")
     print("published (SKAB leaderboard, whole corpus of 34 files):")
     for pub in report["published"]:
         far = _pct(pub["far"]) if pub["far"] is not None else "-"
@@ -223,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--config", help="YAML config (built-in defaults when omitted)")
     b.add_argument("--json", help="write pooled and per-file figures to this JSON file")
     b.add_argument("--work-dir", help="keep the per-file bundles here (default: a temp dir)")
+    b.add_argument("--seeds", help="run the protocol once per seed: a count N (training.seed, +1, ...) "
+                                   "or a list such as 42,1,7; prints each seed's pooled figures and their "
+                                   "mean/min/max")
+    b.add_argument("--jobs", type=int, help="worker processes (default: min(2, CPUs))")
     b.set_defaults(func=cmd_bench_skab)
 
     s = sub.add_parser("simulate", help="write a healthy and a labelled CSV from the built-in pump simulator")

@@ -240,3 +240,46 @@ def test_training_is_reproducible(tmp_path: Path) -> None:
     c = train(8, "c")
     assert c.training["loss_history"] != a.training["loss_history"]
     assert c.threshold.value != a.threshold.value
+
+
+# --- bench skab --seeds ------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(600)  # three processes that import TensorFlow, on a shared 2-core machine
+def test_bench_skab_over_seeds_reports_each_seed_and_the_spread(run: dict[str, Path]) -> None:
+    skab = run["root"] / "skab"
+    lines = (run["data"] / "labelled.csv").read_text().splitlines()
+    # g2's first 400 rows are healthy (the simulator's first fault starts at row 600).
+    for group, rows in (("g1", lines[:520]), ("g2", [lines[0], *lines[150:820]])):
+        (skab / group).mkdir(parents=True, exist_ok=True)
+        (skab / group / "1.csv").write_text("\n".join(rows) + "\n")
+    out = run["root"] / "skab.json"
+    proc = sensord("bench", "skab", "--data", str(skab), "--config", str(run["config"]), "--seeds", "2",
+                   "--jobs", "2", "--json", str(out), timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert [s["seed"] for s in report["seeds"]] == [42, 43]  # training.seed and the next one
+    for s in report["seeds"]:
+        assert [f["file"] for f in s["per_file"]] == ["g1/1.csv", "g2/1.csv"]
+        pooled = s["pooled"]
+        assert pooled["tp"] == sum(f["tp"] for f in s["per_file"])
+        assert pooled["fp"] + pooled["tn"] == sum(f["fp"] + f["tn"] for f in s["per_file"])
+    f1s = [s["pooled"]["f1"] for s in report["seeds"]]
+    assert max(f1s) > 0  # the step fault in g2 is found: the figures are about something
+    assert report["summary"]["f1"]["mean"] == pytest.approx(np.mean(f1s), abs=1e-4)
+    assert report["summary"]["f1"]["min"] == min(f1s) and report["summary"]["f1"]["max"] == max(f1s)
+    assert report["pooled"] == report["seeds"][0]["pooled"]
+    assert "mean over seeds" in proc.stdout and "pooled, seed 43" in proc.stdout
+
+    # A seed run alone, in one process, gives what it gave among others in worker processes.
+    alone = sensord("bench", "skab", "--data", str(skab), "--config", str(run["config"]), "--seeds", "43",
+                    "--jobs", "1", "--json", str(out), timeout=600)
+    assert alone.returncode == 0, alone.stderr
+    assert json.loads(out.read_text())["seeds"][0]["pooled"] == report["seeds"][1]["pooled"]
+
+
+@pytest.mark.parametrize("bad", ["0", "x", "1,1"])
+def test_bench_skab_rejects_bad_seeds(run: dict[str, Path], bad: str) -> None:
+    proc = sensord("bench", "skab", "--data", str(run["root"]), "--seeds", bad)
+    assert proc.returncode == 64
+    assert "--seeds" in proc.stderr
