@@ -227,6 +227,10 @@ class DaemonConfig:
     queue_size: Annotated[StrictInt, Field(ge=1, le=1_000_000)] = 10_000
     max_devices: Annotated[StrictInt, Field(ge=1, le=100_000)] = 100
     batch_wait_seconds: Annotated[StrictFloat, Field(ge=0.0, le=5.0)] = 0.02
+    # Readings stamped further ahead of this host's clock are rejected (future_timestamp).
+    max_clock_skew_seconds: PositiveFloat = 300.0
+    # This many consecutive out-of-order readings mean the device's clock jumped back: its window restarts.
+    clock_resync_after: PositiveInt = 5
     shutdown_timeout_seconds: PositiveFloat = 4.0
 
 

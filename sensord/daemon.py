@@ -62,8 +62,8 @@ class Daemon:
                  model.bundle.threshold.value, model.bundle.threshold.method)
         return cls(path, cfg, model)
 
-    def _on_message(self, topic: str, payload: bytes) -> None:
-        self.intake.on_message(topic, payload)
+    def _on_message(self, topic: str, payload: bytes, retained: bool = False) -> None:
+        self.intake.on_message(topic, payload, retained)
 
     def _on_connected(self, up: bool) -> None:
         self.metrics.mqtt_connected.set(1 if up else 0)

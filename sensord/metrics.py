@@ -27,9 +27,10 @@ log = logging.getLogger(__name__)
 # ``*_created`` series double the exposition size and nobody graphs them.
 disable_created_metrics()
 
-MESSAGE_REJECT_REASONS = ("malformed_json", "bad_payload", "no_device", "stopping", "internal_error")
-READING_REJECT_REASONS = ("missing_channel", "bad_value", "bad_timestamp", "out_of_order", "non_finite",
-                          "wrong_shape", "device_limit")
+MESSAGE_REJECT_REASONS = ("malformed_json", "bad_payload", "no_device", "retained", "stopping",
+                          "internal_error")
+READING_REJECT_REASONS = ("missing_channel", "bad_value", "bad_timestamp", "future_timestamp", "out_of_order",
+                          "non_finite", "wrong_shape", "device_limit")
 
 
 class MetricsUnavailable(RuntimeError):
@@ -70,6 +71,8 @@ class DaemonMetrics:
         self.devices = Gauge("sensord_devices", "Devices currently tracked", registry=r)
         self.devices_rejected = Counter("sensord_devices_rejected",
                                         "Readings refused because max_devices was reached", registry=r)
+        self.clock_resyncs = Counter("sensord_clock_resyncs", "Device windows restarted because the device's "
+                                     "clock jumped back", registry=r)
         self.model_info = Info("sensord_model", "The model bundle being served", registry=r)
         for reason in MESSAGE_REJECT_REASONS:
             self.messages_rejected.labels(reason)

@@ -234,32 +234,40 @@ class Intake:
         self.accepting = True
         self._lock = threading.Lock()
         self._warn = RateLimitedLog(log, cfg.logging.rate_limit_seconds)
+        self._resync_logged: set[str] = set()
         self.parser = self._parser(cfg, model)
 
     @staticmethod
     def _parser(cfg: SensordConfig, model: ServingModel) -> PayloadParser:
         m = cfg.mqtt
         return PayloadParser(model.bundle.channels, m.device_topic, m.device_field, m.timestamp_field,
-                             m.values_field)
+                             m.values_field, max_clock_skew=cfg.daemon.max_clock_skew_seconds)
 
     def _reject(self, reason: str, device: str, detail: str) -> None:
         self.metrics.readings_rejected.labels(reason).inc()
         self._warn.warning(f"reading:{reason}", "reading rejected reason=%s device=%s: %s", reason, device, detail)
 
-    def on_message(self, topic: str, payload: bytes) -> None:
+    def on_message(self, topic: str, payload: bytes, retained: bool = False) -> None:
         """Never raises: an exception here would end paho's network thread and silently stop intake."""
         try:
-            self._on_message(topic, payload)
+            self._on_message(topic, payload, retained)
         except Exception:  # noqa: BLE001
             self.metrics.messages_rejected.labels("internal_error").inc()
             if self._warn.allow("internal_error"):
                 log.exception("message on topic=%s could not be processed; daemon continues", topic)
 
-    def _on_message(self, topic: str, payload: bytes) -> None:
+    def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
         self.metrics.messages_received.inc()
         with self._lock:
             if not self.accepting:
                 self.metrics.messages_rejected.labels("stopping").inc()
+                return
+            if retained:
+                # The broker's stored copy, from before we subscribed: an old reading (or one from a glitched
+                # clock) that would be replayed on every restart. Live readings never arrive retained.
+                self.metrics.messages_rejected.labels("retained").inc()
+                self._warn.warning("message:retained", "retained message on topic=%s ignored: telemetry must "
+                                   "not be published with retain", topic)
                 return
             try:
                 readings = self.parser.parse(topic, payload)
@@ -280,14 +288,21 @@ class Intake:
                                      f"max_devices={self.cfg.daemon.max_devices} already tracked")
                         continue
                     buf = self.buffers[r.device] = WindowBuffer(self.model.spec, len(self.model.bundle.channels),
-                                                                r.device)
+                                                                r.device, self.cfg.daemon.clock_resync_after)
                     self.metrics.devices.set(len(self.buffers))
                     log.info("new device=%s (%d tracked)", r.device, len(self.buffers))
+                resyncs = buf.resyncs
                 try:
                     window = buf.push(r.timestamp, r.values)  # type: ignore[arg-type]
                 except ReadingRejected as exc:
                     self._reject(exc.reason.value, r.device, str(exc))
                     continue
+                if buf.resyncs != resyncs:
+                    self.metrics.clock_resyncs.inc()
+                    if r.device not in self._resync_logged:  # once per device; the counter has the rest
+                        self._resync_logged.add(r.device)
+                        log.warning("device=%s clock jumped back: %d readings in a row older than its last "
+                                    "one; window restarted at %.3f", r.device, buf.resync_after, r.timestamp)
                 if window is not None and not self.scoring.submit(self.model, window):
                     self._warn.warning("queue_full", "scoring queue full (%d): window of device=%s dropped",
                                        self.scoring.queue.maxsize, r.device)
@@ -298,6 +313,7 @@ class Intake:
             if model.compatible(self.model):
                 for buf in self.buffers.values():
                     buf.spec = model.spec  # same length and channels: keep the buffered readings
+                    buf.resync_after = cfg.daemon.clock_resync_after
             else:
                 log.warning("new model has a different window/channels: device windows restart")
                 self.buffers.clear()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import ssl
 import sys
@@ -18,7 +17,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -28,11 +26,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from .config import MqttConfig
+from .timeparse import unix_seconds
 
 log = logging.getLogger(__name__)
-
-# Epoch timestamps above this are milliseconds (1e11 s is the year 5138).
-_MS_THRESHOLD = 1e11
 
 
 class MessageRejected(ValueError):
@@ -52,22 +48,7 @@ class Reading:
 
 
 def _timestamp(raw: Any, arrival: float) -> float:
-    if raw is None:
-        return arrival
-    if isinstance(raw, bool):
-        raise ValueError(f"timestamp must be a number or ISO-8601 string, got {raw!r}")
-    if isinstance(raw, (int, float)):
-        ts = float(raw)
-        if not math.isfinite(ts):
-            raise ValueError(f"timestamp must be finite, got {raw!r}")
-        return ts / 1000.0 if ts > _MS_THRESHOLD else ts
-    if isinstance(raw, str):
-        try:
-            return _timestamp(float(raw), arrival)
-        except ValueError:
-            dt = datetime.fromisoformat(raw.strip().replace("Z", "+00:00"))
-            return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()
-    raise ValueError(f"timestamp must be a number or ISO-8601 string, got {type(raw).__name__}")
+    return arrival if raw is None else unix_seconds(raw)
 
 
 class PayloadParser:
@@ -83,8 +64,10 @@ class PayloadParser:
     """
 
     def __init__(self, channels: Sequence[str], device_topic: str | None, device_field: str | None,
-                 timestamp_field: str, values_field: str, clock: Callable[[], float] = time.time) -> None:
+                 timestamp_field: str, values_field: str, clock: Callable[[], float] = time.time,
+                 max_clock_skew: float | None = None) -> None:
         self.channels = tuple(channels)
+        self.max_clock_skew = max_clock_skew
         self.device_field = device_field
         self.timestamp_field = timestamp_field
         self.values_field = values_field
@@ -130,6 +113,11 @@ class PayloadParser:
             ts = _timestamp(item.get(self.timestamp_field), arrival)
         except (ValueError, OverflowError) as exc:
             return Reading(device, arrival, None, ("bad_timestamp", str(exc)))
+        if self.max_clock_skew is not None and ts > arrival + self.max_clock_skew:
+            # Never let it become the device's last reading: every later reading would be out of order.
+            return Reading(device, arrival, None, (
+                "future_timestamp", f"timestamp {ts:.3f} is {ts - arrival:.0f} s ahead of this host's clock "
+                f"(daemon.max_clock_skew_seconds={self.max_clock_skew:g})"))
         source = item.get(self.values_field, item)
         if not isinstance(source, dict):
             return Reading(device, ts, None, ("bad_value", f"{self.values_field!r} must be an object"))
@@ -147,7 +135,7 @@ class PayloadParser:
 class MqttConnection:
     """The daemon's single broker connection (inputs and outputs share it, and its last will)."""
 
-    def __init__(self, cfg: MqttConfig, on_message: Callable[[str, bytes], None],
+    def __init__(self, cfg: MqttConfig, on_message: Callable[[str, bytes, bool], None],
                  on_connected: Callable[[bool], None] | None = None) -> None:
         self.cfg = cfg
         self._on_message = on_message
@@ -235,7 +223,7 @@ class MqttConnection:
             self._on_connected_cb(False)
 
     def _handle_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        self._on_message(msg.topic, msg.payload)
+        self._on_message(msg.topic, msg.payload, bool(msg.retain))
 
     def publish(self, topic: str, payload: str | bytes, qos: int = 0, retain: bool = False) -> mqtt.MQTTMessageInfo:
         return self.client.publish(topic, payload, qos=qos, retain=retain)

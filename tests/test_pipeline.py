@@ -445,3 +445,38 @@ def test_an_unexpected_error_is_counted_logged_once_and_intake_goes_on(
     assert rig.scoring.queue.qsize() == 1
     assert rig.intake._lock.acquire(timeout=1)  # the lock was released on the error path
     rig.intake._lock.release()
+
+
+# -- unlucky timestamps (issue 14) --------------------------------------------------------------
+
+def test_future_reading_never_becomes_last_reading(rig: Rig, data: tuple[Path, Series]) -> None:
+    series = data[1]
+    rig.send_rows("p1", series, 0, 5)
+    rig.send("p1", time.time() + 365 * 86400, series.values[5])  # a gateway clock glitch, a year ahead
+    rig.send_rows("p1", series, 5, 30)
+    assert rig.value("sensord_readings_rejected_total", reason="future_timestamp") == 1
+    assert rig.value("sensord_readings_rejected_total", reason="out_of_order") == 0
+    assert rig.intake.buffers["p1"].last_timestamp == float(series.timestamps[29])
+    assert len(rig.queued()) == 30 - W + 1
+
+
+def test_clock_jump_back_resyncs_window_counted_and_logged_once(rig: Rig, data: tuple[Path, Series],
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    series = data[1]
+    rig.send_rows("p1", series, 0, W)
+    rig.send("p1", time.time(), series.values[W])  # no device clock for once: arrival time, ~2 years later
+    n = rig.cfg.daemon.clock_resync_after
+    with caplog.at_level(logging.WARNING, logger="sensord.pipeline"):
+        rig.send_rows("p1", series, W + 1, len(series))
+    assert rig.value("sensord_readings_rejected_total", reason="out_of_order") == n - 1
+    assert rig.value("sensord_clock_resyncs_total") == 1
+    assert len([r for r in caplog.records if "clock jumped back" in r.getMessage()]) == 1
+    rest = len(series) - (W + 1) - (n - 1)
+    assert len(rig.queued()) == 1 + rest - W + 1  # the window before, then all after the resync
+
+
+def test_retained_telemetry_is_ignored_and_counted(rig: Rig, data: tuple[Path, Series]) -> None:
+    body = {"ts": time.time(), "values": {ch: 1.0 for ch in CHANNELS}}
+    rig.intake.on_message("s/p1/t", json.dumps(body).encode(), retained=True)
+    assert rig.value("sensord_messages_rejected_total", reason="retained") == 1
+    assert rig.intake.buffers == {}

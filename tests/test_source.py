@@ -224,3 +224,40 @@ def test_non_finite_numbers_pass_the_parser() -> None:
     r = one(b'{"ts": 3, "a": NaN, "b": 2, "c": 3}')
     assert r.problem is None
     assert np.isnan(r.values[0])  # type: ignore[index]
+
+
+# -- the shared timestamp parser and the arrival clock ------------------------------------------
+
+@pytest.mark.parametrize("raw", [int(T0 * 1e6), int(T0 * 1e9), str(int(T0 * 1e6)), T0 * 1e6 + 500_000 - 500_000])
+def test_microseconds_and_nanoseconds_recognised(raw: object) -> None:
+    r = one({"ts": raw, "a": 1, "b": 2, "c": 3})
+    assert r.problem is None
+    assert r.timestamp == pytest.approx(T0, abs=1e-3)
+
+
+def test_csv_and_payload_timestamps_share_one_parser() -> None:
+    from sensord.dataio import parse_timestamp
+    for text in (str(T0), str(int(T0 * 1000)), str(int(T0 * 1e6)), "2024-01-01T00:00:00Z"):
+        assert parse_timestamp(text) == one({"ts": text, "a": 1, "b": 2, "c": 3}).timestamp == pytest.approx(T0)
+
+
+def skewed(max_skew: float) -> PayloadParser:
+    return PayloadParser(CHANNELS, TEMPLATE, None, "ts", "values", clock=lambda: ARRIVAL, max_clock_skew=max_skew)
+
+
+@pytest.mark.parametrize("ahead, ok", [(0.0, True), (299.0, True), (301.0, False), (365 * 86400.0, False)])
+def test_future_timestamp_rejected_beyond_max_clock_skew(ahead: float, ok: bool) -> None:
+    (r,) = skewed(300.0).parse("plant/p1/telemetry", json.dumps({"ts": ARRIVAL + ahead, "a": 1, "b": 2,
+                                                                  "c": 3}).encode())
+    if ok:
+        assert r.problem is None and r.timestamp == ARRIVAL + ahead
+    else:
+        assert r.values is None
+        assert r.problem is not None and r.problem[0] == "future_timestamp"
+        assert "max_clock_skew_seconds=300" in r.problem[1]
+
+
+def test_microseconds_taken_for_seconds_would_be_future_but_are_recognised() -> None:
+    (r,) = skewed(300.0).parse("plant/p1/telemetry", json.dumps({"ts": int(ARRIVAL * 1e6), "a": 1, "b": 2,
+                                                                  "c": 3}).encode())
+    assert r.problem is None and r.timestamp == pytest.approx(ARRIVAL, abs=1e-3)

@@ -1,0 +1,180 @@
+"""End to end (issue 14): one unlucky reading, device id or neighbour never silences a device or the daemon.
+
+Each test runs ``sensord run`` as a real subprocess against a private Mosquitto (the session broker, with
+topics of its own, or a broker of the test's own) and replays one of the hostile or unlucky inputs that used
+to take monitoring away silently: a timestamp from the future, values near the float32 maximum, a device id
+with NUL or a newline, two daemons with the default client id, idle connections to ``/metrics``, start-up
+mistakes, a flooding neighbour, a corrupted model that still loads. Every MQTT payload the daemon publishes
+is parsed as strict JSON (NaN and Infinity refused).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from broker import MosquittoBroker, MqttRecorder, publish
+from e2e_support import (
+    TINY_DETECTOR,
+    TINY_WINDOW,
+    DaemonProcess,
+    QosPublisher,
+    daemon_config,
+    merge,
+    tiny_train_config,
+    train_tiny_bundle,
+    wait_until,
+)
+
+from sensord.dataio import Series
+
+pytestmark = pytest.mark.e2e
+
+W = TINY_WINDOW
+DETECTOR = TINY_DETECTOR
+YEAR = 365 * 86400.0
+
+
+def strict_json(payload: bytes) -> Any:
+    """Parse as JSON a strict consumer accepts: NaN / Infinity raise."""
+    def refuse(name: str) -> Any:
+        raise ValueError(f"non-standard JSON constant {name}")
+    return json.loads(payload, parse_constant=refuse)
+
+
+@dataclass(frozen=True)
+class Models:
+    bundle: Path
+    series: Series  # healthy 1 Hz readings of 2024 (the labelled run's healthy lead)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
+    trained = train_tiny_bundle(tmp_path_factory.mktemp("unlucky"), tiny_train_config(epochs=15))
+    return Models(trained.bundle, trained.labelled.slice(0, 500))
+
+
+@dataclass
+class Env:
+    broker: MosquittoBroker
+    root: str
+    tmp: Path
+    models: Models
+    rec: MqttRecorder
+    pub: QosPublisher
+    daemons: list[DaemonProcess] = field(default_factory=list)
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.root}/sensord"
+
+    def topic(self, device: str) -> str:
+        return f"{self.root}/sensors/{device}/telemetry"
+
+    def config(self, **over: Any) -> dict[str, Any]:
+        base = daemon_config(self.broker, self.models.bundle, window=W, detector=DETECTOR,
+                             client_id=f"sensord-{uuid.uuid4().hex[:10]}",
+                             subscriptions=[self.topic("+")], device_topic=self.topic("{device}"),
+                             topic_prefix=self.prefix, reconnect_min_seconds=0.2, reconnect_max_seconds=1.0)
+        return merge(base, over)
+
+    def spawn(self, doc: dict[str, Any], name: str = "sensord") -> DaemonProcess:
+        d = DaemonProcess(self.tmp, name, doc)
+        self.daemons.append(d)
+        return d
+
+    def wait_online(self, d: DaemonProcess, prefix: str | None = None) -> None:
+        status = f"{prefix or self.prefix}/status"
+
+        def online() -> bool:
+            assert d.alive(), f"{d.name} exited with {d.proc.returncode}:\n{d.log()}"
+            return any(m.topic == status and m.payload == b"online" for m in self.rec.messages())
+        try:
+            wait_until(online, 20, f"{d.name} online")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; log:\n{d.log()[-3000:]}") from None
+
+    def start(self, name: str = "sensord", **over: Any) -> DaemonProcess:
+        d = self.spawn(self.config(**over), name)
+        self.wait_online(d)
+        return d
+
+    def reading(self, i: int, ts: Any = None, **over: Any) -> dict[str, Any]:
+        s = self.models.series
+        body: dict[str, Any] = {"values": {ch: float(s.values[i, j]) for j, ch in enumerate(s.channels)}}
+        body["ts"] = float(s.timestamps[i]) if ts is None else ts
+        body["values"].update(over)
+        return body
+
+    def send(self, device: str, body: Any, topic: str | None = None) -> None:
+        self.pub.send_raw(topic or self.topic(device), json.dumps(body))
+
+    def send_rows(self, device: str, start: int, stop: int) -> None:
+        for i in range(start, stop):
+            self.send(device, self.reading(i))
+
+    def payloads(self) -> list[Any]:
+        """Every payload the daemons published under the prefix, parsed strictly (the test fails on NaN)."""
+        return [(m.topic, strict_json(m.payload)) for m in self.rec.messages(self.prefix + "/")
+                if m.topic != f"{self.prefix}/status"]
+
+
+@pytest.fixture
+def env(broker: MosquittoBroker, topic_root: str, tmp_path: Path, models: Models) -> Iterator[Env]:
+    rec = MqttRecorder(broker.host, broker.port, f"{topic_root}/sensord/#").start()
+    pub = QosPublisher(broker)
+    e = Env(broker, topic_root, tmp_path, models, rec, pub)
+    try:
+        yield e
+    finally:
+        for d in e.daemons:
+            d.stop()
+        pub.close()
+        rec.stop()
+
+
+# -- 1. timestamps --------------------------------------------------------------------------------
+
+def test_future_timestamps_retained_readings_microseconds_and_clock_jumps_never_lock_a_device_out(
+        env: Env) -> None:
+    now = time.time()
+    # A reading a year ahead, published retained before the daemon starts (replayed on every restart).
+    publish(env.broker.host, env.broker.port, env.topic("pump-r"), json.dumps(env.reading(0, ts=now + YEAR)),
+            retain=True)
+    d = env.start()
+    try:
+        # pump-f: one reading from a glitched gateway clock, a year ahead, in the middle of its stream.
+        env.send_rows("pump-f", 0, 20)
+        env.send("pump-f", env.reading(20, ts=now + YEAR))
+        env.send_rows("pump-f", 21, 60)
+        # pump-r: streams normally after its retained future reading.
+        env.send_rows("pump-r", 0, 30)
+        # pump-u: microsecond timestamps.
+        for i in range(20):
+            env.send("pump-u", env.reading(i, ts=int(round(float(env.models.series.timestamps[i]) * 1e6))))
+        # pump-j: one reading without a timestamp (arrival time, years after its own clock), then its own clock.
+        env.send_rows("pump-j", 0, 15)
+        env.send("pump-j", {"values": env.reading(15)["values"]})
+        env.send_rows("pump-j", 16, 40)
+
+        n = 5  # daemon.clock_resync_after's default
+        d.wait_metric("sensord_windows_scored_total", 60 - 1 - W + 1, device="pump-f")
+        d.wait_metric("sensord_windows_scored_total", 30 - W + 1, device="pump-r")
+        d.wait_metric("sensord_windows_scored_total", 20 - W + 1, device="pump-u")
+        d.wait_metric("sensord_windows_scored_total", (15 - W + 1) + (40 - 16 - (n - 1)) - W + 1, device="pump-j")
+        assert d.metric("sensord_readings_rejected_total", reason="future_timestamp") == 1
+        assert d.metric("sensord_messages_rejected_total", reason="retained") == 1
+        assert d.metric("sensord_readings_rejected_total", reason="out_of_order") == n - 1
+        assert d.metric("sensord_clock_resyncs_total") == 1
+        log = d.log()
+        assert "reading rejected reason=future_timestamp device=pump-f" in log
+        assert sum("clock jumped back" in ln for ln in log.splitlines()) == 1
+        env.payloads()
+    finally:
+        publish(env.broker.host, env.broker.port, env.topic("pump-r"), b"", retain=True)  # clear the retained
