@@ -140,6 +140,9 @@ class ScoringConfig:
     error: Literal["mse", "mae"] = "mse"
     top_channels: Annotated[StrictInt, Field(ge=1, le=64)] = 3
     batch_max: Annotated[StrictInt, Field(ge=1, le=4096)] = 64
+    # Readings are clipped per channel to the healthy level +- this many healthy spreads (the bundle's scaler:
+    # mean +- k std, or min +- k range); far enough out to be an obvious anomaly, never overflowing to NaN.
+    clip_spreads: Annotated[StrictFloat, Field(gt=0.0, le=1e6)] = 1000.0
 
 
 @dataclass(config=_STRICT)

@@ -71,6 +71,8 @@ class DaemonMetrics:
         self.devices = Gauge("sensord_devices", "Devices currently tracked", registry=r)
         self.devices_rejected = Counter("sensord_devices_rejected",
                                         "Readings refused because max_devices was reached", registry=r)
+        self.values_clipped = Counter("sensord_values_clipped", "Readings clipped to the healthy range +- "
+                                      "scoring.clip_spreads spreads", registry=r)
         self.clock_resyncs = Counter("sensord_clock_resyncs", "Device windows restarted because the device's "
                                      "clock jumped back", registry=r)
         self.model_info = Info("sensord_model", "The model bundle being served", registry=r)

@@ -76,14 +76,24 @@ class ServingModel:
     spec: WindowSpec
     detector: DetectorConfig
     top_k: int
+    low: np.ndarray  # per-channel clip bounds (float64), see scoring.clip_spreads
+    high: np.ndarray
 
     @classmethod
     def load(cls, cfg: SensordConfig) -> ServingModel:
         """Load and validate the configured bundle against the config (raises BundleError)."""
         bundle = ModelBundle.load(cfg.daemon.model, cfg.data.channels or None, cfg.window.length)
         spec = WindowSpec(bundle.window_length, cfg.window.hop, cfg.window.max_gap_seconds)
+        offset = bundle.scaler.offset.astype(np.float64)
+        spread = cfg.scoring.clip_spreads * bundle.scaler.scale.astype(np.float64)
         return cls(bundle, Scorer(bundle, max_batch=cfg.scoring.batch_max), spec, cfg.detector,
-                   cfg.scoring.top_channels)
+                   cfg.scoring.top_channels, offset - spread, offset + spread)
+
+    def clip(self, values: np.ndarray) -> np.ndarray | None:
+        """``values`` clipped to the bounds, or None when they are within them (NaN is left to the buffer)."""
+        if (np.all(values >= self.low) and np.all(values <= self.high)) or not np.all(np.isfinite(values)):
+            return None
+        return np.clip(values, self.low, self.high)
 
     def compatible(self, other: ServingModel) -> bool:
         return (self.bundle.channels == other.bundle.channels
@@ -291,9 +301,17 @@ class Intake:
                                                                 r.device, self.cfg.daemon.clock_resync_after)
                     self.metrics.devices.set(len(self.buffers))
                     log.info("new device=%s (%d tracked)", r.device, len(self.buffers))
+                values = r.values
+                clipped = self.model.clip(values)  # type: ignore[arg-type]
+                if clipped is not None:
+                    self.metrics.values_clipped.inc()
+                    self._warn.warning("clipped", "reading of device=%s outside the healthy range by more than "
+                                       "scoring.clip_spreads=%g spreads: clipped", r.device,
+                                       self.cfg.scoring.clip_spreads)
+                    values = clipped
                 resyncs = buf.resyncs
                 try:
-                    window = buf.push(r.timestamp, r.values)  # type: ignore[arg-type]
+                    window = buf.push(r.timestamp, values)  # type: ignore[arg-type]
                 except ReadingRejected as exc:
                     self._reject(exc.reason.value, r.device, str(exc))
                     continue

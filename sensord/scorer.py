@@ -31,6 +31,10 @@ def _interpreter_class() -> Callable[..., Any]:
         return tf.lite.Interpreter
 
 
+# The error a window gets when its error is not finite (inf/NaN from an overflow): maximally anomalous.
+MAX_ERROR = float(np.finfo(np.float32).max)
+
+
 @dataclass(frozen=True)
 class ScoredBatch:
     errors: np.ndarray  # (B,) float64 per-window error
@@ -123,8 +127,13 @@ class Scorer:
                              f"{len(self.bundle.channels)}), got {w.shape}")
         if len(w) == 0:
             return ScoredBatch(np.zeros(0), np.zeros((0, w.shape[2])))
-        scaled = self.bundle.scaler.transform(w)
-        errors, shares = reconstruction_errors(scaled, self.reconstruct(scaled), self.bundle.error_metric)
+        with np.errstate(over="ignore", invalid="ignore"):  # handled below
+            scaled = self.bundle.scaler.transform(w)
+            errors, shares = reconstruction_errors(scaled, self.reconstruct(scaled), self.bundle.error_metric)
+        bad = ~np.isfinite(errors)
+        if bad.any():  # an overflow anywhere in the window: as anomalous as it gets, never NaN downstream
+            errors[bad] = MAX_ERROR
+            shares[bad] = 1.0 / shares.shape[1]
         return ScoredBatch(errors, shares)
 
     def top_channels(self, shares: np.ndarray, k: int) -> tuple[tuple[str, float], ...]:

@@ -121,7 +121,7 @@ class PayloadParser:
         source = item.get(self.values_field, item)
         if not isinstance(source, dict):
             return Reading(device, ts, None, ("bad_value", f"{self.values_field!r} must be an object"))
-        values = np.empty(len(self.channels), dtype=np.float32)
+        values = np.empty(len(self.channels), dtype=np.float64)  # float64: 1e39 stays finite, to be clipped
         for j, ch in enumerate(self.channels):
             v = source.get(ch)
             if v is None:

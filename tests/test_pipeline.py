@@ -32,6 +32,10 @@ TINY = {
 }
 
 
+def _refuse(constant: str) -> Any:
+    raise AssertionError(f"payload is not strict JSON: {constant}")
+
+
 class FakePublisher:
     """Records every publish call (thread-safe: the scoring thread publishes)."""
 
@@ -41,7 +45,7 @@ class FakePublisher:
 
     def publish(self, topic: str, payload: str | bytes, qos: int = 0, retain: bool = False) -> None:
         with self._lock:
-            self.calls.append((topic, json.loads(payload), qos, retain))
+            self.calls.append((topic, json.loads(payload, parse_constant=_refuse), qos, retain))
 
     def on(self, topic: str) -> list[tuple[str, dict[str, Any], int, bool]]:
         with self._lock:
@@ -480,3 +484,36 @@ def test_retained_telemetry_is_ignored_and_counted(rig: Rig, data: tuple[Path, S
     rig.intake.on_message("s/p1/t", json.dumps(body).encode(), retained=True)
     assert rig.value("sensord_messages_rejected_total", reason="retained") == 1
     assert rig.intake.buffers == {}
+
+
+# -- never NaN (issue 14) -------------------------------------------------------------------------
+
+def test_values_near_float32_max_are_clipped_scored_finite_and_alert_in_strict_json(
+        data: tuple[Path, Series], rigs: list[Rig]) -> None:
+    series = data[1]
+    r = Rig(make_cfg(data[0]), batch_wait=0.05)
+    rigs.append(r)
+    r.scoring.start()
+    r.send_rows("p1", series, 0, 20)
+    for i in range(20, 40):  # a common "invalid" marker, and one beyond float32
+        r.send("p1", float(series.timestamps[i]), [3e38 if i % 2 else 1e300] * len(CHANNELS))
+    assert r.scoring.drain(5.0)
+    assert r.value("sensord_values_clipped_total") == 20
+    assert r.value("sensord_readings_rejected_total", reason="non_finite") == 0
+    assert r.value("sensord_windows_scored_total", device="p1") == 40 - W + 1
+    assert np.isfinite(r.value("sensord_reconstruction_error", device="p1"))
+    assert np.isfinite(r.value("sensord_anomaly_score", device="p1"))
+    assert [b["state"] for _, b, _, _ in r.pub.on(f"{PREFIX}/alerts/p1")] == ["raised"]
+    hi = r.model.high
+    assert np.all(hi < np.finfo(np.float32).max)
+
+
+def test_payloads_never_carry_nan() -> None:
+    from sensord.detector import AlertEvent
+    from sensord.sinks import alert_payload, dumps
+    nan = float("nan")
+    ev = AlertEvent("p1", "raised", 0.0, 1.0, 1.0, nan, float("inf"), 0.5, (("a", nan),))
+    body = json.loads(dumps(alert_payload(ev, "m")), parse_constant=lambda c: pytest.fail(c))
+    assert body["score"] is None and body["error"] is None and body["top_channels"][0]["share"] is None
+    with pytest.raises(ValueError):
+        dumps({"x": nan})

@@ -178,3 +178,23 @@ def test_future_timestamps_retained_readings_microseconds_and_clock_jumps_never_
         env.payloads()
     finally:
         publish(env.broker.host, env.broker.port, env.topic("pump-r"), b"", retain=True)  # clear the retained
+
+
+# -- 2. never NaN ---------------------------------------------------------------------------------
+
+def test_values_near_float32_max_raise_an_alert_with_finite_scores_in_strict_json(env: Env) -> None:
+    d = env.start(mqtt={"publish_scores": True})
+    env.send_rows("pump-n", 0, 20)
+    for i in range(20, 30):  # 3e38: a common "invalid" marker; 1e39 overflows float32
+        env.send("pump-n", env.reading(i, **{ch: (3e38 if i % 2 else 1e39) for ch in env.models.series.channels}))
+    d.wait_metric("sensord_windows_scored_total", 30 - W + 1, device="pump-n")
+    env.rec.wait_for(lambda m: m.topic == f"{env.prefix}/scores/pump-n" and b'"window_end"' in m.payload
+                     and len(env.rec.messages(f"{env.prefix}/scores/pump-n")) == 30 - W + 1)
+    alert = [b for t, b in env.payloads() if t == f"{env.prefix}/alerts/pump-n"]
+    assert [a["state"] for a in alert] == ["raised"], d.log()
+    assert alert[0]["score"] > 1
+    scores = [b for t, b in env.payloads() if t == f"{env.prefix}/scores/pump-n"]
+    assert len(scores) == 30 - W + 1 and all(isinstance(b["score"], float) for b in scores)
+    assert d.metric("sensord_values_clipped_total") == 10
+    error = d.metric("sensord_reconstruction_error", device="pump-n")
+    assert error is not None and error == error and error < float("inf")  # not NaN, finite
