@@ -29,7 +29,7 @@ from .detector import AlertDetector, AlertEvent, Decision
 from .metrics import DaemonMetrics
 from .scorer import Scorer
 from .sinks import AlertPublisher, MetricsSink
-from .source import MessageRejected, PayloadParser
+from .source import MessageRejected, PayloadParser, escape
 from .windows import ReadingRejected, Window, WindowBuffer, WindowSpec
 
 log = logging.getLogger(__name__)
@@ -255,7 +255,8 @@ class Intake:
 
     def _reject(self, reason: str, device: str, detail: str) -> None:
         self.metrics.readings_rejected.labels(reason).inc()
-        self._warn.warning(f"reading:{reason}", "reading rejected reason=%s device=%s: %s", reason, device, detail)
+        self._warn.warning(f"reading:{reason}", "reading rejected reason=%s device=%s: %s", reason, escape(device),
+                           escape(detail))
 
     def on_message(self, topic: str, payload: bytes, retained: bool = False) -> None:
         """Never raises: an exception here would end paho's network thread and silently stop intake."""
@@ -264,7 +265,7 @@ class Intake:
         except Exception:  # noqa: BLE001
             self.metrics.messages_rejected.labels("internal_error").inc()
             if self._warn.allow("internal_error"):
-                log.exception("message on topic=%s could not be processed; daemon continues", topic)
+                log.exception("message on topic=%s could not be processed; daemon continues", escape(topic))
 
     def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
         self.metrics.messages_received.inc()
@@ -277,14 +278,14 @@ class Intake:
                 # clock) that would be replayed on every restart. Live readings never arrive retained.
                 self.metrics.messages_rejected.labels("retained").inc()
                 self._warn.warning("message:retained", "retained message on topic=%s ignored: telemetry must "
-                                   "not be published with retain", topic)
+                                   "not be published with retain", escape(topic))
                 return
             try:
                 readings = self.parser.parse(topic, payload)
             except MessageRejected as exc:
                 self.metrics.messages_rejected.labels(exc.reason).inc()
                 self._warn.warning(f"message:{exc.reason}", "message rejected reason=%s topic=%s: %s",
-                                   exc.reason, topic, exc)
+                                   exc.reason, escape(topic), escape(exc))
                 return
             for r in readings:
                 if r.problem is not None:

@@ -31,6 +31,44 @@ from .timeparse import unix_seconds
 log = logging.getLogger(__name__)
 
 
+MAX_DEVICE_ID_BYTES = 128
+_TOPIC_SPECIAL = frozenset("#+/")
+
+
+def device_id_problem(device: str) -> str | None:
+    r"""Why ``device`` cannot be a device id, or None if it can: the one rule for every intake path.
+
+    A device id becomes an MQTT topic level (``{prefix}/state/{device}``), a log field and a metric
+    label, so it must be non-empty, at most 128 bytes of UTF-8, printable (no NUL, newline or other
+    control character), and free of the topic characters ``#``, ``+`` and ``/``.
+
+    >>> [device_id_problem(d) is None for d in ("pump-1", "Pumpe_Ä.2", "", "a/b", "a+", "x\x00", "a\nb")]
+    [True, True, False, False, False, False, False]
+    """
+    if not device:
+        return "device id is empty"
+    if len(device.encode("utf-8", "surrogatepass")) > MAX_DEVICE_ID_BYTES:
+        return f"device id is longer than {MAX_DEVICE_ID_BYTES} bytes"
+    if not device.isprintable():
+        return "device id contains a control or non-printable character"
+    bad = sorted(_TOPIC_SPECIAL.intersection(device))
+    if bad:
+        return f"device id contains {' '.join(bad)} (MQTT topic characters)"
+    return None
+
+
+def escape(text: object, limit: int = 200) -> str:
+    r"""``text`` safe for one log line: non-printable characters and backslashes escaped, length bounded.
+
+    >>> escape("pump\nINFO forged\x00")
+    'pump\\nINFO forged\\x00'
+    """
+    s = str(text)
+    out = "".join(c if c.isprintable() and c != "\\" else c.encode("unicode_escape").decode("ascii")
+                  for c in s[:limit])
+    return out + ("…" if len(s) > limit else "")
+
+
 class MessageRejected(ValueError):
     """A whole message is unusable; ``reason`` is a bounded metric label."""
 
@@ -101,10 +139,19 @@ class PayloadParser:
                 raise MessageRejected("bad_payload", f"item {i}: expected a JSON object, got {type(item).__name__}")
             device = topic_device
             if self.device_field is not None and self.device_field in item:
-                device = str(item[self.device_field])
-            if not device:
+                raw = item[self.device_field]
+                if isinstance(raw, bool) or not isinstance(raw, (str, int)):
+                    readings.append(Reading("?", arrival, None, (
+                        "bad_device_id", f"field {self.device_field!r} must be a string, got {type(raw).__name__}")))
+                    continue
+                device = str(raw)
+            if device is None:
                 raise MessageRejected("no_device", f"no device id in topic {topic!r}"
                                       + (f" or field {self.device_field!r}" if self.device_field else ""))
+            problem = device_id_problem(device)
+            if problem is not None:
+                readings.append(Reading(device, arrival, None, ("bad_device_id", problem)))
+                continue
             readings.append(self._reading(device, item, arrival))
         return readings
 

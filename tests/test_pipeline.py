@@ -517,3 +517,20 @@ def test_payloads_never_carry_nan() -> None:
     assert body["score"] is None and body["error"] is None and body["top_channels"][0]["share"] is None
     with pytest.raises(ValueError):
         dumps({"x": nan})
+
+
+def test_bad_device_ids_rejected_counted_and_logged_escaped(data: tuple[Path, Series],
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    cfg = config_from_dict({"window": {"length": W}, "daemon": {"model": str(data[0])},
+                            "mqtt": {"device_field": "id", "device_topic": None, "subscriptions": ["s/#"]},
+                            "logging": {"rate_limit_seconds": 0.0}})
+    r = Rig(cfg)
+    good = {ch: 1.0 for ch in CHANNELS}
+    with caplog.at_level(logging.WARNING, logger="sensord.pipeline"):
+        for dev in ("nul\x00", "evil\nCRITICAL forged", "a/b", "ok"):
+            r.intake.on_message("s/x", json.dumps({"id": dev, "ts": 1, **good}).encode())
+    assert r.value("sensord_readings_rejected_total", reason="bad_device_id") == 3
+    assert list(r.intake.buffers) == ["ok"]
+    text = "\n".join(rec.getMessage() for rec in caplog.records)
+    assert "evil\\nCRITICAL forged" in text and "\x00" not in text
+    assert not any(line.startswith("CRITICAL") for line in text.splitlines())

@@ -45,7 +45,7 @@ def test_flat_object() -> None:
     assert r.device == "p1"
     assert r.timestamp == 5.0
     assert r.problem is None
-    assert r.values is not None and r.values.dtype == np.float32
+    assert r.values is not None and r.values.dtype == np.float64  # float64, so 1e39 can be clipped, not overflow
     assert r.values.tolist() == [1.0, 2.5, -3.0]
 
 
@@ -261,3 +261,37 @@ def test_microseconds_taken_for_seconds_would_be_future_but_are_recognised() -> 
     (r,) = skewed(300.0).parse("plant/p1/telemetry", json.dumps({"ts": int(ARRIVAL * 1e6), "a": 1, "b": 2,
                                                                   "c": 3}).encode())
     assert r.problem is None and r.timestamp == pytest.approx(ARRIVAL, abs=1e-3)
+
+
+# -- device ids (issue 14) ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", ["", "a/b", "a+b", "a#", "nul\x00id", "new\nline", "tab\there", "\x1b[31m",
+                                    "x" * 129, "ü" * 65])
+def test_bad_device_id_from_a_payload_field_is_rejected(device: str) -> None:
+    (r,) = parse({"id": device, "ts": 1, "a": 1, "b": 2, "c": 3}, topic="x", device_topic=None, device_field="id")
+    assert r.values is None
+    assert r.problem is not None and r.problem[0] == "bad_device_id"
+
+
+@pytest.mark.parametrize("device", ["pump-1", "Pumpe_Ä.2", "x" * 128, "ü" * 64, 17])
+def test_good_device_ids_pass(device: object) -> None:
+    (r,) = parse({"id": device, "ts": 1, "a": 1, "b": 2, "c": 3}, topic="x", device_topic=None, device_field="id")
+    assert r.problem is None and r.device == str(device)
+
+
+@pytest.mark.parametrize("raw", [None, True, 1.5, ["a"], {"a": 1}])
+def test_device_field_of_another_type_is_a_bad_device_id(raw: object) -> None:
+    (r,) = parse({"id": raw, "ts": 1, "a": 1, "b": 2, "c": 3}, topic="x", device_topic=None, device_field="id")
+    assert r.problem is not None and r.problem[0] == "bad_device_id"
+
+
+def test_bad_device_id_from_the_topic_is_rejected() -> None:
+    (r,) = parse({"ts": 1, "a": 1, "b": 2, "c": 3}, topic="plant/evil\nINFO x/telemetry")
+    assert r.problem is not None and r.problem[0] == "bad_device_id"
+
+
+def test_escape_keeps_a_log_line_one_line() -> None:
+    from sensord.source import escape
+    assert escape("a\nb\r\x00\\n") == "a\\nb\\r\\x00\\\\n"
+    assert escape("Pumpe Ä") == "Pumpe Ä"
+    assert escape("x" * 500, limit=10) == "x" * 10 + "…"

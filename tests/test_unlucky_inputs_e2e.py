@@ -198,3 +198,25 @@ def test_values_near_float32_max_raise_an_alert_with_finite_scores_in_strict_jso
     assert d.metric("sensord_values_clipped_total") == 10
     error = d.metric("sensord_reconstruction_error", device="pump-n")
     assert error is not None and error == error and error < float("inf")  # not NaN, finite
+
+
+# -- 3. device ids --------------------------------------------------------------------------------
+
+def test_device_id_with_nul_or_newline_is_rejected_and_the_neighbour_keeps_being_scored(env: Env) -> None:
+    d = env.start(mqtt={"device_field": "machine", "device_topic": None})
+    plant = env.topic("gateway1")
+    for i in range(40):
+        env.send("", {"machine": "healthy", **env.reading(i)}, topic=plant)
+        if i in (5, 15, 25):
+            env.send("", [{"machine": "nul\x00id", **env.reading(i)},
+                          {"machine": "evil\nCRITICAL sensord: forged line", **env.reading(i)},
+                          {"machine": "wild/+/#", **env.reading(i)}], topic=plant)
+    d.wait_metric("sensord_windows_scored_total", 40 - W + 1, device="healthy")
+    assert d.metric("sensord_readings_rejected_total", reason="bad_device_id") == 9
+    assert d.metric("sensord_mqtt_reconnects_total") == 0
+    assert d.metric("sensord_devices") == 1
+    log = d.log()
+    assert "mqtt disconnected" not in log, log
+    assert not any(ln.startswith("CRITICAL") for ln in log.splitlines()), log
+    assert "reading rejected reason=bad_device_id" in log
+    assert {t for t, _ in env.payloads()} == {f"{env.prefix}/state/healthy"}
