@@ -29,8 +29,8 @@ disable_created_metrics()
 
 MESSAGE_REJECT_REASONS = ("malformed_json", "bad_payload", "no_device", "retained", "stopping",
                           "internal_error")
-READING_REJECT_REASONS = ("bad_device_id", "missing_channel", "bad_value", "bad_timestamp", "future_timestamp", "out_of_order",
-                          "non_finite", "wrong_shape", "device_limit")
+READING_REJECT_REASONS = ("bad_device_id", "missing_channel", "bad_value", "bad_timestamp", "future_timestamp",
+                          "out_of_order", "non_finite", "wrong_shape", "device_limit")
 
 
 class MetricsUnavailable(RuntimeError):
