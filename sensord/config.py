@@ -173,7 +173,9 @@ class MqttConfig:
 
     host: StrictStr = "127.0.0.1"
     port: Port = 1883
-    client_id: StrictStr = "sensord"
+    # None: "sensord-<hostname>-<8 hex digits of the config file's path>", unique per host and instance and
+    # stable across restarts (a persistent session needs the same id every time).
+    client_id: StrictStr | None = None
     keepalive: Annotated[StrictInt, Field(ge=5, le=65535)] = 30
     protocol: Literal["5", "3.1.1"] = "5"
     username: StrictStr | None = None
@@ -194,6 +196,13 @@ class MqttConfig:
     @classmethod
     def _protocol_number(cls, v: Any) -> Any:
         return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @field_validator("client_id")
+    @classmethod
+    def _client_id(cls, v: str | None) -> str | None:
+        if v is not None and not 1 <= len(v.encode("utf-8")) <= 128:
+            raise ValueError(f"must be 1 to 128 bytes (or null for the default), got {json.dumps(v)}")
+        return v
 
     @field_validator("subscriptions")
     @classmethod

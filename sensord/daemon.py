@@ -22,7 +22,7 @@ from .metrics import DaemonMetrics
 from .notify import SystemdNotifier, WatchdogPinger, watchdog_interval
 from .pipeline import Intake, ScoringLoop, ServingModel
 from .sinks import AlertPublisher
-from .source import MqttConnection
+from .source import MqttConnection, default_client_id
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,11 @@ class Daemon:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._reconnects_seen = 0
+        self._takeovers_seen = 0
         self.metrics.set_model(model.bundle.model_id, model.bundle.created, model.bundle.window_length,
                                model.spec.hop, model.bundle.channels, model.bundle.threshold.value)
-        self.mqtt = MqttConnection(cfg.mqtt, self._on_message, self._on_connected)
+        self.mqtt = MqttConnection(cfg.mqtt, self._on_message, self._on_connected,
+                                   cfg.mqtt.client_id or default_client_id(self.config_path))
         self.alerts = AlertPublisher(self.mqtt, cfg.mqtt.topic_prefix, cfg.mqtt.publish_scores)
         self.scoring = ScoringLoop(self.metrics, self.alerts, cfg.daemon.queue_size, cfg.scoring.batch_max,
                                    cfg.daemon.batch_wait_seconds)
@@ -67,6 +69,9 @@ class Daemon:
 
     def _on_connected(self, up: bool) -> None:
         self.metrics.mqtt_connected.set(1 if up else 0)
+        if self.mqtt.takeovers > self._takeovers_seen:
+            self.metrics.mqtt_session_takeovers.inc(self.mqtt.takeovers - self._takeovers_seen)
+            self._takeovers_seen = self.mqtt.takeovers
         if up and self.mqtt.reconnects > self._reconnects_seen:
             self.metrics.mqtt_reconnects.inc(self.mqtt.reconnects - self._reconnects_seen)
             self._reconnects_seen = self.mqtt.reconnects

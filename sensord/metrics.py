@@ -68,6 +68,8 @@ class DaemonMetrics:
         self.mqtt_connected = Gauge("sensord_mqtt_connected", "1 while connected to the broker", registry=r)
         self.mqtt_reconnects = Counter("sensord_mqtt_reconnects", "Reconnections to the broker after a loss",
                                        registry=r)
+        self.mqtt_session_takeovers = Counter("sensord_mqtt_session_takeovers", "Disconnections because another "
+                                              "client connected with our client id", registry=r)
         self.devices = Gauge("sensord_devices", "Devices currently tracked", registry=r)
         self.devices_rejected = Counter("sensord_devices_rejected",
                                         "Readings refused because max_devices was reached", registry=r)

@@ -8,9 +8,12 @@ will, reconnects, and publishing for the sinks.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import re
+import socket
 import ssl
 import sys
 import threading
@@ -67,6 +70,17 @@ def escape(text: object, limit: int = 200) -> str:
     out = "".join(c if c.isprintable() and c != "\\" else c.encode("unicode_escape").decode("ascii")
                   for c in s[:limit])
     return out + ("…" if len(s) > limit else "")
+
+
+def default_client_id(config_path: str | None) -> str:
+    """``sensord-<hostname>-<8 hex of the config file's absolute path>``: unique per host and instance.
+
+    Stable across restarts (same host, same config file), which a persistent session needs, and
+    different for two daemons on one host (they have two config files) or on two hosts.
+    """
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:40] or "host"
+    where = os.path.abspath(config_path) if config_path else "-"
+    return f"sensord-{host}-{hashlib.sha256(where.encode()).hexdigest()[:8]}"
 
 
 class MessageRejected(ValueError):
@@ -179,12 +193,21 @@ class PayloadParser:
         return Reading(device, ts, values)
 
 
+_SESSION_TAKEN_OVER = 0x8E  # MQTT 5 DISCONNECT reason code: another client connected with this client id
+_PROMPT_RECONNECT_SECONDS = 10.0
+
+
 class MqttConnection:
     """The daemon's single broker connection (inputs and outputs share it, and its last will)."""
 
     def __init__(self, cfg: MqttConfig, on_message: Callable[[str, bytes, bool], None],
-                 on_connected: Callable[[bool], None] | None = None) -> None:
+                 on_connected: Callable[[bool], None] | None = None, client_id: str | None = None) -> None:
         self.cfg = cfg
+        self.client_id = client_id or cfg.client_id or default_client_id(None)
+        self.takeovers = 0
+        self._takeover_logged = -1e9
+        self._dropped_at: float | None = None
+        self._prompt_drops: list[float] = []
         self._on_message = on_message
         self._on_connected_cb = on_connected
         self.connected = threading.Event()
@@ -193,7 +216,7 @@ class MqttConnection:
         self.status_topic = f"{cfg.topic_prefix}/status"
         v5 = cfg.protocol == "5"
         self._v5 = v5
-        self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=cfg.client_id,
+        self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=self.client_id,
                                   protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
                                   **({} if v5 else {"clean_session": True}))
         if cfg.username is not None:
@@ -230,8 +253,9 @@ class MqttConnection:
         self._last_failure = None
         if self.ever_connected:
             self.reconnects += 1
-        log.info("mqtt connected to %s:%d (%s)", self.cfg.host, self.cfg.port,
-                 "MQTT 5" if self._v5 else "MQTT 3.1.1")
+        self._check_dropped()
+        log.info("mqtt connected to %s:%d (%s) as client id %s", self.cfg.host, self.cfg.port,
+                 "MQTT 5" if self._v5 else "MQTT 3.1.1", self.client_id)
         # Subscribe before announcing "online": the broker handles one client's packets in order, so
         # whoever sees "online" can publish readings and be sure the subscription is already in place.
         if self._subscribed:
@@ -242,6 +266,31 @@ class MqttConnection:
         self.connected.set()
         if self._on_connected_cb:
             self._on_connected_cb(True)
+
+    def _taken_over(self, what: str) -> None:
+        self.takeovers += 1
+        now = time.monotonic()
+        if now - self._takeover_logged >= 30.0:  # a fight between two clients would flood the log
+            self._takeover_logged = now
+            log.error("mqtt session taken over: %s (%d times so far); give every sensord its own mqtt.client_id "
+                      "(or leave it unset for the per-host default)", what, self.takeovers)
+
+    def _check_dropped(self) -> None:
+        """After a reconnect: was the last connection closed by a broker that is clearly up?
+
+        Mosquitto before 2.0.? closes the older of two connections with one client id without an MQTT 5
+        reason code, and paho reports only "Unspecified error". A broker that closes a healthy connection
+        and accepts the reconnect at once, twice within a minute, is taken as a session takeover.
+        """
+        now = time.monotonic()
+        dropped, self._dropped_at = self._dropped_at, None
+        if dropped is None or now - dropped > _PROMPT_RECONNECT_SECONDS:
+            return
+        self._prompt_drops = [t for t in self._prompt_drops if now - t <= 60.0] + [now]
+        if len(self._prompt_drops) >= 2:
+            self._taken_over(f"the broker {self.cfg.host}:{self.cfg.port} closed our connection "
+                             f"{len(self._prompt_drops)} times within a minute and accepted us again at once: "
+                             f"another client is probably using client id {self.client_id!r}")
 
     def _handle_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         """A (re)connect attempt failed before any CONNACK: refused, unreachable, TLS handshake.
@@ -262,6 +311,11 @@ class MqttConnection:
     def _handle_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         was = self.connected.is_set()
         self.connected.clear()
+        if getattr(reason, "value", None) == _SESSION_TAKEN_OVER:
+            self._taken_over(f"another client connected to {self.cfg.host}:{self.cfg.port} with client id "
+                             f"{self.client_id!r}")
+        elif was and not self._closing:
+            self._dropped_at = time.monotonic()
         if was and self._closing:
             log.info("mqtt disconnected from %s:%d", self.cfg.host, self.cfg.port)
         elif was:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from datetime import datetime, timezone
 
 import numpy as np
@@ -295,3 +296,63 @@ def test_escape_keeps_a_log_line_one_line() -> None:
     assert escape("a\nb\r\x00\\n") == "a\\nb\\r\\x00\\\\n"
     assert escape("Pumpe Ä") == "Pumpe Ä"
     assert escape("x" * 500, limit=10) == "x" * 10 + "…"
+
+
+# -- client id and session takeover (issue 14) ----------------------------------------------------
+
+def test_default_client_id_is_per_host_and_instance_and_stable() -> None:
+    import socket
+
+    from sensord.source import default_client_id
+    a1, a2 = default_client_id("/etc/sensord/a.yaml"), default_client_id("/etc/sensord/a.yaml")
+    b = default_client_id("/etc/sensord/b.yaml")
+    assert a1 == a2 != b
+    host = "".join(c if c.isalnum() or c in "._-" else "-" for c in socket.gethostname())[:40]
+    assert a1.startswith(f"sensord-{host}-") and len(a1) == len(f"sensord-{host}-") + 8
+    assert len(a1.encode()) <= 64 and "/" not in a1 and "+" not in a1 and "#" not in a1
+
+
+def test_config_client_id_defaults_to_none_and_must_not_be_empty() -> None:
+    from sensord.config import ConfigError, MqttConfig, config_from_dict
+    assert MqttConfig().client_id is None
+    with pytest.raises(ConfigError, match="mqtt.client_id"):
+        config_from_dict({"mqtt": {"client_id": ""}})
+
+
+def test_session_takeover_is_an_error_with_the_client_id_and_counted(caplog: pytest.LogCaptureFixture) -> None:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    from sensord.config import MqttConfig
+    from sensord.source import MqttConnection
+    conn = MqttConnection(MqttConfig(), lambda t, p, r: None, client_id="sensord-x")
+    taken = ReasonCode(PacketTypes.DISCONNECT, identifier=0x8E)
+    with caplog.at_level(logging.DEBUG, logger="sensord.source"):
+        for _ in range(3):
+            conn._handle_disconnect(conn.client, None, None, taken, None)
+    assert conn.takeovers == 3
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1  # a fight between two clients does not flood the log
+    assert "another client" in errors[0].getMessage() and "'sensord-x'" in errors[0].getMessage()
+
+
+def test_broker_closing_twice_and_accepting_at_once_is_taken_as_a_takeover(caplog: pytest.LogCaptureFixture) -> None:
+    """Mosquitto 2.0.11 closes the older connection without a reason code: paho says "Unspecified error"."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    from sensord.config import MqttConfig
+    from sensord.source import MqttConnection
+    conn = MqttConnection(MqttConfig(), lambda t, p, r: None, client_id="sensord-y")
+    ok = ReasonCode(PacketTypes.CONNACK, identifier=0)
+    closed = ReasonCode(PacketTypes.DISCONNECT, identifier=0x80)
+    with caplog.at_level(logging.DEBUG, logger="sensord.source"):
+        conn._handle_connect(conn.client, None, None, ok, None)
+        conn._handle_disconnect(conn.client, None, None, closed, None)
+        conn._handle_connect(conn.client, None, None, ok, None)
+        assert conn.takeovers == 0  # once is a broker hiccup
+        conn._handle_disconnect(conn.client, None, None, closed, None)
+        conn._handle_connect(conn.client, None, None, ok, None)
+    assert conn.takeovers == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "'sensord-y'" in errors[0] and "session taken over" in errors[0]

@@ -220,3 +220,34 @@ def test_device_id_with_nul_or_newline_is_rejected_and_the_neighbour_keeps_being
     assert not any(ln.startswith("CRITICAL") for ln in log.splitlines()), log
     assert "reading rejected reason=bad_device_id" in log
     assert {t for t, _ in env.payloads()} == {f"{env.prefix}/state/healthy"}
+
+
+# -- 4. client ids ----------------------------------------------------------------------------------
+
+def test_two_daemons_with_the_default_client_id_both_score(env: Env) -> None:
+    docs = []
+    for name in ("first", "second"):
+        doc = env.config(mqtt={"topic_prefix": f"{env.prefix}/{name}"})
+        del doc["mqtt"]["client_id"]  # the default, as a new user would run it
+        docs.append(doc)
+    first, second = env.spawn(docs[0], "first"), env.spawn(docs[1], "second")
+    env.wait_online(first, f"{env.prefix}/first")
+    env.wait_online(second, f"{env.prefix}/second")
+    env.send_rows("pump-c", 0, 30)
+    for d in (first, second):
+        d.wait_metric("sensord_windows_scored_total", 30 - W + 1, device="pump-c")
+        assert d.metric("sensord_mqtt_session_takeovers_total") == 0
+        assert d.metric("sensord_mqtt_reconnects_total") == 0
+    ids = [d.wait_log("as client id").rsplit(" ", 1)[1] for d in (first, second)]
+    assert ids[0] != ids[1] and all(i.startswith("sensord-") for i in ids)
+
+
+def test_same_client_id_twice_is_a_clear_error_with_a_metric(env: Env) -> None:
+    cid = f"sensord-dup-{uuid.uuid4().hex[:6]}"
+    first = env.spawn(env.config(mqtt={"client_id": cid, "topic_prefix": f"{env.prefix}/a"}), "first")
+    env.wait_online(first, f"{env.prefix}/a")
+    second = env.spawn(env.config(mqtt={"client_id": cid, "topic_prefix": f"{env.prefix}/b"}), "second")
+    line = first.wait_log("session taken over")
+    assert "ERROR" in line and f"'{cid}'" in line and "another client" in line, line
+    wait_until(lambda: (first.metric("sensord_mqtt_session_takeovers_total") or 0) >= 1, 15, "takeover counted")
+    second.stop()
