@@ -229,6 +229,10 @@ class MetricsConfig:
     enabled: StrictBool = True
     host: StrictStr = "127.0.0.1"
     port: Annotated[StrictInt, Field(ge=0, le=65535)] = 9108
+    # Every read and write on a /metrics connection; an idle connection is closed after this.
+    timeout_seconds: Annotated[StrictFloat, Field(gt=0.0, le=300.0)] = 10.0
+    # Simultaneous connections; more are closed at once (sensord_metrics_connections_rejected_total).
+    max_connections: Annotated[StrictInt, Field(ge=1, le=1000)] = 16
 
 
 @dataclass(config=_STRICT)

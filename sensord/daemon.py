@@ -117,7 +117,8 @@ class Daemon:
     def run(self) -> int:
         cfg = self.cfg
         if cfg.metrics.enabled:
-            self.metrics.serve(cfg.metrics.host, cfg.metrics.port)
+            self.metrics.serve(cfg.metrics.host, cfg.metrics.port, cfg.metrics.timeout_seconds,
+                               cfg.metrics.max_connections)
         self.scoring.start()
         self.mqtt.start()
         pinger = None

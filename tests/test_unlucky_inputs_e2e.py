@@ -11,6 +11,8 @@ is parsed as strict JSON (NaN and Infinity refused).
 from __future__ import annotations
 
 import json
+import os
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -251,3 +253,34 @@ def test_same_client_id_twice_is_a_clear_error_with_a_metric(env: Env) -> None:
     assert "ERROR" in line and f"'{cid}'" in line and "another client" in line, line
     wait_until(lambda: (first.metric("sensord_mqtt_session_takeovers_total") or 0) >= 1, 15, "takeover counted")
     second.stop()
+
+
+# -- 5. /metrics ------------------------------------------------------------------------------------
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_idle_metrics_connections_time_out_and_are_capped(env: Env) -> None:
+    cap = 4
+    d = env.start(metrics={"timeout_seconds": 2.0, "max_connections": cap})
+    baseline = open_fds(d.pid)
+    socks = []
+    try:
+        for _ in range(60):  # idle: connect, send nothing
+            socks.append(socket.create_connection(("127.0.0.1", d.metrics_port), timeout=10))
+            assert open_fds(d.pid) <= baseline + cap + 1  # +1: one being accepted and closed
+        for s in socks:  # every one is closed by the daemon: at once over the cap, after the timeout within it
+            s.settimeout(30)
+            try:
+                assert s.recv(1) == b""
+            except ConnectionResetError:
+                pass
+    finally:
+        for s in socks:
+            s.close()
+    assert (d.metric("sensord_metrics_connections_rejected_total") or 0) >= 1
+    assert d.alive()
+    # Broker traffic and reloads still work: nothing ran out of file descriptors.
+    env.send_rows("pump-m", 0, 20)
+    d.wait_metric("sensord_windows_scored_total", 20 - W + 1, device="pump-m")
