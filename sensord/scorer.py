@@ -58,6 +58,10 @@ def reconstruction_errors(scaled: np.ndarray, reconstructed: np.ndarray, metric:
     return errors, shares
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
 def _bucket(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -73,6 +77,11 @@ class Scorer:
         self._num_threads = num_threads
         self._interpreters: dict[int, tuple[Any, int, int]] = {}
         self._interpreter(1)  # fail now, not on the first window, if the model does not load
+        try:  # LiteRT prepares some operators only on the first invoke ("Node number 4 failed to prepare")
+            self.reconstruct(np.zeros((1, bundle.window_length, len(bundle.channels)), np.float32))
+        except (RuntimeError, ValueError) as exc:
+            from .bundle import BundleError
+            raise BundleError(f"{bundle.tflite_path}: the model does not run: {_one_line(exc)}") from None
 
     @property
     def channels(self) -> tuple[str, ...]:
@@ -94,9 +103,9 @@ class Scorer:
                                      f"({w}, {c}) in bundle.json")
                 it.resize_tensor_input(inp["index"], [batch, w, c])
                 it.allocate_tensors()
-            except ValueError as exc:
+            except (ValueError, RuntimeError) as exc:
                 from .bundle import BundleError
-                raise BundleError(f"{self.bundle.tflite_path}: cannot load model: {exc}") from None
+                raise BundleError(f"{self.bundle.tflite_path}: cannot load model: {_one_line(exc)}") from None
             hit = (it, inp["index"], it.get_output_details()[0]["index"])
             self._interpreters[batch] = hit
         return hit

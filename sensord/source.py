@@ -28,7 +28,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from .config import MqttConfig
+from .config import ConfigError, MqttConfig
 from .timeparse import unix_seconds
 
 log = logging.getLogger(__name__)
@@ -193,6 +193,34 @@ class PayloadParser:
         return Reading(device, ts, values)
 
 
+def tls_file_problems(cfg: MqttConfig) -> list[str]:
+    """The configured TLS files that cannot be read, each as ``mqtt.tls.<key>: ...`` (empty if all can)."""
+    problems = []
+    for key in ("ca_file", "cert_file", "key_file"):
+        path = getattr(cfg.tls, key) if cfg.tls is not None else None
+        if path is not None:
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                problems.append(f"mqtt.tls.{key}: cannot read {path}: {exc.strerror or exc}")
+    return problems
+
+
+def _refusal_hint(reason: Any) -> str:
+    """What to check for a CONNACK refusal (MQTT 5 reason codes; paho maps MQTT 3.1.1 codes onto them)."""
+    value = getattr(reason, "value", None)
+    if value in (0x86, 0x87, 0x8C):  # bad user name or password, not authorized, bad authentication method
+        return "check mqtt.username and mqtt.password, and the broker's password file and ACL"
+    if value == 0x85:
+        return "the broker refuses the client id: set mqtt.client_id"
+    if value == 0x84:
+        return "the broker does not speak this MQTT version: set mqtt.protocol"
+    if value == 0x8A:
+        return "the broker bans this client"
+    return ""
+
+
 _SESSION_TAKEN_OVER = 0x8E  # MQTT 5 DISCONNECT reason code: another client connected with this client id
 _PROMPT_RECONNECT_SECONDS = 10.0
 
@@ -207,6 +235,7 @@ class MqttConnection:
         self.takeovers = 0
         self._takeover_logged = -1e9
         self._dropped_at: float | None = None
+        self._answered = False  # a CONNACK came for the current connection attempt
         self._prompt_drops: list[float] = []
         self._on_message = on_message
         self._on_connected_cb = on_connected
@@ -223,8 +252,14 @@ class MqttConnection:
             self.client.username_pw_set(cfg.username, cfg.password)
         if cfg.tls is not None:
             t = cfg.tls
-            self.client.tls_set(ca_certs=t.ca_file, certfile=t.cert_file, keyfile=t.key_file,
-                                cert_reqs=ssl.CERT_REQUIRED)
+            problems = tls_file_problems(cfg)
+            if problems:
+                raise ConfigError(problems)
+            try:
+                self.client.tls_set(ca_certs=t.ca_file, certfile=t.cert_file, keyfile=t.key_file,
+                                    cert_reqs=ssl.CERT_REQUIRED)
+            except (ssl.SSLError, OSError, ValueError) as exc:
+                raise ConfigError([f"mqtt.tls: cannot use the certificate files: {exc}"]) from None
             self.client.tls_insecure_set(t.insecure)
         self.client.will_set(self.status_topic, "offline", qos=1, retain=True)
         self.client.reconnect_delay_set(cfg.reconnect_min_seconds, cfg.reconnect_max_seconds)
@@ -247,8 +282,9 @@ class MqttConnection:
         self.client.loop_start()
 
     def _handle_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        self._answered = True
         if reason.is_failure:
-            log.error("mqtt connect to %s:%d refused: %s", self.cfg.host, self.cfg.port, reason)
+            self._failed(f"refused: {reason}", _refusal_hint(reason), logging.ERROR)
             return
         self._last_failure = None
         if self.ever_connected:
@@ -300,13 +336,21 @@ class MqttConnection:
         logged (ERROR for TLS, which will not fix itself); identical repeats go to DEBUG.
         """
         exc = sys.exc_info()[1]
-        detail = f"{type(exc).__name__}: {exc}" if exc is not None else "unknown error"
+        detail = f"failed: {type(exc).__name__}: {exc}" if exc is not None else "failed: unknown error"
+        hint = ""
+        if isinstance(exc, ssl.SSLError) and "wrong version number" in str(exc).lower():
+            hint = "is this a plain (non-TLS) MQTT port? remove mqtt.tls or use the broker's TLS port"
+        self._failed(detail, hint, logging.ERROR if isinstance(exc, ssl.SSLError) else logging.WARNING)
+
+    def _failed(self, detail: str, hint: str, level: int) -> None:
+        """Log a failed (re)connect attempt once per kind; identical repeats go to DEBUG (paho retries)."""
         if detail == self._last_failure:
-            log.debug("mqtt connect to %s:%d failed again: %s", self.cfg.host, self.cfg.port, detail)
+            log.debug("mqtt connect to %s:%d %s (again)", self.cfg.host, self.cfg.port, detail)
             return
         self._last_failure = detail
-        log.log(logging.ERROR if isinstance(exc, ssl.SSLError) else logging.WARNING,
-                "mqtt connect to %s:%d failed: %s (retrying)", self.cfg.host, self.cfg.port, detail)
+        log.log(level, "mqtt connect to %s:%d %s%s (retrying every %g-%g s; repeats are logged at DEBUG)",
+                self.cfg.host, self.cfg.port, detail, f" -- {hint}" if hint else "",
+                self.cfg.reconnect_min_seconds, self.cfg.reconnect_max_seconds)
 
     def _handle_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         was = self.connected.is_set()
@@ -316,6 +360,11 @@ class MqttConnection:
                              f"{self.client_id!r}")
         elif was and not self._closing:
             self._dropped_at = time.monotonic()
+        elif not was and not self._closing and not self._answered:  # closed before any CONNACK
+            self._failed("failed: the broker closed the connection without answering CONNECT",
+                         "is the port TLS-only (then set mqtt.tls), or does the broker refuse MQTT "
+                         f"{self.cfg.protocol}? The broker's log says why", logging.ERROR)
+        self._answered = False
         if was and self._closing:
             log.info("mqtt disconnected from %s:%d", self.cfg.host, self.cfg.port)
         elif was:

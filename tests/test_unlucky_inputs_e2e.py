@@ -10,9 +10,15 @@ is parsed as strict JSON (NaN and Infinity refused).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,14 +27,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from broker import MosquittoBroker, MqttRecorder, publish
 from e2e_support import (
+    ROOT,
     TINY_DETECTOR,
     TINY_WINDOW,
     DaemonProcess,
     QosPublisher,
     daemon_config,
     merge,
+    stop_process,
     tiny_train_config,
     train_tiny_bundle,
     wait_until,
@@ -284,3 +293,123 @@ def test_idle_metrics_connections_time_out_and_are_capped(env: Env) -> None:
     # Broker traffic and reloads still work: nothing ran out of file descriptors.
     env.send_rows("pump-m", 0, 20)
     d.wait_metric("sensord_windows_scored_total", 20 - W + 1, device="pump-m")
+
+
+# -- 6. start-up mistakes, early signals, connection problems ---------------------------------------
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sensord.cli", *args], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+
+
+def unpreparable_bundle(src: Path, dst: Path) -> Path:
+    """A copy whose flatbuffer loads but whose first FULLY_CONNECTED fails to prepare; checksum recomputed."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    from sensord.bundle import sha256_of
+    shutil.copytree(src, dst)
+    tfl = dst / "model.tflite"
+    model = flatbuffer_utils.read_model(str(tfl))
+    op = next(o for o in model.subgraphs[0].operators
+              if model.operatorCodes[o.opcodeIndex].builtinCode == 9)  # FULLY_CONNECTED
+    op.inputs = [op.inputs[1], op.inputs[0], op.inputs[2]]  # weights and input swapped
+    flatbuffer_utils.write_model(model, str(tfl))
+    meta = json.loads((dst / "bundle.json").read_text())
+    meta["tflite_sha256"] = sha256_of(tfl)
+    (dst / "bundle.json").write_text(json.dumps(meta))
+    return tfl
+
+
+@pytest.mark.parametrize("case", ["missing_ca_file", "unpreparable_model"])
+def test_start_up_mistakes_exit_78_with_one_line(env: Env, case: str) -> None:
+    doc = env.config()
+    if case == "missing_ca_file":
+        missing = env.tmp / "no-such-ca.pem"
+        doc["mqtt"]["tls"] = {"ca_file": str(missing)}
+        expect = ["config error", "mqtt.tls.ca_file", str(missing)]
+    else:
+        tfl = unpreparable_bundle(env.models.bundle, env.tmp / "model-bad")
+        doc["daemon"]["model"] = str(env.tmp / "model-bad")
+        expect = ["model error", str(tfl), "failed to prepare"]
+    cfg = env.tmp / "bad.yaml"
+    cfg.write_text(yaml.safe_dump(doc))
+    res = run_cli("run", "--config", str(cfg))
+    # LiteRT's C++ runtime prints its own INFO line when an interpreter is made; not ours to silence.
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip() and not ln.startswith("INFO: Created TensorFlow")]
+    assert res.returncode == 78, res.stderr
+    assert len(lines) == 1 and lines[0].startswith("sensord: "), res.stderr
+    for part in expect:
+        assert part in lines[0], f"{part!r} not in {lines[0]!r}"
+
+
+def caught_signals(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
+def test_sighup_while_still_starting_does_not_kill_the_daemon(env: Env) -> None:
+    """The config is a FIFO the test serves only after a SIGHUP: the daemon is still reading its config then."""
+    text = yaml.safe_dump(env.config())
+    fifo = env.tmp / "sensord.yaml"
+    os.mkfifo(fifo)
+    release, stop = threading.Event(), threading.Event()
+
+    def serve() -> None:  # every open of the FIFO (start-up, then the reload) reads the config
+        release.wait()
+        while not stop.is_set():
+            with contextlib.suppress(OSError), open(fifo, "w") as f:  # BrokenPipe from the teardown's reader
+                f.write(text)
+            time.sleep(0.05)
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    log = open(env.tmp / "early.log", "wb")
+    env_vars = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+    proc = subprocess.Popen([sys.executable, "-m", "sensord.cli", "run", "--config", str(fifo)], cwd=ROOT,
+                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env_vars)
+    try:
+        wait_until(lambda: proc.poll() is not None or caught_signals(proc.pid) & (1 << (signal.SIGHUP - 1)), 20,
+                   "a SIGHUP handler while the daemon waits for its config")
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGHUP)
+        release.set()
+        wait_until(lambda: proc.poll() is not None or b"reloaded: model" in (env.tmp / "early.log").read_bytes(),
+                   30, "the daemon to start and apply the early SIGHUP")
+        assert proc.poll() is None, (env.tmp / "early.log").read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        stop.set()
+        stop_process(proc)
+        log.close()
+        with contextlib.suppress(OSError):  # unblock the server thread's open()
+            os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+        server.join(5)
+
+
+def test_plain_client_on_a_tls_port_and_a_wrong_password_are_each_logged_once_clearly(env: Env,
+                                                                                       tmp_path: Path) -> None:
+    from test_mqtt_connection_e2e import broker_tool, make_ca, make_server_cert
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    ca_key, ca_crt = make_ca(pki, "ca")
+    key, crt = make_server_cert(pki, ca_key, ca_crt)
+    passwd = tmp_path / "passwd"
+    subprocess.run([broker_tool("mosquitto_passwd"), "-b", "-c", str(passwd), "sensord", "s3cret"], check=True,
+                   capture_output=True)
+    with MosquittoBroker(tls_cafile=ca_crt, tls_certfile=crt, tls_keyfile=key) as tls_broker, \
+            MosquittoBroker(password_file=passwd) as auth_broker:
+        debug = {"logging": {"level": "DEBUG"}}  # to see the retries
+        plain = env.spawn(merge(env.config(**debug), {"mqtt": {"port": tls_broker.port}}), "plain")
+        wrong = env.spawn(merge(env.config(**debug), {"mqtt": {"port": auth_broker.port, "username": "sensord",
+                                                               "password": "wrong"}}), "wrong")
+        line = plain.wait_log("without answering CONNECT")
+        assert "ERROR" in line and f":{tls_broker.port}" in line and "mqtt.tls" in line, line
+        line = wrong.wait_log("refused")
+        assert "ERROR" in line and "mqtt.username and mqtt.password" in line, line
+        for d in (plain, wrong):  # three retries later, still that one line each
+            wait_until(lambda d=d: d.log().count("(again)") >= 3, 20, f"{d.name} to retry three times")
+            assert d.alive()
+            errors = [ln for ln in d.log().splitlines() if " ERROR " in ln or ln.startswith("ERROR")]
+            assert len(errors) == 1, d.log()
