@@ -187,6 +187,8 @@ class MqttConfig:
     device_field: StrictStr | None = None
     timestamp_field: StrictStr = "ts"
     values_field: StrictStr = "values"
+    # Larger messages are rejected unparsed (too_large): one reading is ~200 bytes, a batch of 100 ~20 kB.
+    max_payload_bytes: Annotated[StrictInt, Field(ge=64, le=16 * 1024 * 1024)] = 65536
     topic_prefix: StrictStr = "sensord"
     publish_scores: StrictBool = False
     reconnect_min_seconds: PositiveFloat = 1.0

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 # ``*_created`` series double the exposition size and nobody graphs them.
 disable_created_metrics()
 
-MESSAGE_REJECT_REASONS = ("malformed_json", "bad_payload", "no_device", "retained", "stopping",
+MESSAGE_REJECT_REASONS = ("malformed_json", "too_large", "bad_payload", "no_device", "retained", "stopping",
                           "internal_error")
 READING_REJECT_REASONS = ("bad_device_id", "missing_channel", "bad_value", "bad_timestamp", "future_timestamp",
                           "out_of_order", "non_finite", "wrong_shape", "device_limit")
@@ -118,6 +118,8 @@ class DaemonMetrics:
         self.queue_depth = Gauge("sensord_queue_depth", "Windows waiting to be scored", registry=r)
         self.windows_dropped = Counter("sensord_windows_dropped", "Windows dropped because the queue was full",
                                        registry=r)
+        self.windows_throttled = Counter("sensord_windows_throttled", "Windows dropped because the device already "
+                                         "had its share of the scoring queue waiting", ["device"], registry=r)
         self.mqtt_connected = Gauge("sensord_mqtt_connected", "1 while connected to the broker", registry=r)
         self.mqtt_reconnects = Counter("sensord_mqtt_reconnects", "Reconnections to the broker after a loss",
                                        registry=r)

@@ -117,6 +117,8 @@ class ScoringLoop:
         self.batch_wait = batch_wait
         self.on_event = on_event
         self.detectors: dict[str, AlertDetector] = {}
+        self._pending: dict[str, int] = {}  # queued windows per device (fairness)
+        self._pending_lock = threading.Lock()
         self.heartbeat = time.monotonic()
         self._stop = threading.Event()
         self._flush = threading.Event()  # set by drain(): intake is closed, stop waiting to fill batches
@@ -127,21 +129,43 @@ class ScoringLoop:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, model: ServingModel, window: Window) -> bool:
-        try:
-            self.queue.put_nowait((model, window))
-        except queue.Full:
-            self.metrics.windows_dropped.inc()
-            return False
+    def submit(self, model: ServingModel, window: Window, devices: int = 1) -> str | None:
+        """Queue a window; None if queued, else why it was dropped: ``throttled`` or ``queue_full``.
+
+        Fairness: a device that already has its share of the queue (``queue_size // devices``, the devices
+        being tracked) waiting is throttled, so a flooding device always leaves room for its neighbours.
+        """
+        share = max(1, self.queue.maxsize // max(1, devices))
+        with self._pending_lock:
+            n = self._pending.get(window.device, 0)
+            if devices > 1 and n >= share:  # (alone, a device may fill the queue: that is queue_full)
+                self.metrics.windows_throttled.labels(window.device).inc()
+                return "throttled"
+            try:
+                self.queue.put_nowait((model, window))
+            except queue.Full:
+                self.metrics.windows_dropped.inc()
+                return "queue_full"
+            self._pending[window.device] = n + 1
         self.metrics.queue_depth.set(self.queue.qsize())
-        return True
+        return None
+
+    def _taken(self, item: QueueItem) -> QueueItem:
+        with self._pending_lock:
+            dev = item[1].device
+            n = self._pending.get(dev, 0) - 1
+            if n > 0:
+                self._pending[dev] = n
+            else:
+                self._pending.pop(dev, None)
+        return item
 
     def healthy(self, max_silence: float) -> bool:
         return self._thread.is_alive() and time.monotonic() - self.heartbeat < max_silence
 
     def _take_batch(self) -> list[QueueItem]:
         try:
-            first = self.queue.get(timeout=0.2)
+            first = self._taken(self.queue.get(timeout=0.2))
         except queue.Empty:
             return []
         self._idle.clear()
@@ -149,13 +173,13 @@ class ScoringLoop:
         deadline = time.monotonic() + self.batch_wait
         while len(batch) < self.batch_max:
             try:
-                batch.append(self.queue.get_nowait())
+                batch.append(self._taken(self.queue.get_nowait()))
             except queue.Empty:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._flush.is_set():
                     break
                 try:  # in short steps, so a drain() does not wait out a long batch_wait
-                    batch.append(self.queue.get(timeout=min(remaining, 0.05)))
+                    batch.append(self._taken(self.queue.get(timeout=min(remaining, 0.05))))
                 except queue.Empty:
                     continue
         return batch
@@ -280,6 +304,12 @@ class Intake:
                 self._warn.warning("message:retained", "retained message on topic=%s ignored: telemetry must "
                                    "not be published with retain", escape(topic))
                 return
+            limit = self.cfg.mqtt.max_payload_bytes
+            if len(payload) > limit:
+                self.metrics.messages_rejected.labels("too_large").inc()
+                self._warn.warning("message:too_large", "message rejected reason=too_large topic=%s: %d bytes, "
+                                   "mqtt.max_payload_bytes is %d", escape(topic), len(payload), limit)
+                return
             try:
                 readings = self.parser.parse(topic, payload)
             except MessageRejected as exc:
@@ -322,9 +352,17 @@ class Intake:
                         self._resync_logged.add(r.device)
                         log.warning("device=%s clock jumped back: %d readings in a row older than its last "
                                     "one; window restarted at %.3f", r.device, buf.resync_after, r.timestamp)
-                if window is not None and not self.scoring.submit(self.model, window):
+                if window is None:
+                    continue
+                dropped = self.scoring.submit(self.model, window, len(self.buffers))
+                if dropped == "queue_full":
                     self._warn.warning("queue_full", "scoring queue full (%d): window of device=%s dropped",
                                        self.scoring.queue.maxsize, r.device)
+                elif dropped == "throttled":
+                    self._warn.warning("throttled", "device=%s has its share of the scoring queue (%d of %d "
+                                       "windows, %d devices) waiting: window dropped", r.device,
+                                       max(1, self.scoring.queue.maxsize // len(self.buffers)),
+                                       self.scoring.queue.maxsize, len(self.buffers))
 
     def swap(self, cfg: SensordConfig, model: ServingModel) -> None:
         """Switch to a new config/model between two messages; nothing queued is lost."""

@@ -419,7 +419,7 @@ def test_rate_limited_log_zero_interval_logs_everything(caplog: pytest.LogCaptur
 
 
 def test_deeply_nested_and_infinite_payloads_are_rejected_not_raised(rig: Rig, data: tuple[Path, Series]) -> None:
-    rig.intake.on_message("s/p1/t", b"[" * 100_000)
+    rig.intake.on_message("s/p1/t", b"[" * 50_000)  # under mqtt.max_payload_bytes, far over the recursion limit
     good = {ch: 1.0 for ch in CHANNELS}
     rig.intake.on_message("s/p1/t", b'{"ts": 1e400, "values": ' + json.dumps(good).encode() + b"}")
     assert rig.value("sensord_messages_rejected_total", reason="malformed_json") == 1
@@ -534,3 +534,43 @@ def test_bad_device_ids_rejected_counted_and_logged_escaped(data: tuple[Path, Se
     text = "\n".join(rec.getMessage() for rec in caplog.records)
     assert "evil\\nCRITICAL forged" in text and "\x00" not in text
     assert not any(line.startswith("CRITICAL") for line in text.splitlines())
+
+
+# -- fairness and payload size (issue 14) ---------------------------------------------------------
+
+def test_flooding_device_is_throttled_to_its_share_and_the_neighbour_is_queued(
+        data: tuple[Path, Series], rigs: list[Rig], caplog: pytest.LogCaptureFixture) -> None:
+    series = data[1]
+    r = Rig(make_cfg(data[0]), queue_size=10)  # scoring thread not started: nothing leaves the queue
+    rigs.append(r)
+    r.send_rows("light", series, 0, 1)
+    with caplog.at_level(logging.WARNING, logger="sensord.pipeline"):
+        r.send_rows("flood", series, 0, 40)  # 31 windows; its share with 2 devices is 10 // 2 = 5
+        r.send_rows("light", series, 1, W + 2)  # 3 windows
+    assert r.value("sensord_windows_throttled_total", device="flood") == 31 - 5
+    assert r.value("sensord_windows_dropped_total") == 0
+    queued = [w.device for _, w in r.queued()]
+    assert queued.count("flood") == 5 and queued.count("light") == 3
+    assert len([rec for rec in caplog.records if "share of the scoring queue" in rec.getMessage()]) == 1
+
+
+def test_throttled_device_gets_room_again_once_its_windows_are_scored(data: tuple[Path, Series],
+                                                                      rigs: list[Rig]) -> None:
+    series = data[1]
+    r = Rig(make_cfg(data[0]), queue_size=4)
+    rigs.append(r)
+    r.send_rows("a", series, 0, 1)
+    r.send_rows("b", series, 0, W + 5)  # share 2: 2 queued, 4 throttled
+    assert r.value("sensord_windows_throttled_total", device="b") == 4
+    r.scoring._taken(r.scoring.queue.get_nowait())  # the scorer takes one
+    r.send_rows("b", series, W + 5, W + 6)
+    assert r.scoring.queue.qsize() == 2 and r.value("sensord_windows_throttled_total", device="b") == 4
+
+
+def test_payload_over_the_size_limit_is_rejected_unparsed(data: tuple[Path, Series]) -> None:
+    cfg = config_from_dict({"window": {"length": W}, "daemon": {"model": str(data[0])},
+                            "mqtt": {"device_topic": "s/{device}/t", "max_payload_bytes": 1024}})
+    r = Rig(cfg)
+    r.intake.on_message("s/p1/t", b"[" + b"1," * 2000 + b"1]")
+    assert r.value("sensord_messages_rejected_total", reason="too_large") == 1
+    assert r.value("sensord_messages_rejected_total", reason="malformed_json") == 0

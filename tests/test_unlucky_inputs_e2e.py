@@ -413,3 +413,29 @@ def test_plain_client_on_a_tls_port_and_a_wrong_password_are_each_logged_once_cl
             assert d.alive()
             errors = [ln for ln in d.log().splitlines() if " ERROR " in ln or ln.startswith("ERROR")]
             assert len(errors) == 1, d.log()
+
+
+# -- 7. a flooding neighbour, payload size -------------------------------------------------------------
+
+def test_a_flooding_device_leaves_room_for_its_neighbour_and_large_payloads_are_refused(env: Env) -> None:
+    # A slow scorer (it waits up to 0.3 s to fill a batch) behind a small queue: the flood overflows it.
+    d = env.start(mqtt={"device_field": "machine", "device_topic": None},
+                  daemon={"queue_size": 40, "batch_wait_seconds": 0.3}, scoring={"batch_max": 64})
+    gateway = env.topic("gateway1")
+    series = env.models.series
+    t0 = float(series.timestamps[0])
+    env.send("", [{"machine": "light", **env.reading(0)}], topic=gateway)
+    light = 40
+    for k in range(1, light):
+        flood = [{"machine": "flood", **env.reading((k * 200 + j) % len(series), ts=t0 + k * 200 + j)}
+                 for j in range(200)]
+        env.send("", [*flood, {"machine": "light", **env.reading(k)}], topic=gateway)
+    d.wait_metric("sensord_windows_scored_total", light - W + 1, device="light", timeout=30)
+    assert (d.metric("sensord_windows_throttled_total", device="flood") or 0) > 0
+    assert d.metric("sensord_windows_dropped_total") == 0
+    # A payload over mqtt.max_payload_bytes (64 kB) is refused unparsed; the daemon goes on.
+    big = [{"machine": "light", **env.reading(i)} for i in range(400)]
+    assert len(json.dumps(big)) > 65536
+    env.send("", big, topic=gateway)
+    d.wait_metric("sensord_messages_rejected_total", 1, reason="too_large")
+    assert d.alive()
