@@ -70,7 +70,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from .config import load_config
     cfg = load_config(args.config)
     if args.model:
-        ModelBundle.load(args.model, cfg.data.channels or None, cfg.window.length)
+        from .scorer import Scorer
+        Scorer(ModelBundle.load(args.model, cfg.data.channels or None, cfg.window.length)).self_check()
     print(f"OK {args.config}" + (f" (model {args.model})" if args.model else ""))
     return EX_OK
 

@@ -83,10 +83,14 @@ class ServingModel:
     def load(cls, cfg: SensordConfig) -> ServingModel:
         """Load and validate the configured bundle against the config (raises BundleError)."""
         bundle = ModelBundle.load(cfg.daemon.model, cfg.data.channels or None, cfg.window.length)
+        scorer = Scorer(bundle, max_batch=cfg.scoring.batch_max)
+        if not scorer.self_check():
+            log.warning("bundle %s has no reference windows (made by an older sensord): cannot check that the "
+                        "model still computes what it did at training; retrain to add them", bundle.path)
         spec = WindowSpec(bundle.window_length, cfg.window.hop, cfg.window.max_gap_seconds)
         offset = bundle.scaler.offset.astype(np.float64)
         spread = cfg.scoring.clip_spreads * bundle.scaler.scale.astype(np.float64)
-        return cls(bundle, Scorer(bundle, max_batch=cfg.scoring.batch_max), spec, cfg.detector,
+        return cls(bundle, scorer, spec, cfg.detector,
                    cfg.scoring.top_channels, offset - spread, offset + spread)
 
     def clip(self, values: np.ndarray) -> np.ndarray | None:

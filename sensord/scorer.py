@@ -31,6 +31,9 @@ def _interpreter_class() -> Callable[..., Any]:
         return tf.lite.Interpreter
 
 
+# How far (relative to max(1, error)) a reference window's error may drift from the one recorded at training.
+REFERENCE_TOLERANCE = 1e-4
+
 # The error a window gets when its error is not finite (inf/NaN from an overflow): maximally anomalous.
 MAX_ERROR = float(np.finfo(np.float32).max)
 
@@ -144,6 +147,28 @@ class Scorer:
             errors[bad] = MAX_ERROR
             shares[bad] = 1.0 / shares.shape[1]
         return ScoredBatch(errors, shares)
+
+    def self_check(self, tolerance: float = REFERENCE_TOLERANCE) -> bool:
+        """Score the bundle's reference windows and compare with the errors recorded at training.
+
+        Raises BundleError when one differs by more than ``tolerance`` (relative to max(1, error)): the
+        flatbuffer loads but no longer computes what was trained and calibrated (a corrupted weight with a
+        recomputed checksum, a wrong model copied into the bundle). Returns False for a bundle without
+        reference windows (made by an older sensord), True when checked.
+        """
+        from .bundle import BundleError
+        ref = self.bundle.reference
+        if ref is None:
+            return False
+        expected = np.asarray(ref["errors"], dtype=np.float64)
+        got = self.score(np.asarray(ref["windows"], dtype=np.float32)).errors
+        diff = np.abs(got - expected) / np.maximum(1.0, np.abs(expected))
+        if not np.all(diff <= tolerance):
+            i = int(np.argmax(np.where(np.isfinite(diff), diff, np.inf)))
+            raise BundleError(f"{self.bundle.tflite_path}: the model does not reproduce its reference windows "
+                              f"(error {got[i]:.6g}, recorded at training {expected[i]:.6g}, tolerance {tolerance:g}): "
+                              "the flatbuffer was changed after training")
+        return True
 
     def top_channels(self, shares: np.ndarray, k: int) -> tuple[tuple[str, float], ...]:
         """The ``k`` channels with the largest share of one window's error."""

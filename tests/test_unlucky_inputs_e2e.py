@@ -38,9 +38,11 @@ from e2e_support import (
     daemon_config,
     merge,
     stop_process,
+    tamper_bundle,
     tiny_train_config,
     train_tiny_bundle,
     wait_until,
+    write_yaml,
 )
 
 from sensord.dataio import Series
@@ -439,3 +441,23 @@ def test_a_flooding_device_leaves_room_for_its_neighbour_and_large_payloads_are_
     env.send("", big, topic=gateway)
     d.wait_metric("sensord_messages_rejected_total", 1, reason="too_large")
     assert d.alive()
+
+
+# -- 8. a corrupted model that still loads -------------------------------------------------------------
+
+def test_a_model_with_tampered_weights_and_a_recomputed_checksum_is_refused_at_reload_and_start(env: Env) -> None:
+    d = env.start()
+    good_id = d.model_info()["model_id"]
+    tfl = tamper_bundle(env.models.bundle, env.tmp / "model-tampered")
+    doc = merge(d.doc, {"daemon": {"model": str(env.tmp / "model-tampered")}})
+    write_yaml(d.cfg_path, doc)
+    d.proc.send_signal(signal.SIGHUP)
+    line = d.wait_log("reload refused")
+    assert "ERROR" in line and str(tfl) in line and "reference windows" in line, line
+    assert d.model_info()["model_id"] == good_id
+    env.send_rows("pump-t", 0, 20)
+    d.wait_metric("sensord_windows_scored_total", 20 - W + 1, device="pump-t")
+    res = run_cli("run", "--config", str(d.cfg_path))
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip() and not ln.startswith("INFO: Created TensorFlow")]
+    assert res.returncode == 78 and len(lines) == 1, res.stderr
+    assert "model error" in lines[0] and "reference windows" in lines[0], lines[0]
