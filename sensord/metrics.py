@@ -61,6 +61,7 @@ class _BoundedServer(ThreadingMixIn, WSGIServer):
     """
 
     daemon_threads = True
+    request_queue_size = 64  # listen backlog: a burst of connections is accepted (and refused) quickly
     max_connections = 16
     on_reject: Any = None
 
