@@ -356,3 +356,80 @@ def test_broker_closing_twice_and_accepting_at_once_is_taken_as_a_takeover(caplo
     assert conn.takeovers == 1
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and "'sensord-y'" in errors[0] and "session taken over" in errors[0]
+
+
+# -- start-up and connection problems (issue 14) -----------------------------------------------------
+
+def test_unreadable_tls_files_name_their_key(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from sensord.config import ConfigError, MqttConfig, TlsConfig
+    from sensord.source import MqttConnection, tls_file_problems
+    ca = Path(str(tmp_path)) / "ca.pem"
+    ca.write_text("not a certificate")
+    cfg = MqttConfig(tls=TlsConfig(ca_file=str(ca), cert_file="/nonexistent/c.pem", key_file="/nonexistent/k.pem"))
+    problems = tls_file_problems(cfg)
+    assert [p.split(":")[0] for p in problems] == ["mqtt.tls.cert_file", "mqtt.tls.key_file"]
+    assert "/nonexistent/c.pem" in problems[0]
+    with pytest.raises(ConfigError, match="mqtt.tls.cert_file"):
+        MqttConnection(cfg, lambda t, p, r: None)
+    with pytest.raises(ConfigError, match="mqtt.tls: cannot use"):  # readable, but not PEM
+        MqttConnection(MqttConfig(tls=TlsConfig(ca_file=str(ca))), lambda t, p, r: None)
+
+
+def test_refused_login_logged_once_with_what_to_check(caplog: pytest.LogCaptureFixture) -> None:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    from sensord.config import MqttConfig
+    from sensord.source import MqttConnection
+    conn = MqttConnection(MqttConfig(), lambda t, p, r: None, client_id="x")
+    refused = ReasonCode(PacketTypes.CONNACK, identifier=0x87)  # not authorized
+    closed = ReasonCode(PacketTypes.DISCONNECT, identifier=0x80)
+    with caplog.at_level(logging.DEBUG, logger="sensord.source"):
+        for _ in range(5):  # paho: CONNACK refused, then the disconnect
+            conn._handle_connect(conn.client, None, None, refused, None)
+            conn._handle_disconnect(conn.client, None, None, closed, None)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(errors) == 1 and "mqtt.username and mqtt.password" in errors[0]
+
+
+def test_connection_closed_before_connack_logged_once_with_the_tls_hint(caplog: pytest.LogCaptureFixture) -> None:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    from sensord.config import MqttConfig
+    from sensord.source import MqttConnection
+    conn = MqttConnection(MqttConfig(), lambda t, p, r: None, client_id="x")
+    closed = ReasonCode(PacketTypes.DISCONNECT, identifier=0x80)
+    with caplog.at_level(logging.DEBUG, logger="sensord.source"):
+        for _ in range(4):
+            conn._handle_disconnect(conn.client, None, None, closed, None)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(errors) == 1 and "TLS-only" in errors[0] and "mqtt.tls" in errors[0]
+
+
+def test_signals_during_start_up_are_handed_to_the_daemon() -> None:
+    import signal as sig
+
+    from sensord import signals
+    from sensord.daemon import Daemon
+    saved = {s: sig.getsignal(s) for s in (sig.SIGTERM, sig.SIGINT, sig.SIGHUP)}
+    try:
+        signals.reload_requested.clear()
+        signals.stop_requested.clear()
+        signals.install_early()
+        sig.raise_signal(sig.SIGHUP)  # would kill the process with the default handler
+        assert signals.reload_requested.is_set() and not signals.stop_requested.is_set()
+        d = Daemon.__new__(Daemon)  # only its signal plumbing
+        import threading
+        d._stop, d._reload = threading.Event(), threading.Event()
+        d.install_signal_handlers()
+        assert d._reload.is_set() and not d._stop.is_set()
+        sig.raise_signal(sig.SIGTERM)
+        assert d._stop.is_set()
+    finally:
+        for s, h in saved.items():
+            sig.signal(s, h)
+        signals.reload_requested.clear()
+        signals.stop_requested.clear()
