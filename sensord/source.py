@@ -234,6 +234,7 @@ class MqttConnection:
         self.client_id = client_id or cfg.client_id or default_client_id(None)
         self.takeovers = 0
         self._takeover_logged = -1e9
+        self._last_takeover = -1e9
         self._dropped_at: float | None = None
         self._answered = False  # a CONNACK came for the current connection attempt
         self._prompt_drops: list[float] = []
@@ -290,8 +291,9 @@ class MqttConnection:
         if self.ever_connected:
             self.reconnects += 1
         self._check_dropped()
-        log.info("mqtt connected to %s:%d (%s) as client id %s", self.cfg.host, self.cfg.port,
-                 "MQTT 5" if self._v5 else "MQTT 3.1.1", self.client_id)
+        fighting = time.monotonic() - self._last_takeover < 60.0  # over one client id: the ERROR says it
+        log.log(logging.DEBUG if fighting else logging.INFO, "mqtt connected to %s:%d (%s) as client id %s",
+                self.cfg.host, self.cfg.port, "MQTT 5" if self._v5 else "MQTT 3.1.1", self.client_id)
         # Subscribe before announcing "online": the broker handles one client's packets in order, so
         # whoever sees "online" can publish readings and be sure the subscription is already in place.
         if self._subscribed:
@@ -305,7 +307,7 @@ class MqttConnection:
 
     def _taken_over(self, what: str) -> None:
         self.takeovers += 1
-        now = time.monotonic()
+        now = self._last_takeover = time.monotonic()
         if now - self._takeover_logged >= 30.0:  # a fight between two clients would flood the log
             self._takeover_logged = now
             log.error("mqtt session taken over: %s (%d times so far); give every sensord its own mqtt.client_id "
@@ -367,8 +369,10 @@ class MqttConnection:
         self._answered = False
         if was and self._closing:
             log.info("mqtt disconnected from %s:%d", self.cfg.host, self.cfg.port)
-        elif was:
-            log.warning("mqtt disconnected from %s:%d: %s", self.cfg.host, self.cfg.port, reason)
+        elif was:  # while two clients fight over one client id, the ERROR above says it all
+            fighting = time.monotonic() - self._last_takeover < 60.0
+            log.log(logging.DEBUG if fighting else logging.WARNING, "mqtt disconnected from %s:%d: %s",
+                    self.cfg.host, self.cfg.port, reason)
         if self._on_connected_cb:
             self._on_connected_cb(False)
 

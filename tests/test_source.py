@@ -433,3 +433,23 @@ def test_signals_during_start_up_are_handed_to_the_daemon() -> None:
             sig.signal(s, h)
         signals.reload_requested.clear()
         signals.stop_requested.clear()
+
+
+def test_while_two_clients_fight_reconnects_are_not_logged_above_debug(caplog: pytest.LogCaptureFixture) -> None:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    from sensord.config import MqttConfig
+    from sensord.source import MqttConnection
+    conn = MqttConnection(MqttConfig(), lambda t, p, r: None, client_id="sensord-z")
+    ok = ReasonCode(PacketTypes.CONNACK, identifier=0)
+    closed = ReasonCode(PacketTypes.DISCONNECT, identifier=0x80)
+    with caplog.at_level(logging.DEBUG, logger="sensord.source"):
+        conn._handle_connect(conn.client, None, None, ok, None)
+        for _ in range(10):
+            conn._handle_disconnect(conn.client, None, None, closed, None)
+            conn._handle_connect(conn.client, None, None, ok, None)
+    assert conn.takeovers == 9
+    loud = [r for r in caplog.records if r.levelno >= logging.INFO]
+    assert len([r for r in loud if r.levelno == logging.ERROR]) == 1
+    assert len(loud) <= 6  # the first connects and disconnects, then the one ERROR
