@@ -93,12 +93,6 @@ class ServingModel:
         return cls(bundle, scorer, spec, cfg.detector,
                    cfg.scoring.top_channels, offset - spread, offset + spread)
 
-    def clip(self, values: np.ndarray) -> np.ndarray | None:
-        """``values`` clipped to the bounds, or None when they are within them (NaN is left to the buffer)."""
-        if (np.all(values >= self.low) and np.all(values <= self.high)) or not np.all(np.isfinite(values)):
-            return None
-        return np.clip(values, self.low, self.high)
-
     def compatible(self, other: ServingModel) -> bool:
         return (self.bundle.channels == other.bundle.channels
                 and self.bundle.window_length == other.bundle.window_length)
@@ -279,7 +273,8 @@ class Intake:
     def _parser(cfg: SensordConfig, model: ServingModel) -> PayloadParser:
         m = cfg.mqtt
         return PayloadParser(model.bundle.channels, m.device_topic, m.device_field, m.timestamp_field,
-                             m.values_field, max_clock_skew=cfg.daemon.max_clock_skew_seconds)
+                             m.values_field, max_clock_skew=cfg.daemon.max_clock_skew_seconds,
+                             bounds=(model.low, model.high))
 
     def _reject(self, reason: str, device: str, detail: str) -> None:
         self.metrics.readings_rejected.labels(reason).inc()
@@ -336,17 +331,14 @@ class Intake:
                                                                 r.device, self.cfg.daemon.clock_resync_after)
                     self.metrics.devices.set(len(self.buffers))
                     log.info("new device=%s (%d tracked)", r.device, len(self.buffers))
-                values = r.values
-                clipped = self.model.clip(values)  # type: ignore[arg-type]
-                if clipped is not None:
+                if r.clipped:
                     self.metrics.values_clipped.inc()
                     self._warn.warning("clipped", "reading of device=%s outside the healthy range by more than "
                                        "scoring.clip_spreads=%g spreads: clipped", r.device,
                                        self.cfg.scoring.clip_spreads)
-                    values = clipped
                 resyncs = buf.resyncs
                 try:
-                    window = buf.push(r.timestamp, values)  # type: ignore[arg-type]
+                    window = buf.push(r.timestamp, r.values)  # type: ignore[arg-type]
                 except ReadingRejected as exc:
                     self._reject(exc.reason.value, r.device, str(exc))
                     continue

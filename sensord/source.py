@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -97,6 +98,7 @@ class Reading:
     timestamp: float
     values: np.ndarray | None  # None when the reading itself is bad (see ``problem``)
     problem: tuple[str, str] | None = None  # (reason, detail) for a rejected reading
+    clipped: bool = False  # a value was outside the parser's bounds and was clipped to them
 
 
 def _timestamp(raw: Any, arrival: float) -> float:
@@ -117,8 +119,12 @@ class PayloadParser:
 
     def __init__(self, channels: Sequence[str], device_topic: str | None, device_field: str | None,
                  timestamp_field: str, values_field: str, clock: Callable[[], float] = time.time,
-                 max_clock_skew: float | None = None) -> None:
+                 max_clock_skew: float | None = None,
+                 bounds: tuple[Sequence[float], Sequence[float]] | None = None) -> None:
         self.channels = tuple(channels)
+        # Finite values outside [low, high] (per channel) are clipped to them; NaN/inf are left for the window
+        # buffer to reject. Plain lists: one comparison per value costs less than numpy on 8 numbers.
+        self.low, self.high = (list(map(float, bounds[0])), list(map(float, bounds[1]))) if bounds else (None, None)
         self.max_clock_skew = max_clock_skew
         self.device_field = device_field
         self.timestamp_field = timestamp_field
@@ -183,14 +189,25 @@ class PayloadParser:
         if not isinstance(source, dict):
             return Reading(device, ts, None, ("bad_value", f"{self.values_field!r} must be an object"))
         values = np.empty(len(self.channels), dtype=np.float64)  # float64: 1e39 stays finite, to be clipped
+        low, high = self.low, self.high
+        clipped = False
         for j, ch in enumerate(self.channels):
             v = source.get(ch)
             if v is None:
                 return Reading(device, ts, None, ("missing_channel", f"channel {ch!r} missing"))
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 return Reading(device, ts, None, ("bad_value", f"channel {ch!r}: not a number: {v!r}"))
-            values[j] = v
-        return Reading(device, ts, values)
+            if low is not None and high is not None and (v < low[j] or v > high[j]):
+                try:
+                    if math.isfinite(v):
+                        v, clipped = (low[j] if v < low[j] else high[j]), True
+                except OverflowError:  # an int beyond float range
+                    v, clipped = (low[j] if v < 0 else high[j]), True
+            try:
+                values[j] = v
+            except OverflowError:  # an int beyond float range, no bounds to clip it to
+                return Reading(device, ts, None, ("bad_value", f"channel {ch!r}: number out of range"))
+        return Reading(device, ts, values, clipped=clipped)
 
 
 def tls_file_problems(cfg: MqttConfig) -> list[str]:

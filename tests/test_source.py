@@ -453,3 +453,14 @@ def test_while_two_clients_fight_reconnects_are_not_logged_above_debug(caplog: p
     loud = [r for r in caplog.records if r.levelno >= logging.INFO]
     assert len([r for r in loud if r.levelno == logging.ERROR]) == 1
     assert len(loud) <= 6  # the first connects and disconnects, then the one ERROR
+
+
+def test_values_outside_the_bounds_are_clipped_nan_and_inf_left_alone() -> None:
+    p = PayloadParser(CHANNELS, TEMPLATE, None, "ts", "values", clock=lambda: ARRIVAL,
+                      bounds=([-10.0, -10.0, -10.0], [10.0, 10.0, 10.0]))
+    (r,) = p.parse("plant/p1/telemetry", b'{"ts": 1, "a": 3e38, "b": -1e300, "c": 5}')
+    assert r.clipped and r.values is not None and r.values.tolist() == [10.0, -10.0, 5.0]
+    (r,) = p.parse("plant/p1/telemetry", b'{"ts": 1, "a": 1, "b": 2, "c": 3}')
+    assert not r.clipped and r.values.tolist() == [1.0, 2.0, 3.0]
+    (r,) = p.parse("plant/p1/telemetry", b'{"ts": 1, "a": NaN, "b": Infinity, "c": ' + b"9" * 400 + b"}")
+    assert r.values is not None and np.isnan(r.values[0]) and np.isinf(r.values[1]) and r.values[2] == 10.0
