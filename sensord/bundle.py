@@ -9,8 +9,10 @@ mismatched bundle stops start-up with a message instead of scoring garbage.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -53,6 +55,8 @@ class ModelBundle:
     training: dict[str, Any] = field(default_factory=dict)
     created: str = ""
     tflite_sha256: str = ""
+    # A few raw windows and the errors the scorer gave them at training (see Scorer.self_check).
+    reference: dict[str, Any] | None = None
 
     @property
     def tflite_path(self) -> Path:
@@ -75,12 +79,16 @@ class ModelBundle:
             "model": self.model,
             "training": self.training,
             "tflite_sha256": self.tflite_sha256,
+            **({"reference": self.reference} if self.reference is not None else {}),
         }
 
     def with_threshold(self, threshold: ThresholdRecord) -> ModelBundle:
-        return ModelBundle(self.path, self.model_id, self.channels, self.window_length, self.window_hop,
-                           self.error_metric, self.scaler, threshold, self.model, self.training,
-                           self.created, self.tflite_sha256)
+        return dataclasses.replace(self, threshold=threshold)
+
+    def with_reference(self, windows: Any, errors: Any) -> ModelBundle:
+        ref = {"windows": [[[float(v) for v in row] for row in w] for w in windows],
+               "errors": [float(e) for e in errors]}
+        return dataclasses.replace(self, reference=ref)
 
     def write_json(self) -> None:
         """Write ``bundle.json`` atomically, so a reader never sees half a file."""
@@ -150,6 +158,26 @@ class ModelBundle:
         for key in ("model", "training"):
             if not isinstance(meta.get(key, {}), dict):
                 raise BundleError(f"{meta_path}: {key!r} must be a JSON object, got {type(meta[key]).__name__}")
+        reference = meta.get("reference")
+        if reference is not None and not _valid_reference(reference, length, len(channels)):
+            raise BundleError(f"{meta_path}: 'reference' must hold 'windows' of {length}x{len(channels)} finite "
+                              "numbers and one finite 'errors' value per window")
         return cls(p, str(meta.get("model_id", p.name)), tuple(channels), length, hop, metric, scaler,
                    threshold, dict(meta.get("model", {})), dict(meta.get("training", {})),
-                   str(meta.get("created", "")), expected_sha)
+                   str(meta.get("created", "")), expected_sha, reference)
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _valid_reference(ref: Any, length: int, channels: int) -> bool:
+    if not isinstance(ref, dict):
+        return False
+    windows, errors = ref.get("windows"), ref.get("errors")
+    if not isinstance(windows, list) or not isinstance(errors, list) or not windows or len(windows) != len(errors):
+        return False
+    return all(_finite(e) for e in errors) and all(
+        isinstance(w, list) and len(w) == length
+        and all(isinstance(row, list) and len(row) == channels and all(_finite(v) for v in row) for row in w)
+        for w in windows)

@@ -19,10 +19,8 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow C++ chatter, training only
 
-from .bundle import BundleError, ModelBundle  # noqa: E402
-from .config import ConfigError, SensordConfig, load_config  # noqa: E402
-from .dataio import DataError, load_csv  # noqa: E402
-from .metrics import MetricsUnavailable  # noqa: E402
+# Only the standard library at import time: ``sensord run`` installs its signal handlers before numpy,
+# pydantic, LiteRT and the model are loaded (see ``main``); everything else is imported where it is used.
 
 EX_OK = 0
 EX_USAGE = 64
@@ -69,14 +67,23 @@ def _epoch_printer() -> Any:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from .bundle import ModelBundle
+    from .config import ConfigError, load_config
+    from .source import tls_file_problems
     cfg = load_config(args.config)
+    problems = tls_file_problems(cfg.mqtt)
+    if problems:
+        raise ConfigError(problems, args.config)
     if args.model:
-        ModelBundle.load(args.model, cfg.data.channels or None, cfg.window.length)
+        from .scorer import Scorer
+        Scorer(ModelBundle.load(args.model, cfg.data.channels or None, cfg.window.length)).self_check()
     print(f"OK {args.config}" + (f" (model {args.model})" if args.model else ""))
     return EX_OK
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .dataio import load_csv
     from .training import train_bundle
     cfg = load_config(args.config)
     series = load_csv(args.data, cfg.data)
@@ -96,6 +103,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .bundle import ModelBundle
+    from .config import SensordConfig, load_config
+    from .dataio import load_csv
     from .evaluation import evaluate_series
     from .scorer import Scorer
     from .windows import WindowSpec
@@ -147,6 +157,7 @@ def parse_seeds(text: str, base: int) -> list[int]:
 
 def cmd_bench_skab(args: argparse.Namespace) -> int:
     from .benchmark import run_skab
+    from .config import SensordConfig, load_config
     cfg = load_config(args.config) if args.config else SensordConfig()
     try:
         seeds = parse_seeds(args.seeds, cfg.training.seed) if args.seeds else None
@@ -276,8 +287,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "run":
+        from .signals import install_early
+        install_early()  # before anything slow: a SIGHUP during start-up must not kill the daemon
     level = args.log_level or "INFO"
     setup_logging(level)
+    from .bundle import BundleError
+    from .config import ConfigError
+    from .dataio import DataError
+    from .metrics import MetricsUnavailable
     try:
         return int(args.func(args))
     except ConfigError as exc:

@@ -155,6 +155,9 @@ class ScoringConfig:
     error: Literal["mse", "mae"] = "mse"
     top_channels: Annotated[StrictInt, Field(ge=1, le=64)] = 3
     batch_max: Annotated[StrictInt, Field(ge=1, le=4096)] = 64
+    # Readings are clipped per channel to the healthy level +- this many healthy spreads (the bundle's scaler:
+    # mean +- k std, or min +- k range); far enough out to be an obvious anomaly, never overflowing to NaN.
+    clip_spreads: Annotated[StrictFloat, Field(gt=0.0, le=1e6)] = 1000.0
 
 
 @dataclass(config=_STRICT)
@@ -185,7 +188,9 @@ class MqttConfig:
 
     host: StrictStr = "127.0.0.1"
     port: Port = 1883
-    client_id: StrictStr = "sensord"
+    # None: "sensord-<hostname>-<8 hex digits of the config file's path>", unique per host and instance and
+    # stable across restarts (a persistent session needs the same id every time).
+    client_id: StrictStr | None = None
     keepalive: Annotated[StrictInt, Field(ge=5, le=65535)] = 30
     protocol: Literal["5", "3.1.1"] = "5"
     username: StrictStr | None = None
@@ -197,6 +202,8 @@ class MqttConfig:
     device_field: StrictStr | None = None
     timestamp_field: StrictStr = "ts"
     values_field: StrictStr = "values"
+    # Larger messages are rejected unparsed (too_large): one reading is ~200 bytes, a batch of 100 ~20 kB.
+    max_payload_bytes: Annotated[StrictInt, Field(ge=64, le=16 * 1024 * 1024)] = 65536
     topic_prefix: StrictStr = "sensord"
     publish_scores: StrictBool = False
     reconnect_min_seconds: PositiveFloat = 1.0
@@ -206,6 +213,13 @@ class MqttConfig:
     @classmethod
     def _protocol_number(cls, v: Any) -> Any:
         return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @field_validator("client_id")
+    @classmethod
+    def _client_id(cls, v: str | None) -> str | None:
+        if v is not None and not 1 <= len(v.encode("utf-8")) <= 128:
+            raise ValueError(f"must be 1 to 128 bytes (or null for the default), got {json.dumps(v)}")
+        return v
 
     @field_validator("subscriptions")
     @classmethod
@@ -232,6 +246,10 @@ class MetricsConfig:
     enabled: StrictBool = True
     host: StrictStr = "127.0.0.1"
     port: Annotated[StrictInt, Field(ge=0, le=65535)] = 9108
+    # Every read and write on a /metrics connection; an idle connection is closed after this.
+    timeout_seconds: Annotated[StrictFloat, Field(gt=0.0, le=300.0)] = 10.0
+    # Simultaneous connections; more are closed at once (sensord_metrics_connections_rejected_total).
+    max_connections: Annotated[StrictInt, Field(ge=1, le=1000)] = 16
 
 
 @dataclass(config=_STRICT)
@@ -242,6 +260,10 @@ class DaemonConfig:
     queue_size: Annotated[StrictInt, Field(ge=1, le=1_000_000)] = 10_000
     max_devices: Annotated[StrictInt, Field(ge=1, le=100_000)] = 100
     batch_wait_seconds: Annotated[StrictFloat, Field(ge=0.0, le=5.0)] = 0.02
+    # Readings stamped further ahead of this host's clock are rejected (future_timestamp).
+    max_clock_skew_seconds: PositiveFloat = 300.0
+    # This many consecutive out-of-order readings mean the device's clock jumped back: its window restarts.
+    clock_resync_after: PositiveInt = 5
     shutdown_timeout_seconds: PositiveFloat = 4.0
 
 

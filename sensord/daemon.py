@@ -17,12 +17,13 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from .config import SensordConfig, load_config
+from . import signals
+from .config import ConfigError, SensordConfig, load_config
 from .metrics import DaemonMetrics
 from .notify import SystemdNotifier, WatchdogPinger, watchdog_interval
 from .pipeline import Intake, ScoringLoop, ServingModel
 from .sinks import AlertPublisher
-from .source import MqttConnection
+from .source import MqttConnection, default_client_id, tls_file_problems
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,14 @@ class Daemon:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._reconnects_seen = 0
+        self._takeovers_seen = 0
         self.metrics.set_model(model.bundle.model_id, model.bundle.created, model.bundle.window_length,
                                model.spec.hop, model.bundle.channels, model.bundle.threshold.value)
-        self.mqtt = MqttConnection(cfg.mqtt, self._on_message, self._on_connected)
+        try:
+            self.mqtt = MqttConnection(cfg.mqtt, self._on_message, self._on_connected,
+                                       cfg.mqtt.client_id or default_client_id(self.config_path))
+        except ConfigError as exc:  # TLS files: name the config file too
+            raise ConfigError(exc.errors, self.config_path) from None
         self.alerts = AlertPublisher(self.mqtt, cfg.mqtt.topic_prefix, cfg.mqtt.publish_scores)
         self.scoring = ScoringLoop(self.metrics, self.alerts, cfg.daemon.queue_size, cfg.scoring.batch_max,
                                    cfg.daemon.batch_wait_seconds)
@@ -55,6 +61,9 @@ class Daemon:
     def from_config(cls, path: str | Path) -> Daemon:
         """Validate everything first (ConfigError / BundleError propagate to the CLI -> exit 78)."""
         cfg = load_config(path)
+        problems = tls_file_problems(cfg.mqtt)
+        if problems:
+            raise ConfigError(problems, str(path))
         logging.getLogger().setLevel(cfg.logging.level)
         model = ServingModel.load(cfg)
         log.info("model %s loaded: %d channels, window %d, hop %d, threshold %.6g (%s)", model.bundle.model_id,
@@ -62,11 +71,14 @@ class Daemon:
                  model.bundle.threshold.value, model.bundle.threshold.method)
         return cls(path, cfg, model)
 
-    def _on_message(self, topic: str, payload: bytes) -> None:
-        self.intake.on_message(topic, payload)
+    def _on_message(self, topic: str, payload: bytes, retained: bool = False) -> None:
+        self.intake.on_message(topic, payload, retained)
 
     def _on_connected(self, up: bool) -> None:
         self.metrics.mqtt_connected.set(1 if up else 0)
+        if self.mqtt.takeovers > self._takeovers_seen:
+            self.metrics.mqtt_session_takeovers.inc(self.mqtt.takeovers - self._takeovers_seen)
+            self._takeovers_seen = self.mqtt.takeovers
         if up and self.mqtt.reconnects > self._reconnects_seen:
             self.metrics.mqtt_reconnects.inc(self.mqtt.reconnects - self._reconnects_seen)
             self._reconnects_seen = self.mqtt.reconnects
@@ -78,9 +90,14 @@ class Daemon:
         self._reload.set()
 
     def install_signal_handlers(self) -> None:
+        """Take over from :mod:`sensord.signals`, keeping what arrived while starting (install, then look)."""
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         signal.signal(signal.SIGHUP, self.request_reload)
+        if signals.stop_requested.is_set():
+            self._stop.set()
+        if signals.reload_requested.is_set():
+            self._reload.set()
 
     def reload(self) -> bool:
         """Load the config and bundle again; on any error keep serving with the old ones."""
@@ -112,7 +129,8 @@ class Daemon:
     def run(self) -> int:
         cfg = self.cfg
         if cfg.metrics.enabled:
-            self.metrics.serve(cfg.metrics.host, cfg.metrics.port)
+            self.metrics.serve(cfg.metrics.host, cfg.metrics.port, cfg.metrics.timeout_seconds,
+                               cfg.metrics.max_connections)
         self.scoring.start()
         self.mqtt.start()
         pinger = None

@@ -12,12 +12,12 @@ import csv
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
 from .config import DataConfig
+from .timeparse import unix_seconds
 
 TIMESTAMP_NAMES = ("timestamp", "datetime", "time", "ts", "date")
 
@@ -43,15 +43,11 @@ class Series:
 
 
 def parse_timestamp(text: str) -> float:
-    """Unix seconds from epoch seconds or an ISO-8601 date-time (naive means UTC)."""
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    dt = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return dt.timestamp()
+    """Unix seconds from an epoch number (s/ms/µs/ns by magnitude) or an ISO-8601 date-time (naive means UTC).
+
+    The same parser as the daemon's payloads (:func:`sensord.timeparse.unix_seconds`).
+    """
+    return unix_seconds(text)
 
 
 def _is_number(text: str) -> bool:

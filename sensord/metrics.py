@@ -9,8 +9,11 @@ arrives on the broker. ``reason`` labels take values from fixed enums.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     CollectorRegistry,
@@ -19,21 +22,73 @@ from prometheus_client import (
     Histogram,
     Info,
     disable_created_metrics,
+    make_wsgi_app,
 )
-from prometheus_client.exposition import start_http_server
 
 log = logging.getLogger(__name__)
 
 # ``*_created`` series double the exposition size and nobody graphs them.
 disable_created_metrics()
 
-MESSAGE_REJECT_REASONS = ("malformed_json", "bad_payload", "no_device", "stopping", "internal_error")
-READING_REJECT_REASONS = ("missing_channel", "bad_value", "bad_timestamp", "out_of_order", "non_finite",
-                          "wrong_shape", "device_limit")
+MESSAGE_REJECT_REASONS = ("malformed_json", "too_large", "bad_payload", "no_device", "retained", "stopping",
+                          "internal_error")
+READING_REJECT_REASONS = ("bad_device_id", "missing_channel", "bad_value", "bad_timestamp", "future_timestamp",
+                          "out_of_order", "non_finite", "wrong_shape", "device_limit")
 
 
 class MetricsUnavailable(RuntimeError):
     """The metrics endpoint cannot be opened (port taken, address not local)."""
+
+
+class _Handler(WSGIRequestHandler):
+    """One scrape; ``timeout`` (set per server) bounds every read and write on the connection."""
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        pass  # no access log on stderr
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except OSError:  # TimeoutError from an idle or slow client, or a client that went away
+            self.close_connection = True
+
+
+class _BoundedServer(ThreadingMixIn, WSGIServer):
+    """A threaded WSGI server with a cap on simultaneous connections: beyond it, new ones are closed at once.
+
+    Idle connections end after the handler's timeout, so a client that opens connections and sends nothing
+    can hold at most ``max_connections`` file descriptors, and only for that long.
+    """
+
+    daemon_threads = True
+    request_queue_size = 64  # listen backlog: a burst of connections is accepted (and refused) quickly
+    max_connections = 16
+    on_reject: Any = None
+
+    def server_activate(self) -> None:
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+        super().server_activate()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            if self.on_reject is not None:
+                self.on_reject()
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("metrics request from %s failed", client_address, exc_info=True)
 
 
 class DaemonMetrics:
@@ -64,12 +119,22 @@ class DaemonMetrics:
         self.queue_depth = Gauge("sensord_queue_depth", "Windows waiting to be scored", registry=r)
         self.windows_dropped = Counter("sensord_windows_dropped", "Windows dropped because the queue was full",
                                        registry=r)
+        self.windows_throttled = Counter("sensord_windows_throttled", "Windows dropped because the device already "
+                                         "had its share of the scoring queue waiting", ["device"], registry=r)
         self.mqtt_connected = Gauge("sensord_mqtt_connected", "1 while connected to the broker", registry=r)
         self.mqtt_reconnects = Counter("sensord_mqtt_reconnects", "Reconnections to the broker after a loss",
                                        registry=r)
+        self.mqtt_session_takeovers = Counter("sensord_mqtt_session_takeovers", "Disconnections because another "
+                                              "client connected with our client id", registry=r)
         self.devices = Gauge("sensord_devices", "Devices currently tracked", registry=r)
         self.devices_rejected = Counter("sensord_devices_rejected",
                                         "Readings refused because max_devices was reached", registry=r)
+        self.values_clipped = Counter("sensord_values_clipped", "Readings clipped to the healthy range +- "
+                                      "scoring.clip_spreads spreads", registry=r)
+        self.clock_resyncs = Counter("sensord_clock_resyncs", "Device windows restarted because the device's "
+                                     "clock jumped back", registry=r)
+        self.metrics_rejected = Counter("sensord_metrics_connections_rejected", "Connections to /metrics closed "
+                                        "at once because metrics.max_connections were open", registry=r)
         self.model_info = Info("sensord_model", "The model bundle being served", registry=r)
         for reason in MESSAGE_REJECT_REASONS:
             self.messages_rejected.labels(reason)
@@ -84,13 +149,19 @@ class DaemonMetrics:
                               "channels": ",".join(channels)})
         self.threshold.set(threshold)
 
-    def serve(self, host: str, port: int) -> int:
+    def serve(self, host: str, port: int, timeout: float = 10.0, max_connections: int = 16) -> int:
         """Start the HTTP endpoint; returns the bound port (0 in config picks a free one)."""
+        handler = type("Handler", (_Handler,), {"timeout": timeout})
         try:
-            self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+            family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+            server = type("Server", (_BoundedServer,), {"address_family": family, "max_connections": max_connections,
+                                                        "on_reject": self.metrics_rejected.inc})
+            self._server = make_server(addr[0], port, make_wsgi_app(self.registry), server, handler_class=handler)
         except OSError as exc:
             raise MetricsUnavailable(f"metrics endpoint {host}:{port}: cannot listen: {exc.strerror or exc} "
                                      "(change metrics.port, or stop what holds it)") from None
+        self._thread = threading.Thread(target=self._server.serve_forever, name="sensord-metrics", daemon=True)
+        self._thread.start()
         bound = int(self._server.server_address[1])
         log.info("metrics on http://%s:%d/metrics", host, bound)
         return bound

@@ -29,7 +29,7 @@ from .detector import AlertDetector, AlertEvent, Decision
 from .metrics import DaemonMetrics
 from .scorer import Scorer
 from .sinks import AlertPublisher, MetricsSink
-from .source import MessageRejected, PayloadParser
+from .source import MessageRejected, PayloadParser, escape
 from .windows import ReadingRejected, Window, WindowBuffer, WindowSpec
 
 log = logging.getLogger(__name__)
@@ -76,14 +76,22 @@ class ServingModel:
     spec: WindowSpec
     detector: DetectorConfig
     top_k: int
+    low: np.ndarray  # per-channel clip bounds (float64), see scoring.clip_spreads
+    high: np.ndarray
 
     @classmethod
     def load(cls, cfg: SensordConfig) -> ServingModel:
         """Load and validate the configured bundle against the config (raises BundleError)."""
         bundle = ModelBundle.load(cfg.daemon.model, cfg.data.channels or None, cfg.window.length)
+        scorer = Scorer(bundle, max_batch=cfg.scoring.batch_max)
+        if not scorer.self_check():
+            log.warning("bundle %s has no reference windows (made by an older sensord): cannot check that the "
+                        "model still computes what it did at training; retrain to add them", bundle.path)
         spec = WindowSpec(bundle.window_length, cfg.window.hop, cfg.window.max_gap_seconds)
-        return cls(bundle, Scorer(bundle, max_batch=cfg.scoring.batch_max), spec, cfg.detector,
-                   cfg.scoring.top_channels)
+        offset = bundle.scaler.offset.astype(np.float64)
+        spread = cfg.scoring.clip_spreads * bundle.scaler.scale.astype(np.float64)
+        return cls(bundle, scorer, spec, cfg.detector,
+                   cfg.scoring.top_channels, offset - spread, offset + spread)
 
     def compatible(self, other: ServingModel) -> bool:
         return (self.bundle.channels == other.bundle.channels
@@ -107,6 +115,8 @@ class ScoringLoop:
         self.batch_wait = batch_wait
         self.on_event = on_event
         self.detectors: dict[str, AlertDetector] = {}
+        self._pending: dict[str, int] = {}  # queued windows per device (fairness)
+        self._pending_lock = threading.Lock()
         self.heartbeat = time.monotonic()
         self._stop = threading.Event()
         self._flush = threading.Event()  # set by drain(): intake is closed, stop waiting to fill batches
@@ -117,21 +127,43 @@ class ScoringLoop:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, model: ServingModel, window: Window) -> bool:
-        try:
-            self.queue.put_nowait((model, window))
-        except queue.Full:
-            self.metrics.windows_dropped.inc()
-            return False
+    def submit(self, model: ServingModel, window: Window, devices: int = 1) -> str | None:
+        """Queue a window; None if queued, else why it was dropped: ``throttled`` or ``queue_full``.
+
+        Fairness: a device that already has its share of the queue (``queue_size // devices``, the devices
+        being tracked) waiting is throttled, so a flooding device always leaves room for its neighbours.
+        """
+        share = max(1, self.queue.maxsize // max(1, devices))
+        with self._pending_lock:
+            n = self._pending.get(window.device, 0)
+            if devices > 1 and n >= share:  # (alone, a device may fill the queue: that is queue_full)
+                self.metrics.windows_throttled.labels(window.device).inc()
+                return "throttled"
+            try:
+                self.queue.put_nowait((model, window))
+            except queue.Full:
+                self.metrics.windows_dropped.inc()
+                return "queue_full"
+            self._pending[window.device] = n + 1
         self.metrics.queue_depth.set(self.queue.qsize())
-        return True
+        return None
+
+    def _taken(self, item: QueueItem) -> QueueItem:
+        with self._pending_lock:
+            dev = item[1].device
+            n = self._pending.get(dev, 0) - 1
+            if n > 0:
+                self._pending[dev] = n
+            else:
+                self._pending.pop(dev, None)
+        return item
 
     def healthy(self, max_silence: float) -> bool:
         return self._thread.is_alive() and time.monotonic() - self.heartbeat < max_silence
 
     def _take_batch(self) -> list[QueueItem]:
         try:
-            first = self.queue.get(timeout=0.2)
+            first = self._taken(self.queue.get(timeout=0.2))
         except queue.Empty:
             return []
         self._idle.clear()
@@ -139,13 +171,13 @@ class ScoringLoop:
         deadline = time.monotonic() + self.batch_wait
         while len(batch) < self.batch_max:
             try:
-                batch.append(self.queue.get_nowait())
+                batch.append(self._taken(self.queue.get_nowait()))
             except queue.Empty:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._flush.is_set():
                     break
                 try:  # in short steps, so a drain() does not wait out a long batch_wait
-                    batch.append(self.queue.get(timeout=min(remaining, 0.05)))
+                    batch.append(self._taken(self.queue.get(timeout=min(remaining, 0.05))))
                 except queue.Empty:
                     continue
         return batch
@@ -234,39 +266,55 @@ class Intake:
         self.accepting = True
         self._lock = threading.Lock()
         self._warn = RateLimitedLog(log, cfg.logging.rate_limit_seconds)
+        self._resync_logged: set[str] = set()
         self.parser = self._parser(cfg, model)
 
     @staticmethod
     def _parser(cfg: SensordConfig, model: ServingModel) -> PayloadParser:
         m = cfg.mqtt
         return PayloadParser(model.bundle.channels, m.device_topic, m.device_field, m.timestamp_field,
-                             m.values_field)
+                             m.values_field, max_clock_skew=cfg.daemon.max_clock_skew_seconds,
+                             bounds=(model.low, model.high))
 
     def _reject(self, reason: str, device: str, detail: str) -> None:
         self.metrics.readings_rejected.labels(reason).inc()
-        self._warn.warning(f"reading:{reason}", "reading rejected reason=%s device=%s: %s", reason, device, detail)
+        self._warn.warning(f"reading:{reason}", "reading rejected reason=%s device=%s: %s", reason, escape(device),
+                           escape(detail))
 
-    def on_message(self, topic: str, payload: bytes) -> None:
+    def on_message(self, topic: str, payload: bytes, retained: bool = False) -> None:
         """Never raises: an exception here would end paho's network thread and silently stop intake."""
         try:
-            self._on_message(topic, payload)
+            self._on_message(topic, payload, retained)
         except Exception:  # noqa: BLE001
             self.metrics.messages_rejected.labels("internal_error").inc()
             if self._warn.allow("internal_error"):
-                log.exception("message on topic=%s could not be processed; daemon continues", topic)
+                log.exception("message on topic=%s could not be processed; daemon continues", escape(topic))
 
-    def _on_message(self, topic: str, payload: bytes) -> None:
+    def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
         self.metrics.messages_received.inc()
         with self._lock:
             if not self.accepting:
                 self.metrics.messages_rejected.labels("stopping").inc()
+                return
+            if retained:
+                # The broker's stored copy, from before we subscribed: an old reading (or one from a glitched
+                # clock) that would be replayed on every restart. Live readings never arrive retained.
+                self.metrics.messages_rejected.labels("retained").inc()
+                self._warn.warning("message:retained", "retained message on topic=%s ignored: telemetry must "
+                                   "not be published with retain", escape(topic))
+                return
+            limit = self.cfg.mqtt.max_payload_bytes
+            if len(payload) > limit:
+                self.metrics.messages_rejected.labels("too_large").inc()
+                self._warn.warning("message:too_large", "message rejected reason=too_large topic=%s: %d bytes, "
+                                   "mqtt.max_payload_bytes is %d", escape(topic), len(payload), limit)
                 return
             try:
                 readings = self.parser.parse(topic, payload)
             except MessageRejected as exc:
                 self.metrics.messages_rejected.labels(exc.reason).inc()
                 self._warn.warning(f"message:{exc.reason}", "message rejected reason=%s topic=%s: %s",
-                                   exc.reason, topic, exc)
+                                   exc.reason, escape(topic), escape(exc))
                 return
             for r in readings:
                 if r.problem is not None:
@@ -280,17 +328,37 @@ class Intake:
                                      f"max_devices={self.cfg.daemon.max_devices} already tracked")
                         continue
                     buf = self.buffers[r.device] = WindowBuffer(self.model.spec, len(self.model.bundle.channels),
-                                                                r.device)
+                                                                r.device, self.cfg.daemon.clock_resync_after)
                     self.metrics.devices.set(len(self.buffers))
                     log.info("new device=%s (%d tracked)", r.device, len(self.buffers))
+                if r.clipped:
+                    self.metrics.values_clipped.inc()
+                    self._warn.warning("clipped", "reading of device=%s outside the healthy range by more than "
+                                       "scoring.clip_spreads=%g spreads: clipped", r.device,
+                                       self.cfg.scoring.clip_spreads)
+                resyncs = buf.resyncs
                 try:
                     window = buf.push(r.timestamp, r.values)  # type: ignore[arg-type]
                 except ReadingRejected as exc:
                     self._reject(exc.reason.value, r.device, str(exc))
                     continue
-                if window is not None and not self.scoring.submit(self.model, window):
+                if buf.resyncs != resyncs:
+                    self.metrics.clock_resyncs.inc()
+                    if r.device not in self._resync_logged:  # once per device; the counter has the rest
+                        self._resync_logged.add(r.device)
+                        log.warning("device=%s clock jumped back: %d readings in a row older than its last "
+                                    "one; window restarted at %.3f", r.device, buf.resync_after, r.timestamp)
+                if window is None:
+                    continue
+                dropped = self.scoring.submit(self.model, window, len(self.buffers))
+                if dropped == "queue_full":
                     self._warn.warning("queue_full", "scoring queue full (%d): window of device=%s dropped",
                                        self.scoring.queue.maxsize, r.device)
+                elif dropped == "throttled":
+                    self._warn.warning("throttled", "device=%s has its share of the scoring queue (%d of %d "
+                                       "windows, %d devices) waiting: window dropped", r.device,
+                                       max(1, self.scoring.queue.maxsize // len(self.buffers)),
+                                       self.scoring.queue.maxsize, len(self.buffers))
 
     def swap(self, cfg: SensordConfig, model: ServingModel) -> None:
         """Switch to a new config/model between two messages; nothing queued is lost."""
@@ -298,6 +366,7 @@ class Intake:
             if model.compatible(self.model):
                 for buf in self.buffers.values():
                     buf.spec = model.spec  # same length and channels: keep the buffered readings
+                    buf.resync_after = cfg.daemon.clock_resync_after
             else:
                 log.warning("new model has a different window/channels: device windows restart")
                 self.buffers.clear()

@@ -31,6 +31,13 @@ def _interpreter_class() -> Callable[..., Any]:
         return tf.lite.Interpreter
 
 
+# How far (relative to max(1, error)) a reference window's error may drift from the one recorded at training.
+REFERENCE_TOLERANCE = 1e-4
+
+# The error a window gets when its error is not finite (inf/NaN from an overflow): maximally anomalous.
+MAX_ERROR = float(np.finfo(np.float32).max)
+
+
 @dataclass(frozen=True)
 class ScoredBatch:
     errors: np.ndarray  # (B,) float64 per-window error
@@ -68,6 +75,10 @@ def top_channels(channels: tuple[str, ...], shares: np.ndarray, k: int) -> tuple
     return tuple((channels[j], round(float(shares[j]), 4)) for j in order)
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
 def _bucket(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -86,6 +97,11 @@ class Scorer:
         shape = it.get_output_details()[0]["shape"]
         # How many reconstructions the model gives per window (1, or an ensemble's K).
         self.members = int(shape[1]) if len(shape) == 4 else 1
+        try:  # LiteRT prepares some operators only on the first invoke ("Node number 4 failed to prepare")
+            self.reconstruct(np.zeros((1, bundle.window_length, len(bundle.channels)), np.float32))
+        except (RuntimeError, ValueError) as exc:
+            from .bundle import BundleError
+            raise BundleError(f"{bundle.tflite_path}: the model does not run: {_one_line(exc)}") from None
 
     @property
     def channels(self) -> tuple[str, ...]:
@@ -111,9 +127,9 @@ class Scorer:
                 if shape[-2:] != [w, c] or len(shape) not in (2, 3):
                     raise ValueError(f"model output shape {[batch] + shape} is neither a reconstruction "
                                      f"({batch}, {w}, {c}) nor an ensemble's ({batch}, members, {w}, {c})")
-            except ValueError as exc:
+            except (ValueError, RuntimeError) as exc:
                 from .bundle import BundleError
-                raise BundleError(f"{self.bundle.tflite_path}: cannot load model: {exc}") from None
+                raise BundleError(f"{self.bundle.tflite_path}: cannot load model: {_one_line(exc)}") from None
             hit = (it, inp["index"], it.get_output_details()[0]["index"])
             self._interpreters[batch] = hit
         return hit
@@ -149,9 +165,36 @@ class Scorer:
                              f"{len(self.bundle.channels)}), got {w.shape}")
         if len(w) == 0:
             return ScoredBatch(np.zeros(0), np.zeros((0, w.shape[2])))
-        scaled = self.bundle.scaler.transform(w)
-        errors, shares = reconstruction_errors(scaled, self.reconstruct(scaled), self.bundle.error_metric)
+        with np.errstate(over="ignore", invalid="ignore"):  # handled below
+            scaled = self.bundle.scaler.transform(w)
+            errors, shares = reconstruction_errors(scaled, self.reconstruct(scaled), self.bundle.error_metric)
+        bad = ~np.isfinite(errors)
+        if bad.any():  # an overflow anywhere in the window: as anomalous as it gets, never NaN downstream
+            errors[bad] = MAX_ERROR
+            shares[bad] = 1.0 / shares.shape[1]
         return ScoredBatch(errors, shares)
+
+    def self_check(self, tolerance: float = REFERENCE_TOLERANCE) -> bool:
+        """Score the bundle's reference windows and compare with the errors recorded at training.
+
+        Raises BundleError when one differs by more than ``tolerance`` (relative to max(1, error)): the
+        flatbuffer loads but no longer computes what was trained and calibrated (a corrupted weight with a
+        recomputed checksum, a wrong model copied into the bundle). Returns False for a bundle without
+        reference windows (made by an older sensord), True when checked.
+        """
+        from .bundle import BundleError
+        ref = self.bundle.reference
+        if ref is None:
+            return False
+        expected = np.asarray(ref["errors"], dtype=np.float64)
+        got = self.score(np.asarray(ref["windows"], dtype=np.float32)).errors
+        diff = np.abs(got - expected) / np.maximum(1.0, np.abs(expected))
+        if not np.all(diff <= tolerance):
+            i = int(np.argmax(np.where(np.isfinite(diff), diff, np.inf)))
+            raise BundleError(f"{self.bundle.tflite_path}: the model does not reproduce its reference windows "
+                              f"(error {got[i]:.6g}, recorded at training {expected[i]:.6g}, tolerance {tolerance:g}): "
+                              "the flatbuffer was changed after training")
+        return True
 
     def top_channels(self, shares: np.ndarray, k: int) -> tuple[tuple[str, float], ...]:
         return top_channels(self.bundle.channels, shares, k)

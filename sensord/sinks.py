@@ -8,6 +8,7 @@ at once; per-window scores are optional QoS 0 telemetry.
 from __future__ import annotations
 
 import json
+import math
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -23,6 +24,16 @@ def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def number(x: float, digits: int) -> float | None:
+    """Rounded for a payload; ``null`` rather than NaN/Infinity, which strict JSON parsers refuse."""
+    return round(x, digits) if math.isfinite(x) else None
+
+
+def dumps(body: dict[str, Any]) -> str:
+    """Strict JSON: raises rather than writing NaN or Infinity."""
+    return json.dumps(body, allow_nan=False)
+
+
 def alert_payload(event: AlertEvent, model_id: str) -> dict[str, Any]:
     return {
         "device": event.device,
@@ -30,10 +41,10 @@ def alert_payload(event: AlertEvent, model_id: str) -> dict[str, Any]:
         "window_start": iso(event.window_start),
         "window_end": iso(event.window_end),
         "raised_at": iso(event.raised_at),
-        "score": round(event.score, 6),
-        "error": round(event.error, 8),
-        "threshold": round(event.threshold, 8),
-        "top_channels": [{"channel": ch, "share": share} for ch, share in event.top_channels],
+        "score": number(event.score, 6),
+        "error": number(event.error, 8),
+        "threshold": number(event.threshold, 8),
+        "top_channels": [{"channel": ch, "share": number(share, 4)} for ch, share in event.top_channels],
         "model_id": model_id,
     }
 
@@ -48,19 +59,19 @@ class AlertPublisher:
 
     def alert(self, event: AlertEvent, model_id: str) -> None:
         body = alert_payload(event, model_id)
-        self.publisher.publish(f"{self.prefix}/alerts/{event.device}", json.dumps(body), qos=1)
+        self.publisher.publish(f"{self.prefix}/alerts/{event.device}", dumps(body), qos=1)
         self.state(event.device, event.state == "raised", event.window_end, event.score, model_id)
 
     def state(self, device: str, active: bool, since: float, score: float, model_id: str) -> None:
         body = {"device": device, "state": "alert" if active else "normal", "since": iso(since),
-                "score": round(score, 6), "model_id": model_id}
-        self.publisher.publish(f"{self.prefix}/state/{device}", json.dumps(body), qos=1, retain=True)
+                "score": number(score, 6), "model_id": model_id}
+        self.publisher.publish(f"{self.prefix}/state/{device}", dumps(body), qos=1, retain=True)
 
     def score(self, device: str, window_end: float, error: float, decision: Decision) -> None:
         if self.publish_scores:
-            body = {"device": device, "window_end": iso(window_end), "error": round(error, 8),
-                    "score": round(decision.score, 6), "over": decision.over, "alert": decision.active}
-            self.publisher.publish(f"{self.prefix}/scores/{device}", json.dumps(body), qos=0)
+            body = {"device": device, "window_end": iso(window_end), "error": number(error, 8),
+                    "score": number(decision.score, 6), "over": decision.over, "alert": decision.active}
+            self.publisher.publish(f"{self.prefix}/scores/{device}", dumps(body), qos=0)
 
 
 class MetricsSink:

@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 EpochCallback = Callable[[int, int, dict[str, float]], None]
 
 
+REFERENCE_WINDOWS = 4
+
+
 class TrainingError(ValueError):
     """Training cannot proceed with this data/config; the message says why."""
 
@@ -222,6 +225,10 @@ def train_bundle(series: Series, cfg: SensordConfig, out_dir: str | Path,
     threshold = ThresholdCalibrator(cfg.threshold).fit(val_errors)
     training_meta["duration_seconds"] = round(time.monotonic() - t0, 3)
     bundle = bundle.with_threshold(threshold)
+    # Reference windows: the daemon re-scores them at every load and refuses a model that drifted.
+    ref = np.unique(np.linspace(0, len(split.validation) - 1, num=min(REFERENCE_WINDOWS, len(split.validation)))
+                    .astype(int))
+    bundle = bundle.with_reference(split.validation[ref], val_errors[ref])
     bundle.write_json()
     log.info("bundle written to %s: model_id=%s threshold=%.6g (%s) epochs=%d best=%d in %.1fs", out,
              bundle.model_id, threshold.value, threshold.method, training_meta["epochs_run"], best_epoch,

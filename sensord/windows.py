@@ -70,9 +70,9 @@ class WindowBuffer:
     """
 
     __slots__ = ("spec", "channels", "device", "_ring", "_times", "_pos", "_filled",
-                 "_since_emit", "_last_ts", "_accepted", "restarts")
+                 "_since_emit", "_last_ts", "_accepted", "restarts", "resync_after", "resyncs", "_behind")
 
-    def __init__(self, spec: WindowSpec, channels: int, device: str = "") -> None:
+    def __init__(self, spec: WindowSpec, channels: int, device: str = "", resync_after: int | None = None) -> None:
         if channels < 1:
             raise ValueError(f"channels must be >= 1, got {channels}")
         self.spec = spec
@@ -86,6 +86,12 @@ class WindowBuffer:
         self._last_ts: float | None = None
         self._accepted = 0
         self.restarts = 0
+        # Live streams only: after this many consecutive readings older than the last one the device's
+        # clock has jumped back (or one reading came from far ahead): start over from the current reading
+        # instead of rejecting the device for ever.
+        self.resync_after = resync_after
+        self.resyncs = 0
+        self._behind = 0
 
     @property
     def last_timestamp(self) -> float | None:
@@ -110,7 +116,18 @@ class WindowBuffer:
     def push(self, timestamp: float, values: np.ndarray | list[float]) -> Window | None:
         """Accept one reading; return the window it completes, if any."""
         arr = np.asarray(values, dtype=np.float32)
-        self.check(timestamp, arr)
+        try:
+            self.check(timestamp, arr)
+        except ReadingRejected as exc:
+            if exc.reason is not Rejection.OUT_OF_ORDER or self.resync_after is None:
+                raise
+            self._behind += 1
+            if self._behind < self.resync_after:
+                raise
+            self.reset()  # re-synchronise on the device's new clock: no window spans the jump
+            self._last_ts = None
+            self.resyncs += 1
+        self._behind = 0
         spec = self.spec
         if self._last_ts is not None and timestamp - self._last_ts > spec.max_gap_seconds:
             self.reset()

@@ -14,6 +14,7 @@ Imported as a top-level module (``from e2e_support import DaemonProcess``), like
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -266,3 +267,29 @@ class QosPublisher:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+# -- bundles that load but are wrong ------------------------------------------------------------------
+
+def tamper_bundle(src: Path, dst: Path, factor: float = 1.3) -> Path:
+    """A copy of bundle ``src`` whose first FULLY_CONNECTED weights are scaled by ``factor``, with the checksum in
+    bundle.json recomputed: it loads and runs, but no longer computes what was trained. Needs TensorFlow."""
+    import shutil
+
+    import numpy as np
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    from sensord.bundle import BUNDLE_JSON, TFLITE_FILE, sha256_of
+    shutil.copytree(src, dst)
+    tfl = dst / TFLITE_FILE
+    model = flatbuffer_utils.read_model(str(tfl))
+    graph = model.subgraphs[0]
+    op = next(o for o in graph.operators if model.operatorCodes[o.opcodeIndex].builtinCode == 9)  # FULLY_CONNECTED
+    buf = model.buffers[graph.tensors[op.inputs[1]].buffer]
+    buf.data = (np.frombuffer(bytes(buf.data), dtype=np.float32) * factor).astype(np.float32).view(np.uint8)
+    flatbuffer_utils.write_model(model, str(tfl))
+    meta_path = dst / BUNDLE_JSON
+    meta = json.loads(meta_path.read_text())
+    meta["tflite_sha256"] = sha256_of(tfl)
+    meta_path.write_text(json.dumps(meta, indent=2))
+    return tfl

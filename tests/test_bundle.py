@@ -264,3 +264,49 @@ def test_malformed_optional_sections_raise_bundle_error(copy: Path, section: str
             m[section][key] = value
     _edit_json(copy, change)
     assert _load_error(copy).startswith(f"{copy / BUNDLE_JSON}: ")
+
+
+# --- reference windows (issue 14) ------------------------------------------------------------
+
+
+def test_reference_windows_stored_and_reproduced(trained: tuple[ModelBundle, Path]) -> None:
+    from sensord.scorer import Scorer
+    bundle, path = trained
+    loaded = ModelBundle.load(path)
+    ref = loaded.reference
+    assert ref is not None and len(ref["windows"]) == len(ref["errors"]) >= 2
+    assert np.asarray(ref["windows"]).shape[1:] == (WINDOW, len(CHANNELS))
+    assert Scorer(loaded).self_check() is True
+
+
+def test_tampered_weights_with_a_recomputed_checksum_are_refused(trained: tuple[ModelBundle, Path],
+                                                                  tmp_path: Path) -> None:
+    from e2e_support import tamper_bundle
+
+    from sensord.scorer import Scorer
+    tamper_bundle(trained[1], tmp_path / "bad")
+    loaded = ModelBundle.load(tmp_path / "bad")  # checksum fine
+    with pytest.raises(BundleError, match="reference windows"):
+        Scorer(loaded).self_check()
+
+
+def test_a_tiny_numeric_difference_is_tolerated_a_large_one_not(copy: Path) -> None:
+    from sensord.scorer import Scorer
+    _edit_json(copy, lambda m: m["reference"]["errors"].__setitem__(0, m["reference"]["errors"][0] * (1 + 1e-6)))
+    assert Scorer(ModelBundle.load(copy)).self_check() is True
+    _edit_json(copy, lambda m: m["reference"]["errors"].__setitem__(0, m["reference"]["errors"][0] + 1e-3))
+    with pytest.raises(BundleError):
+        Scorer(ModelBundle.load(copy)).self_check()
+
+
+def test_bundle_without_reference_loads_and_is_not_checked(copy: Path) -> None:
+    from sensord.scorer import Scorer
+    _edit_json(copy, lambda m: m.pop("reference"))
+    assert Scorer(ModelBundle.load(copy)).self_check() is False
+
+
+@pytest.mark.parametrize("bad", [{"windows": [], "errors": []}, {"windows": [[[1.0]]], "errors": [1.0]},
+                                 "x", {"windows": [[[float("nan")] * 8] * 10], "errors": [1.0]}])
+def test_malformed_reference_is_a_bundle_error(copy: Path, bad: object) -> None:
+    _edit_json(copy, lambda m: m.__setitem__("reference", bad))
+    assert "reference" in _load_error(copy)

@@ -32,6 +32,10 @@ TINY = {
 }
 
 
+def _refuse(constant: str) -> Any:
+    raise AssertionError(f"payload is not strict JSON: {constant}")
+
+
 class FakePublisher:
     """Records every publish call (thread-safe: the scoring thread publishes)."""
 
@@ -41,7 +45,7 @@ class FakePublisher:
 
     def publish(self, topic: str, payload: str | bytes, qos: int = 0, retain: bool = False) -> None:
         with self._lock:
-            self.calls.append((topic, json.loads(payload), qos, retain))
+            self.calls.append((topic, json.loads(payload, parse_constant=_refuse), qos, retain))
 
     def on(self, topic: str) -> list[tuple[str, dict[str, Any], int, bool]]:
         with self._lock:
@@ -415,7 +419,7 @@ def test_rate_limited_log_zero_interval_logs_everything(caplog: pytest.LogCaptur
 
 
 def test_deeply_nested_and_infinite_payloads_are_rejected_not_raised(rig: Rig, data: tuple[Path, Series]) -> None:
-    rig.intake.on_message("s/p1/t", b"[" * 100_000)
+    rig.intake.on_message("s/p1/t", b"[" * 50_000)  # under mqtt.max_payload_bytes, far over the recursion limit
     good = {ch: 1.0 for ch in CHANNELS}
     rig.intake.on_message("s/p1/t", b'{"ts": 1e400, "values": ' + json.dumps(good).encode() + b"}")
     assert rig.value("sensord_messages_rejected_total", reason="malformed_json") == 1
@@ -445,3 +449,128 @@ def test_an_unexpected_error_is_counted_logged_once_and_intake_goes_on(
     assert rig.scoring.queue.qsize() == 1
     assert rig.intake._lock.acquire(timeout=1)  # the lock was released on the error path
     rig.intake._lock.release()
+
+
+# -- unlucky timestamps (issue 14) --------------------------------------------------------------
+
+def test_future_reading_never_becomes_last_reading(rig: Rig, data: tuple[Path, Series]) -> None:
+    series = data[1]
+    rig.send_rows("p1", series, 0, 5)
+    rig.send("p1", time.time() + 365 * 86400, series.values[5])  # a gateway clock glitch, a year ahead
+    rig.send_rows("p1", series, 5, 30)
+    assert rig.value("sensord_readings_rejected_total", reason="future_timestamp") == 1
+    assert rig.value("sensord_readings_rejected_total", reason="out_of_order") == 0
+    assert rig.intake.buffers["p1"].last_timestamp == float(series.timestamps[29])
+    assert len(rig.queued()) == 30 - W + 1
+
+
+def test_clock_jump_back_resyncs_window_counted_and_logged_once(rig: Rig, data: tuple[Path, Series],
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    series = data[1]
+    rig.send_rows("p1", series, 0, W)
+    rig.send("p1", time.time(), series.values[W])  # no device clock for once: arrival time, ~2 years later
+    n = rig.cfg.daemon.clock_resync_after
+    with caplog.at_level(logging.WARNING, logger="sensord.pipeline"):
+        rig.send_rows("p1", series, W + 1, len(series))
+    assert rig.value("sensord_readings_rejected_total", reason="out_of_order") == n - 1
+    assert rig.value("sensord_clock_resyncs_total") == 1
+    assert len([r for r in caplog.records if "clock jumped back" in r.getMessage()]) == 1
+    rest = len(series) - (W + 1) - (n - 1)
+    assert len(rig.queued()) == 1 + rest - W + 1  # the window before, then all after the resync
+
+
+def test_retained_telemetry_is_ignored_and_counted(rig: Rig, data: tuple[Path, Series]) -> None:
+    body = {"ts": time.time(), "values": {ch: 1.0 for ch in CHANNELS}}
+    rig.intake.on_message("s/p1/t", json.dumps(body).encode(), retained=True)
+    assert rig.value("sensord_messages_rejected_total", reason="retained") == 1
+    assert rig.intake.buffers == {}
+
+
+# -- never NaN (issue 14) -------------------------------------------------------------------------
+
+def test_values_near_float32_max_are_clipped_scored_finite_and_alert_in_strict_json(
+        data: tuple[Path, Series], rigs: list[Rig]) -> None:
+    series = data[1]
+    r = Rig(make_cfg(data[0]), batch_wait=0.05)
+    rigs.append(r)
+    r.scoring.start()
+    r.send_rows("p1", series, 0, 20)
+    for i in range(20, 40):  # a common "invalid" marker, and one beyond float32
+        r.send("p1", float(series.timestamps[i]), [3e38 if i % 2 else 1e300] * len(CHANNELS))
+    assert r.scoring.drain(5.0)
+    assert r.value("sensord_values_clipped_total") == 20
+    assert r.value("sensord_readings_rejected_total", reason="non_finite") == 0
+    assert r.value("sensord_windows_scored_total", device="p1") == 40 - W + 1
+    assert np.isfinite(r.value("sensord_reconstruction_error", device="p1"))
+    assert np.isfinite(r.value("sensord_anomaly_score", device="p1"))
+    assert [b["state"] for _, b, _, _ in r.pub.on(f"{PREFIX}/alerts/p1")] == ["raised"]
+    hi = r.model.high
+    assert np.all(hi < np.finfo(np.float32).max)
+
+
+def test_payloads_never_carry_nan() -> None:
+    from sensord.detector import AlertEvent
+    from sensord.sinks import alert_payload, dumps
+    nan = float("nan")
+    ev = AlertEvent("p1", "raised", 0.0, 1.0, 1.0, nan, float("inf"), 0.5, (("a", nan),))
+    body = json.loads(dumps(alert_payload(ev, "m")), parse_constant=lambda c: pytest.fail(c))
+    assert body["score"] is None and body["error"] is None and body["top_channels"][0]["share"] is None
+    with pytest.raises(ValueError):
+        dumps({"x": nan})
+
+
+def test_bad_device_ids_rejected_counted_and_logged_escaped(data: tuple[Path, Series],
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    cfg = config_from_dict({"window": {"length": W}, "daemon": {"model": str(data[0])},
+                            "mqtt": {"device_field": "id", "device_topic": None, "subscriptions": ["s/#"]},
+                            "logging": {"rate_limit_seconds": 0.0}})
+    r = Rig(cfg)
+    good = {ch: 1.0 for ch in CHANNELS}
+    with caplog.at_level(logging.WARNING, logger="sensord.pipeline"):
+        for dev in ("nul\x00", "evil\nCRITICAL forged", "a/b", "ok"):
+            r.intake.on_message("s/x", json.dumps({"id": dev, "ts": 1, **good}).encode())
+    assert r.value("sensord_readings_rejected_total", reason="bad_device_id") == 3
+    assert list(r.intake.buffers) == ["ok"]
+    text = "\n".join(rec.getMessage() for rec in caplog.records)
+    assert "evil\\nCRITICAL forged" in text and "\x00" not in text
+    assert not any(line.startswith("CRITICAL") for line in text.splitlines())
+
+
+# -- fairness and payload size (issue 14) ---------------------------------------------------------
+
+def test_flooding_device_is_throttled_to_its_share_and_the_neighbour_is_queued(
+        data: tuple[Path, Series], rigs: list[Rig], caplog: pytest.LogCaptureFixture) -> None:
+    series = data[1]
+    r = Rig(make_cfg(data[0]), queue_size=10)  # scoring thread not started: nothing leaves the queue
+    rigs.append(r)
+    r.send_rows("light", series, 0, 1)
+    with caplog.at_level(logging.WARNING, logger="sensord.pipeline"):
+        r.send_rows("flood", series, 0, 40)  # 31 windows; its share with 2 devices is 10 // 2 = 5
+        r.send_rows("light", series, 1, W + 2)  # 3 windows
+    assert r.value("sensord_windows_throttled_total", device="flood") == 31 - 5
+    assert r.value("sensord_windows_dropped_total") == 0
+    queued = [w.device for _, w in r.queued()]
+    assert queued.count("flood") == 5 and queued.count("light") == 3
+    assert len([rec for rec in caplog.records if "share of the scoring queue" in rec.getMessage()]) == 1
+
+
+def test_throttled_device_gets_room_again_once_its_windows_are_scored(data: tuple[Path, Series],
+                                                                      rigs: list[Rig]) -> None:
+    series = data[1]
+    r = Rig(make_cfg(data[0]), queue_size=4)
+    rigs.append(r)
+    r.send_rows("a", series, 0, 1)
+    r.send_rows("b", series, 0, W + 5)  # share 2: 2 queued, 4 throttled
+    assert r.value("sensord_windows_throttled_total", device="b") == 4
+    r.scoring._taken(r.scoring.queue.get_nowait())  # the scorer takes one
+    r.send_rows("b", series, W + 5, W + 6)
+    assert r.scoring.queue.qsize() == 2 and r.value("sensord_windows_throttled_total", device="b") == 4
+
+
+def test_payload_over_the_size_limit_is_rejected_unparsed(data: tuple[Path, Series]) -> None:
+    cfg = config_from_dict({"window": {"length": W}, "daemon": {"model": str(data[0])},
+                            "mqtt": {"device_topic": "s/{device}/t", "max_payload_bytes": 1024}})
+    r = Rig(cfg)
+    r.intake.on_message("s/p1/t", b"[" + b"1," * 2000 + b"1]")
+    assert r.value("sensord_messages_rejected_total", reason="too_large") == 1
+    assert r.value("sensord_messages_rejected_total", reason="malformed_json") == 0

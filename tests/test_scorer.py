@@ -174,3 +174,15 @@ def test_every_model_kind_converts_and_scores_like_keras(setup: tuple[Path, np.n
     expected, _ = reconstruction_errors(scaled, recon, bundle.error_metric)
     got = Scorer(ModelBundle.load(tmp_path / kind)).score(windows)
     assert np.allclose(got.errors, expected, rtol=1e-4)
+
+
+def test_non_finite_error_is_maximally_anomalous(setup: tuple[Path, np.ndarray], scorer: Scorer) -> None:
+    from sensord.scorer import MAX_ERROR
+    w = setup[1][:3].copy()
+    w[1, 2, 0] = np.inf
+    w[2, :, :] = np.finfo(np.float32).max  # overflows to inf in float32 scaling
+    got = scorer.score(w)
+    assert np.all(np.isfinite(got.errors)) and np.all(np.isfinite(got.channel_shares))
+    assert got.errors[1] == got.errors[2] == MAX_ERROR
+    assert got.errors[0] < scorer.threshold * 10
+    np.testing.assert_allclose(got.channel_shares.sum(axis=1), 1.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from datetime import datetime, timezone
 
 import numpy as np
@@ -45,7 +46,7 @@ def test_flat_object() -> None:
     assert r.device == "p1"
     assert r.timestamp == 5.0
     assert r.problem is None
-    assert r.values is not None and r.values.dtype == np.float32
+    assert r.values is not None and r.values.dtype == np.float64  # float64, so 1e39 can be clipped, not overflow
     assert r.values.tolist() == [1.0, 2.5, -3.0]
 
 
@@ -224,3 +225,242 @@ def test_non_finite_numbers_pass_the_parser() -> None:
     r = one(b'{"ts": 3, "a": NaN, "b": 2, "c": 3}')
     assert r.problem is None
     assert np.isnan(r.values[0])  # type: ignore[index]
+
+
+# -- the shared timestamp parser and the arrival clock ------------------------------------------
+
+@pytest.mark.parametrize("raw", [int(T0 * 1e6), int(T0 * 1e9), str(int(T0 * 1e6)), T0 * 1e6 + 500_000 - 500_000])
+def test_microseconds_and_nanoseconds_recognised(raw: object) -> None:
+    r = one({"ts": raw, "a": 1, "b": 2, "c": 3})
+    assert r.problem is None
+    assert r.timestamp == pytest.approx(T0, abs=1e-3)
+
+
+def test_csv_and_payload_timestamps_share_one_parser() -> None:
+    from sensord.dataio import parse_timestamp
+    for text in (str(T0), str(int(T0 * 1000)), str(int(T0 * 1e6)), "2024-01-01T00:00:00Z"):
+        assert parse_timestamp(text) == one({"ts": text, "a": 1, "b": 2, "c": 3}).timestamp == pytest.approx(T0)
+
+
+def skewed(max_skew: float) -> PayloadParser:
+    return PayloadParser(CHANNELS, TEMPLATE, None, "ts", "values", clock=lambda: ARRIVAL, max_clock_skew=max_skew)
+
+
+@pytest.mark.parametrize("ahead, ok", [(0.0, True), (299.0, True), (301.0, False), (365 * 86400.0, False)])
+def test_future_timestamp_rejected_beyond_max_clock_skew(ahead: float, ok: bool) -> None:
+    (r,) = skewed(300.0).parse("plant/p1/telemetry", json.dumps({"ts": ARRIVAL + ahead, "a": 1, "b": 2,
+                                                                  "c": 3}).encode())
+    if ok:
+        assert r.problem is None and r.timestamp == ARRIVAL + ahead
+    else:
+        assert r.values is None
+        assert r.problem is not None and r.problem[0] == "future_timestamp"
+        assert "max_clock_skew_seconds=300" in r.problem[1]
+
+
+def test_microseconds_taken_for_seconds_would_be_future_but_are_recognised() -> None:
+    (r,) = skewed(300.0).parse("plant/p1/telemetry", json.dumps({"ts": int(ARRIVAL * 1e6), "a": 1, "b": 2,
+                                                                  "c": 3}).encode())
+    assert r.problem is None and r.timestamp == pytest.approx(ARRIVAL, abs=1e-3)
+
+
+# -- device ids (issue 14) ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", ["", "a/b", "a+b", "a#", "nul\x00id", "new\nline", "tab\there", "\x1b[31m",
+                                    "x" * 129, "ü" * 65])
+def test_bad_device_id_from_a_payload_field_is_rejected(device: str) -> None:
+    (r,) = parse({"id": device, "ts": 1, "a": 1, "b": 2, "c": 3}, topic="x", device_topic=None, device_field="id")
+    assert r.values is None
+    assert r.problem is not None and r.problem[0] == "bad_device_id"
+
+
+@pytest.mark.parametrize("device", ["pump-1", "Pumpe_Ä.2", "x" * 128, "ü" * 64, 17])
+def test_good_device_ids_pass(device: object) -> None:
+    (r,) = parse({"id": device, "ts": 1, "a": 1, "b": 2, "c": 3}, topic="x", device_topic=None, device_field="id")
+    assert r.problem is None and r.device == str(device)
+
+
+@pytest.mark.parametrize("raw", [None, True, 1.5, ["a"], {"a": 1}])
+def test_device_field_of_another_type_is_a_bad_device_id(raw: object) -> None:
+    (r,) = parse({"id": raw, "ts": 1, "a": 1, "b": 2, "c": 3}, topic="x", device_topic=None, device_field="id")
+    assert r.problem is not None and r.problem[0] == "bad_device_id"
+
+
+def test_bad_device_id_from_the_topic_is_rejected() -> None:
+    (r,) = parse({"ts": 1, "a": 1, "b": 2, "c": 3}, topic="plant/evil\nINFO x/telemetry")
+    assert r.problem is not None and r.problem[0] == "bad_device_id"
+
+
+def test_escape_keeps_a_log_line_one_line() -> None:
+    from sensord.source import escape
+    assert escape("a\nb\r\x00\\n") == "a\\nb\\r\\x00\\\\n"
+    assert escape("Pumpe Ä") == "Pumpe Ä"
+    assert escape("x" * 500, limit=10) == "x" * 10 + "…"
+
+
+# -- client id and session takeover (issue 14) ----------------------------------------------------
+
+def test_default_client_id_is_per_host_and_instance_and_stable() -> None:
+    import socket
+
+    from sensord.source import default_client_id
+    a1, a2 = default_client_id("/etc/sensord/a.yaml"), default_client_id("/etc/sensord/a.yaml")
+    b = default_client_id("/etc/sensord/b.yaml")
+    assert a1 == a2 != b
+    host = "".join(c if c.isalnum() or c in "._-" else "-" for c in socket.gethostname())[:40]
+    assert a1.startswith(f"sensord-{host}-") and len(a1) == len(f"sensord-{host}-") + 8
+    assert len(a1.encode()) <= 64 and "/" not in a1 and "+" not in a1 and "#" not in a1
+
+
+def test_config_client_id_defaults_to_none_and_must_not_be_empty() -> None:
+    from sensord.config import ConfigError, MqttConfig, config_from_dict
+    assert MqttConfig().client_id is None
+    with pytest.raises(ConfigError, match="mqtt.client_id"):
+        config_from_dict({"mqtt": {"client_id": ""}})
+
+
+def test_session_takeover_is_an_error_with_the_client_id_and_counted(caplog: pytest.LogCaptureFixture) -> None:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    from sensord.config import MqttConfig
+    from sensord.source import MqttConnection
+    conn = MqttConnection(MqttConfig(), lambda t, p, r: None, client_id="sensord-x")
+    taken = ReasonCode(PacketTypes.DISCONNECT, identifier=0x8E)
+    with caplog.at_level(logging.DEBUG, logger="sensord.source"):
+        for _ in range(3):
+            conn._handle_disconnect(conn.client, None, None, taken, None)
+    assert conn.takeovers == 3
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1  # a fight between two clients does not flood the log
+    assert "another client" in errors[0].getMessage() and "'sensord-x'" in errors[0].getMessage()
+
+
+def test_broker_closing_twice_and_accepting_at_once_is_taken_as_a_takeover(caplog: pytest.LogCaptureFixture) -> None:
+    """Mosquitto 2.0.11 closes the older connection without a reason code: paho says "Unspecified error"."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    from sensord.config import MqttConfig
+    from sensord.source import MqttConnection
+    conn = MqttConnection(MqttConfig(), lambda t, p, r: None, client_id="sensord-y")
+    ok = ReasonCode(PacketTypes.CONNACK, identifier=0)
+    closed = ReasonCode(PacketTypes.DISCONNECT, identifier=0x80)
+    with caplog.at_level(logging.DEBUG, logger="sensord.source"):
+        conn._handle_connect(conn.client, None, None, ok, None)
+        conn._handle_disconnect(conn.client, None, None, closed, None)
+        conn._handle_connect(conn.client, None, None, ok, None)
+        assert conn.takeovers == 0  # once is a broker hiccup
+        conn._handle_disconnect(conn.client, None, None, closed, None)
+        conn._handle_connect(conn.client, None, None, ok, None)
+    assert conn.takeovers == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "'sensord-y'" in errors[0] and "session taken over" in errors[0]
+
+
+# -- start-up and connection problems (issue 14) -----------------------------------------------------
+
+def test_unreadable_tls_files_name_their_key(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from sensord.config import ConfigError, MqttConfig, TlsConfig
+    from sensord.source import MqttConnection, tls_file_problems
+    ca = Path(str(tmp_path)) / "ca.pem"
+    ca.write_text("not a certificate")
+    cfg = MqttConfig(tls=TlsConfig(ca_file=str(ca), cert_file="/nonexistent/c.pem", key_file="/nonexistent/k.pem"))
+    problems = tls_file_problems(cfg)
+    assert [p.split(":")[0] for p in problems] == ["mqtt.tls.cert_file", "mqtt.tls.key_file"]
+    assert "/nonexistent/c.pem" in problems[0]
+    with pytest.raises(ConfigError, match="mqtt.tls.cert_file"):
+        MqttConnection(cfg, lambda t, p, r: None)
+    with pytest.raises(ConfigError, match="mqtt.tls: cannot use"):  # readable, but not PEM
+        MqttConnection(MqttConfig(tls=TlsConfig(ca_file=str(ca))), lambda t, p, r: None)
+
+
+def test_refused_login_logged_once_with_what_to_check(caplog: pytest.LogCaptureFixture) -> None:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    from sensord.config import MqttConfig
+    from sensord.source import MqttConnection
+    conn = MqttConnection(MqttConfig(), lambda t, p, r: None, client_id="x")
+    refused = ReasonCode(PacketTypes.CONNACK, identifier=0x87)  # not authorized
+    closed = ReasonCode(PacketTypes.DISCONNECT, identifier=0x80)
+    with caplog.at_level(logging.DEBUG, logger="sensord.source"):
+        for _ in range(5):  # paho: CONNACK refused, then the disconnect
+            conn._handle_connect(conn.client, None, None, refused, None)
+            conn._handle_disconnect(conn.client, None, None, closed, None)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(errors) == 1 and "mqtt.username and mqtt.password" in errors[0]
+
+
+def test_connection_closed_before_connack_logged_once_with_the_tls_hint(caplog: pytest.LogCaptureFixture) -> None:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    from sensord.config import MqttConfig
+    from sensord.source import MqttConnection
+    conn = MqttConnection(MqttConfig(), lambda t, p, r: None, client_id="x")
+    closed = ReasonCode(PacketTypes.DISCONNECT, identifier=0x80)
+    with caplog.at_level(logging.DEBUG, logger="sensord.source"):
+        for _ in range(4):
+            conn._handle_disconnect(conn.client, None, None, closed, None)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(errors) == 1 and "TLS-only" in errors[0] and "mqtt.tls" in errors[0]
+
+
+def test_signals_during_start_up_are_handed_to_the_daemon() -> None:
+    import signal as sig
+
+    from sensord import signals
+    from sensord.daemon import Daemon
+    saved = {s: sig.getsignal(s) for s in (sig.SIGTERM, sig.SIGINT, sig.SIGHUP)}
+    try:
+        signals.reload_requested.clear()
+        signals.stop_requested.clear()
+        signals.install_early()
+        sig.raise_signal(sig.SIGHUP)  # would kill the process with the default handler
+        assert signals.reload_requested.is_set() and not signals.stop_requested.is_set()
+        d = Daemon.__new__(Daemon)  # only its signal plumbing
+        import threading
+        d._stop, d._reload = threading.Event(), threading.Event()
+        d.install_signal_handlers()
+        assert d._reload.is_set() and not d._stop.is_set()
+        sig.raise_signal(sig.SIGTERM)
+        assert d._stop.is_set()
+    finally:
+        for s, h in saved.items():
+            sig.signal(s, h)
+        signals.reload_requested.clear()
+        signals.stop_requested.clear()
+
+
+def test_while_two_clients_fight_reconnects_are_not_logged_above_debug(caplog: pytest.LogCaptureFixture) -> None:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    from sensord.config import MqttConfig
+    from sensord.source import MqttConnection
+    conn = MqttConnection(MqttConfig(), lambda t, p, r: None, client_id="sensord-z")
+    ok = ReasonCode(PacketTypes.CONNACK, identifier=0)
+    closed = ReasonCode(PacketTypes.DISCONNECT, identifier=0x80)
+    with caplog.at_level(logging.DEBUG, logger="sensord.source"):
+        conn._handle_connect(conn.client, None, None, ok, None)
+        for _ in range(10):
+            conn._handle_disconnect(conn.client, None, None, closed, None)
+            conn._handle_connect(conn.client, None, None, ok, None)
+    assert conn.takeovers == 9
+    loud = [r for r in caplog.records if r.levelno >= logging.INFO]
+    assert len([r for r in loud if r.levelno == logging.ERROR]) == 1
+    assert len(loud) <= 6  # the first connects and disconnects, then the one ERROR
+
+
+def test_values_outside_the_bounds_are_clipped_nan_and_inf_left_alone() -> None:
+    p = PayloadParser(CHANNELS, TEMPLATE, None, "ts", "values", clock=lambda: ARRIVAL,
+                      bounds=([-10.0, -10.0, -10.0], [10.0, 10.0, 10.0]))
+    (r,) = p.parse("plant/p1/telemetry", b'{"ts": 1, "a": 3e38, "b": -1e300, "c": 5}')
+    assert r.clipped and r.values is not None and r.values.tolist() == [10.0, -10.0, 5.0]
+    (r,) = p.parse("plant/p1/telemetry", b'{"ts": 1, "a": 1, "b": 2, "c": 3}')
+    assert not r.clipped and r.values.tolist() == [1.0, 2.0, 3.0]
+    (r,) = p.parse("plant/p1/telemetry", b'{"ts": 1, "a": NaN, "b": Infinity, "c": ' + b"9" * 400 + b"}")
+    assert r.values is not None and np.isnan(r.values[0]) and np.isinf(r.values[1]) and r.values[2] == 10.0

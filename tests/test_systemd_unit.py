@@ -122,3 +122,9 @@ def test_required_directives(unit: dict[str, dict[str, list[str]]]) -> None:
     assert one("ConfigurationDirectory") == "sensord"
     assert one("IPAddressDeny") == "any"
     assert unit["Install"]["WantedBy"] == ["multi-user.target"]
+
+
+def test_file_descriptor_limit_is_explicit(unit: dict[str, dict[str, list[str]]]) -> None:
+    """Issue 14: the bound on open files is set in the unit, with room above the daemon's own caps."""
+    (limit,) = unit["Service"]["LimitNOFILE"]
+    assert int(limit) >= 1024

@@ -283,3 +283,20 @@ def test_bench_skab_rejects_bad_seeds(run: dict[str, Path], bad: str) -> None:
     proc = sensord("bench", "skab", "--data", str(run["root"]), "--seeds", bad)
     assert proc.returncode == 64
     assert "--seeds" in proc.stderr
+
+
+def test_check_config_missing_tls_file_exits_78_naming_the_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "tls.yaml"
+    cfg.write_text(f"mqtt:\n  tls:\n    ca_file: {tmp_path / 'nope.pem'}\n")
+    proc = sensord("check-config", "--config", str(cfg))
+    assert proc.returncode == EX_CONFIG
+    assert "mqtt.tls.ca_file: cannot read" in proc.stderr and str(tmp_path / "nope.pem") in proc.stderr
+
+
+def test_check_config_refuses_a_model_that_does_not_reproduce_its_reference_windows(
+        run: dict[str, Path], tmp_path: Path) -> None:
+    from e2e_support import tamper_bundle
+    tamper_bundle(run["model"], tmp_path / "tampered")
+    proc = sensord("check-config", "--config", str(run["config"]), "--model", str(tmp_path / "tampered"))
+    assert proc.returncode == EX_CONFIG
+    assert "reference windows" in proc.stderr

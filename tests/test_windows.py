@@ -284,3 +284,37 @@ def test_windowize_too_short_gives_empty_arrays() -> None:
     ws = windowize(ts, vals, WindowSpec(length=5))
     assert ws.values.shape == (0, 5, 2)
     assert ws.end_rows.shape == (0,) and ws.starts.shape == (0,) and ws.ends.shape == (0,)
+
+
+def test_clock_jump_back_resyncs_after_n_readings_in_a_row() -> None:
+    buf = WindowBuffer(WindowSpec(length=3, hop=1), channels=2, resync_after=3)
+    for t in (1000.0, 1001.0, 1002.0):
+        buf.push(t, _reading(int(t)))
+    for t in (10.0, 11.0):  # the device's clock jumped back by ~1000 s
+        with pytest.raises(ReadingRejected) as ei:
+            buf.push(t, _reading(0))
+        assert ei.value.reason is Rejection.OUT_OF_ORDER
+    assert buf.resyncs == 0
+    assert buf.push(12.0, _reading(12)) is None  # third in a row: accepted, the window starts over
+    assert buf.resyncs == 1 and buf.last_timestamp == 12.0
+    assert buf.push(13.0, _reading(13)) is None
+    w = buf.push(14.0, _reading(14))
+    assert w is not None and (w.start, w.end) == (12.0, 14.0)  # no window spans the jump
+
+
+def test_a_single_late_reading_does_not_resync() -> None:
+    buf = WindowBuffer(WindowSpec(length=3, hop=1), channels=2, resync_after=3)
+    for t in (10.0, 11.0, 5.0, 12.0, 6.0, 13.0, 7.0):
+        try:
+            buf.push(t, _reading(int(t)))
+        except ReadingRejected:
+            pass
+    assert buf.resyncs == 0 and buf.last_timestamp == 13.0
+
+
+def test_without_resync_after_out_of_order_is_rejected_for_ever() -> None:
+    buf = WindowBuffer(WindowSpec(length=3, hop=1), channels=2)
+    buf.push(1000.0, _reading(0))
+    for t in range(50):
+        with pytest.raises(ReadingRejected):
+            buf.push(float(t), _reading(t))
