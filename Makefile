@@ -35,7 +35,9 @@ test-deps: demo-deps
 demo: install
 	$(VENV)/bin/sensord demo
 
+# Lint first: a style or import error fails CI in seconds, before the slow suite.
 test: install-test
+	$(VENV)/bin/ruff check sensord tests bench
 	$(PY) -m pytest -q
 
 bench: install

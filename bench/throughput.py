@@ -7,6 +7,7 @@ baseline (batch_max 1). Prints medians over repeats, the ratio, and the peak
 RSS of this serving-only process (TensorFlow is not imported).
 
     .venv/bin/python bench/throughput.py [--model DIR] [--devices 20] [--readings 600] [--repeats 5]
+    .venv/bin/python bench/throughput.py --model single/ --compare ensemble/   # two bundles, same run
 
 Without --model it trains a small bundle on simulated data first (needs the
 [train] extra) in a subprocess, so this process stays TensorFlow-free.
@@ -48,7 +49,7 @@ def payloads(devices: int, readings: int) -> list[tuple[str, bytes]]:
     out = []
     for i in range(readings):
         body = {"ts": float(series.timestamps[i]),
-                "values": dict(zip(series.channels, np.round(series.values[i], 5).tolist()))}
+                "values": dict(zip(series.channels, np.round(series.values[i], 5).tolist(), strict=False))}
         raw = json.dumps(body).encode()
         for d in range(devices):
             out.append((f"sensors/dev{d}/telemetry", raw))
@@ -88,7 +89,10 @@ def main() -> int:
     ap.add_argument("--devices", type=int, default=20)
     ap.add_argument("--readings", type=int, default=600, help="readings per device")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--compare", help="a second bundle (e.g. an ensemble) scored batched beside --model")
     args = ap.parse_args()
+    if args.compare:
+        return compare(args)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model
         if model_dir is None:
@@ -115,6 +119,32 @@ def main() -> int:
     print(f"ratio batched / per-window:        {batched / single:10.2f}x")
     print(f"peak RSS of this serving process:  {rss_mb:10.1f} MiB; tensorflow imported: "
           f"{'tensorflow' in sys.modules}")
+    return 0
+
+
+def compare(args: argparse.Namespace) -> int:
+    """Batched serving of two bundles, interleaved repeats: the cost of a bigger model, as a ratio."""
+    msgs = payloads(args.devices, args.readings)
+    rates: dict[str, list[float]] = {args.model: [], args.compare: []}
+    per_window: dict[str, float] = {}
+    for _ in range(args.repeats):
+        for model_dir in (args.model, args.compare):
+            cfg = config_from_dict({"daemon": {"model": model_dir, "max_devices": args.devices,
+                                               "queue_size": 1_000_000, "batch_wait_seconds": 0.0},
+                                    "scoring": {"batch_max": 64}})
+            length = ServingModel.load(cfg).bundle.window_length
+            expected = args.devices * (args.readings - length + 1)
+            rates[model_dir].append(run_once(cfg, msgs, expected))
+            per_window[model_dir] = len(msgs) / expected  # readings per scored window
+    print(f"devices {args.devices} x readings {args.readings} = {len(msgs)} messages, batch_max 64, "
+          f"{args.repeats} interleaved repeats (medians)")
+    for model_dir, vals in rates.items():
+        members = ServingModel.load(config_from_dict({"daemon": {"model": model_dir}})).scorer.members
+        r = statistics.median(vals)
+        print(f"{model_dir} ({members} member{'s' if members > 1 else ''}): {r:10.0f} readings/s, "
+              f"{1e6 / (r / per_window[model_dir]):6.1f} us per window (intake, scoring, detector)")
+    a, b = statistics.median(rates[args.model]), statistics.median(rates[args.compare])
+    print(f"ratio {args.compare} / {args.model}: {b / a:.2f}x")
     return 0
 
 

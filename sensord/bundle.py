@@ -132,7 +132,8 @@ class ModelBundle:
         window = need("window", dict)
         length, hop = window.get("length"), window.get("hop", 1)
         if not isinstance(length, int) or length < 2 or not isinstance(hop, int) or not 1 <= hop <= length:
-            raise BundleError(f"{meta_path}: 'window' must have integer length >= 2 and 1 <= hop <= length, got {window}")
+            raise BundleError(f"{meta_path}: 'window' must have integer length >= 2 and 1 <= hop <= length, "
+                              f"got {window}")
         metric = need("scoring", dict).get("error", "mse")
         if metric not in ("mse", "mae"):
             raise BundleError(f"{meta_path}: scoring.error must be 'mse' or 'mae', got {metric!r}")

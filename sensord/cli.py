@@ -118,7 +118,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     res = evaluate_series(series, Scorer(bundle), spec, cfg.detector, top_k=cfg.scoring.top_channels)
     c = res.confusion
     print(f"model {bundle.model_id}  data {args.data}")
-    print(f"rows {res.rows} (unscored {res.unscored_rows}), windows {res.windows}, threshold {bundle.threshold.value:.6g}")
+    print(f"rows {res.rows} (unscored {res.unscored_rows}), windows {res.windows}, "
+          f"threshold {bundle.threshold.value:.6g}")
     w = res.window_counts
     print(f"windows: normal under threshold {w['normal_under']}/{w['normal_under'] + w['normal_over']}, "
           f"anomalous over threshold {w['anomalous_over']}/{w['anomalous_over'] + w['anomalous_under']}")

@@ -118,7 +118,8 @@ def run_demo(workdir: Path, rate: float = 400.0, config: str | None = None) -> i
                 if i in starts:
                     _say(f"fault begins at reading {i} (lasts {starts[i] - i} s)")
                 body = {"ts": float(series.timestamps[i]),
-                        "values": dict(zip(series.channels, np.round(series.values[i].astype(float), 6)))}
+                        "values": dict(zip(series.channels, np.round(series.values[i].astype(float), 6),
+                                           strict=True))}
                 pub.publish(f"sensors/{DEVICE}/telemetry", json.dumps(body), qos=1)
                 time.sleep(1.0 / rate)
             pub.loop_stop()

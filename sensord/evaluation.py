@@ -110,7 +110,7 @@ def segments_of(labels: np.ndarray) -> list[tuple[int, int]]:
     """Contiguous runs of 1 as (start, stop) row ranges."""
     padded = np.concatenate([[0], labels.astype(np.int8), [0]])
     edges = np.flatnonzero(np.diff(padded))
-    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2], strict=False)]
 
 
 def predict_rows(series: Series, scorer: Scorer, spec: WindowSpec, detector_cfg: DetectorConfig,

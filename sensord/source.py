@@ -113,7 +113,8 @@ class PayloadParser:
     The device comes from the topic template or a payload field.
 
     >>> p = PayloadParser(("a", "b"), "plant/{device}/telemetry", None, "ts", "values")
-    >>> [(r.device, r.timestamp, r.values.tolist()) for r in p.parse("plant/p1/telemetry", b'{"ts": 5, "a": 1, "b": 2}')]
+    >>> msg = b'{"ts": 5, "a": 1, "b": 2}'
+    >>> [(r.device, r.timestamp, r.values.tolist()) for r in p.parse("plant/p1/telemetry", msg)]
     [('p1', 5.0, [1.0, 2.0])]
     """
 

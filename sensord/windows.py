@@ -43,7 +43,7 @@ class Window:
     seq: int  # 0-based count of readings accepted by the buffer when this window completed, minus one
 
 
-class Rejection(str, enum.Enum):
+class Rejection(str, enum.Enum):  # noqa: UP042 - str() and format() of members must not change
     """Why a reading was not accepted; values are the bounded ``reason`` label of a metric."""
 
     OUT_OF_ORDER = "out_of_order"

@@ -148,7 +148,7 @@ def test_evaluate_exact_counts(scorer: Scorer, labelled: Series) -> None:
     assert res.unscored_rows == W - 1
     assert res.windows == N - W + 1
     assert len(res.segments) == 2
-    for seg, (a, b) in zip(res.segments, SEGS):
+    for seg, (a, b) in zip(res.segments, SEGS, strict=False):
         assert (seg.start_row, seg.end_row) == (a, b)
         assert seg.detected and seg.delay_rows == 0 and seg.delay_seconds == 0.0
     assert res.mean_delay_seconds == 0.0 and res.mean_delay_rows == 0.0

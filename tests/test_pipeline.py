@@ -94,7 +94,7 @@ class Rig:
         return v
 
     def send(self, device: str, ts: float, values: np.ndarray | list[float]) -> None:
-        body = {"ts": ts, "values": {ch: float(v) for ch, v in zip(CHANNELS, values)}}
+        body = {"ts": ts, "values": {ch: float(v) for ch, v in zip(CHANNELS, values, strict=False)}}
         self.intake.on_message(f"s/{device}/t", json.dumps(body).encode())
 
     def send_rows(self, device: str, series: Series, start: int = 0, stop: int | None = None) -> None:

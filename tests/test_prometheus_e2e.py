@@ -145,7 +145,7 @@ def test_real_prometheus_scrapes_counts_and_fires_the_anomaly_rule(
     wait_until(lambda: prom.value('up{job="sensord"}') == {(): 1.0}, 20, "the sensord target up")
     for i in range(len(series)):
         body = {"ts": float(series.timestamps[i]),
-                "values": dict(zip(series.channels, np.asarray(series.values[i], dtype=float).tolist()))}
+                "values": dict(zip(series.channels, np.asarray(series.values[i], dtype=float).tolist(), strict=False))}
         pub.send_raw(f"{topic_root}/pump9/telemetry", json.dumps(body))
     pub.send_raw(f"{topic_root}/pump9/telemetry", b"{not json")
     expected_windows = len(series) - W + 1
@@ -155,7 +155,8 @@ def test_real_prometheus_scrapes_counts_and_fires_the_anomaly_rule(
         return prom.value("sensord_windows_scored_total") == {(("device", "pump9"),): float(expected_windows)}
     wait_until(scraped, 20, "Prometheus to scrape the final window count")
     assert prom.value("sensord_messages_received_total") == {(): float(len(series) + 1)}
-    assert prom.value('sensord_messages_rejected_total{reason="malformed_json"}') == {(("reason", "malformed_json"),): 1.0}
+    assert prom.value('sensord_messages_rejected_total{reason="malformed_json"}') == {
+        (("reason", "malformed_json"),): 1.0}
     assert prom.value("sensord_anomaly_state") == {(("device", "pump9"),): 1.0}
     assert prom.value("sensord_alerts_raised_total") == {(("device", "pump9"),): 1.0}
     assert prom.value("sensord_mqtt_connected") == {(): 1.0}

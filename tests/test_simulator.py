@@ -79,7 +79,7 @@ def test_shapes_dtypes_and_time_axis() -> None:
 
 
 def test_realistic_magnitudes(healthy: SimulatedSeries) -> None:
-    mean = dict(zip(CHANNELS, healthy.values.mean(axis=0)))
+    mean = dict(zip(CHANNELS, healthy.values.mean(axis=0), strict=False))
     assert 1.0 < mean["current"] < 2.0
     assert 0.1 < mean["pressure"] < 1.0
     assert 70.0 < mean["temperature"] < 90.0
@@ -101,7 +101,7 @@ def test_default_schedule_and_labels(clean_and_faulty) -> None:
     assert [f.kind for f in faults] == list(FAULT_KINDS)
     assert faults[0].start == LEAD
     assert all(f.duration == 120 for f in faults)
-    assert all(b.start - (a.start + a.duration) == 240 for a, b in zip(faults, faults[1:]))
+    assert all(b.start - (a.start + a.duration) == 240 for a, b in zip(faults, faults[1:], strict=False))
     expected = np.zeros(TOTAL, dtype=np.int8)
     for f in faults:
         expected[_seg(f)] = 1

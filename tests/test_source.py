@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pytest
@@ -14,7 +14,7 @@ from sensord.source import MessageRejected, PayloadParser, Reading
 CHANNELS = ("a", "b", "c")
 TEMPLATE = "plant/{device}/telemetry"
 ARRIVAL = 1_700_000_123.5
-T0 = datetime(2024, 1, 1, tzinfo=timezone.utc).timestamp()  # 1704067200.0
+T0 = datetime(2024, 1, 1, tzinfo=UTC).timestamp()  # 1704067200.0
 
 
 def parser(device_topic: str | None = TEMPLATE, device_field: str | None = None,

@@ -227,7 +227,8 @@ def test_training_is_reproducible(tmp_path: Path) -> None:
     series = Series(sim.timestamps, sim.values.astype(np.float32), CHANNELS, None, "sim")
 
     def train(seed: int, name: str):  # type: ignore[no-untyped-def]
-        cfg = config_from_dict({"window": {"length": 8}, "model": {"kind": "dense", "encoder_units": [16], "latent_units": 4},
+        cfg = config_from_dict({"window": {"length": 8},
+                                "model": {"kind": "dense", "encoder_units": [16], "latent_units": 4},
                                 "training": {"epochs": 5, "batch_size": 32, "patience": 5, "seed": seed}})
         return train_bundle(series, cfg, tmp_path / name)
 
