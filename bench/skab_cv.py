@@ -60,18 +60,18 @@ def threshold_grid(methods: list[str]) -> list[dict[str, Any]]:
     grid: list[dict[str, Any]] = []
     for m in methods:
         if m == "max_factor":
-            grid += [{"method": m, "factor": f} for f in (2.0, 2.5, 3.0, 3.5, 4.0, 5.0)]
+            grid += [{"method": m, "factor": f} for f in (2.5, 3.0, 3.5, 4.0, 5.0)]
         elif m == "mean_std":
             grid += [{"method": m, "k": k} for k in (3.0, 4.0, 6.0, 8.0, 10.0)]
         elif m == "pot":
-            grid += [{"method": m, "risk": r, "pot_factor": f} for r in (1e-2, 1e-3, 1e-4) for f in (1.0, 1.5, 2.0)]
+            grid += [{"method": m, "risk": r, "pot_factor": f} for r in (1e-3, 1e-4, 1e-5) for f in (1.5, 2.0, 3.0)]
         elif m == "quantile":
             grid += [{"method": m, "quantile": q} for q in (0.99,)]
     return grid
 
 
 def detector_grid() -> list[dict[str, Any]]:
-    return [{"raise_after": r, "clear_after": c} for r, c in itertools.product((1, 2, 3, 5), (10, 20, 40))]
+    return [{"raise_after": r, "clear_after": c} for r, c in itertools.product((1, 2, 3), (10, 20))]
 
 
 def train_variant(data: Path, base: dict[str, Any], name: str, overrides: dict[str, Any], seeds: list[int],
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--variant", action="append", default=[],
                     help="NAME=YAML overrides that need retraining, e.g. ens5='training: {ensemble: 5}'")
-    ap.add_argument("--thresholds", default="max_factor,mean_std,pot")
+    ap.add_argument("--thresholds", default="max_factor,pot")
     ap.add_argument("--max-far", type=float, default=0.10)
     ap.add_argument("--cache", default="out/skab-cv", help="trained-and-scored results are kept here")
     ap.add_argument("--json", help="write every candidate's figures here")

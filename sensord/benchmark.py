@@ -154,19 +154,14 @@ def run_skab(data_dir: Path, cfg: SensordConfig, work_dir: Path | None = None,
                 name = str(path.relative_to(data_dir))
                 model_dir = root / f"seed{seed}" / re.sub(r"[^\w.-]+", "_", name.removesuffix(".csv"))
                 tasks.append((path, data_dir, raw, model_dir, fit_rows, keep_scores))
-        if jobs <= 1:
-            it = (bench_file(p, d, config_from_dict(r), m, f, k) for p, d, r, m, f, k in tasks)
-            for fr in it:
+        # Always in worker processes with one TensorFlow thread each, so a seed gives the same figures
+        # whatever --jobs is (the thread count changes the order of float reductions).
+        ctx = multiprocessing.get_context("spawn")  # TensorFlow does not survive fork
+        with ProcessPoolExecutor(max(1, jobs), mp_context=ctx, initializer=_init_worker) as pool:
+            for fr in pool.map(_bench_task, tasks):
                 done[(fr.seed, fr.name)] = fr
                 if on_file is not None:
                     on_file(fr)
-        else:
-            ctx = multiprocessing.get_context("spawn")  # TensorFlow does not survive fork
-            with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker) as pool:
-                for fr in pool.map(_bench_task, tasks):
-                    done[(fr.seed, fr.name)] = fr
-                    if on_file is not None:
-                        on_file(fr)
     per_seed = []
     for seed in seeds:
         frs = [done[(seed, str(p.relative_to(data_dir)))] for p in files]
