@@ -164,8 +164,8 @@ class ScoringConfig:
 class DetectorConfig:
     """Hysteresis: raise after N consecutive windows over, clear after M under."""
 
-    raise_after: PositiveInt = 1
-    clear_after: PositiveInt = 20
+    raise_after: PositiveInt = 3
+    clear_after: PositiveInt = 10
 
 
 @dataclass(config=_STRICT)
