@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 import socket
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -71,6 +72,7 @@ class Fuzz:
         self.messages: list[tuple[str, bytes]] = []
         self.expected: Counter[tuple[str, str]] = Counter()  # (metric kind, reason) -> count
         self.accepted = 0
+        self.clipped = 0
         self.t_nf = 1_700_000_000.0
 
     def add(self, device: str, payload: bytes, kind: str, reason: str) -> None:
@@ -105,9 +107,10 @@ class Fuzz:
             raw = raw.replace(b'"current": 0.0', b'"current": ' + specials[k % 4])
             self.add("evil-nf", raw, "reading", "non_finite")
         big = str(10**400)
-        for k in range(600):  # numbers beyond any float
-            raw = json.dumps({"ts": 1.0 + k, "values": self.body(k % 100, current=0)}).encode()
-            self.add("evil", raw.replace(b'"current": 0', b'"current": ' + big.encode()), "reading", "bad_value")
+        for k in range(600):  # numbers beyond any float: clipped to the healthy range (arrival time: in order)
+            raw = json.dumps({"values": self.body(k % 100, current=0)}).encode()
+            self.add("evil-big", raw.replace(b'"current": 0', b'"current": ' + big.encode()), "accepted", "")
+            self.clipped += 1
         wrong: list[tuple[Any, str, str]] = [
             ({"ts": 1, "values": "x"}, "reading", "bad_value"),
             ({"ts": 1, "values": [1, 2, 3]}, "reading", "bad_value"),
@@ -127,11 +130,16 @@ class Fuzz:
             self.add("evil", json.dumps(doc).encode(), kind, reason)
         for _ in range(200):
             self.add("evil", b'{"ts": 1e400, "values": {}}', "reading", "bad_timestamp")
-        for _ in range(300):  # 10 kB device ids (a valid topic level): refused for their values
-            self.add("d" * 10_000, json.dumps({"ts": 1, "values": "x"}).encode(), "reading", "bad_value")
+        for _ in range(300):  # 10 kB device ids (a valid topic level, not a valid device id)
+            self.add("d" * 10_000, json.dumps({"ts": 1, "values": self.body(0)}).encode(), "reading",
+                     "bad_device_id")
+        for k in range(400):  # a year ahead of this host's clock
+            raw = json.dumps({"ts": time.time() + 365 * 86400 + k, "values": self.body(k % 100)}).encode()
+            self.add("evil-future", raw, "reading", "future_timestamp")
         # Ancient and duplicate timestamps after one good reading: older is out_of_order, equal is accepted.
-        t0 = 1_800_000_000.0
+        t0 = time.time() - 3600
         self.add("evil-ts", json.dumps({"ts": t0, "values": self.body(0)}).encode(), "accepted", "")
+        first = self.messages.pop()  # sent before the shuffled rest, so it is the device's first reading
         for k in range(800):
             if k % 2:
                 self.add("evil-ts", json.dumps({"ts": t0, "values": self.body(k % 100)}).encode(), "accepted", "")
@@ -139,6 +147,7 @@ class Fuzz:
                 self.add("evil-ts", json.dumps({"ts": 1000.0 + k, "values": self.body(k % 100)}).encode(),
                          "reading", "out_of_order")
         rng.shuffle(self.messages)
+        self.messages.insert(0, first)
         return self.messages
 
 
@@ -147,7 +156,8 @@ def test_fuzz_ten_thousand_hostile_messages_beside_a_healthy_device(e2e: E2E, mo
     hostile = fuzz.build()
     assert len(hostile) >= 10_000
     healthy = models.labelled.slice(0, 240)
-    d = e2e.start()
+    # Clock resync off: every reading older than its device's last one is out_of_order, however many in a row.
+    d = e2e.start(daemon={"clock_resync_after": 1_000_000})
     warm = 20
     e2e.stream.send_rows("pump1", healthy, 0, warm)
     d.wait_metric("sensord_windows_scored_total", warm - W + 1, device="pump1")
@@ -175,6 +185,7 @@ def test_fuzz_ten_thousand_hostile_messages_beside_a_healthy_device(e2e: E2E, mo
             got[("message" if name.startswith("sensord_messages") else "reading", dict(labels)["reason"])] = int(v)
     assert got == fuzz.expected
     assert sum(got.values()) + fuzz.accepted == len(hostile)
+    assert m[("sensord_values_clipped_total", ())] == fuzz.clipped
     assert m[("sensord_windows_dropped_total", ())] == 0
     assert sum(v for (name, _), v in m.items() if name == "sensord_window_errors_total") == 0
     grown_mib = (rss_kib(d.pid) - rss_before) / 1024
