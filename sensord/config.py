@@ -203,11 +203,16 @@ class MqttConfig:
     timestamp_field: StrictStr = "ts"
     values_field: StrictStr = "values"
     # Larger messages are rejected unparsed (too_large): one reading is ~200 bytes, a batch of 100 ~20 kB.
+    # deploy/mosquitto/ sets the broker's max_packet_size to match.
     max_payload_bytes: Annotated[StrictInt, Field(ge=64, le=16 * 1024 * 1024)] = 65536
     topic_prefix: StrictStr = "sensord"
     publish_scores: StrictBool = False
     reconnect_min_seconds: PositiveFloat = 1.0
     reconnect_max_seconds: PositiveFloat = 30.0
+    # Persistent session: the broker keeps the subscriptions and queues QoS 1 readings for this long
+    # after the daemon goes away (MQTT 5 session expiry; on 3.1.1 any value > 0 means clean_session
+    # false and the broker's persistent_client_expiration applies). 0 = clean session, nothing kept.
+    session_expiry_seconds: Annotated[StrictInt, Field(ge=0, le=4_294_967_295)] = 86_400
 
     @field_validator("protocol", mode="before")
     @classmethod
@@ -265,6 +270,18 @@ class DaemonConfig:
     # This many consecutive out-of-order readings mean the device's clock jumped back: its window restarts.
     clock_resync_after: PositiveInt = 5
     shutdown_timeout_seconds: PositiveFloat = 4.0
+    # Detector state (which alerts are raised) is saved here and restored at start-up; null = not kept.
+    state_dir: StrictStr | None = "/var/lib/sensord"
+    state_save_interval_seconds: PositiveFloat = 10.0
+    # Alerts not yet acknowledged by the broker, kept in {state_dir}/outbox/ (in memory if state_dir is null).
+    outbox_max_alerts: Annotated[StrictInt, Field(ge=1, le=100_000)] = 1000
+
+    @field_validator("state_dir")
+    @classmethod
+    def _state_dir_not_empty(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("must be a directory path or null, got an empty string")
+        return v
 
 
 @dataclass(config=_STRICT)

@@ -10,7 +10,10 @@ reloads config and bundle, keeping the old ones if the new ones are bad.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
+import platform
 import signal
 import threading
 import time
@@ -21,9 +24,11 @@ from . import signals
 from .config import ConfigError, SensordConfig, load_config
 from .metrics import DaemonMetrics
 from .notify import SystemdNotifier, WatchdogPinger, watchdog_interval
+from .outbox import Outbox
 from .pipeline import Intake, ScoringLoop, ServingModel
 from .sinks import AlertPublisher
 from .source import MqttConnection, default_client_id, tls_file_problems
+from .state import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +36,9 @@ _RESTART_KEYS = ("metrics",)
 _RESTART_SETTINGS = (("mqtt", "host"), ("mqtt", "port"), ("mqtt", "client_id"), ("mqtt", "keepalive"),
                      ("mqtt", "protocol"), ("mqtt", "username"), ("mqtt", "password"), ("mqtt", "tls"),
                      ("mqtt", "subscriptions"), ("mqtt", "qos"), ("mqtt", "topic_prefix"),
-                     ("daemon", "queue_size"), ("daemon", "batch_wait_seconds"), ("scoring", "batch_max"))
+                     ("mqtt", "session_expiry_seconds"), ("daemon", "queue_size"), ("daemon", "batch_wait_seconds"),
+                     ("daemon", "state_dir"), ("daemon", "state_save_interval_seconds"),
+                     ("daemon", "outbox_max_alerts"), ("scoring", "batch_max"))
 
 
 class Daemon:
@@ -49,13 +56,24 @@ class Daemon:
                                model.spec.hop, model.bundle.channels, model.bundle.threshold.value)
         try:
             self.mqtt = MqttConnection(cfg.mqtt, self._on_message, self._on_connected,
-                                       cfg.mqtt.client_id or default_client_id(self.config_path))
+                                       cfg.mqtt.client_id or default_client_id(self.config_path),
+                                       on_acknowledged=self._on_acknowledged)
         except ConfigError as exc:  # TLS files: name the config file too
             raise ConfigError(exc.errors, self.config_path) from None
-        self.alerts = AlertPublisher(self.mqtt, cfg.mqtt.topic_prefix, cfg.mqtt.publish_scores)
+        state_dir = cfg.daemon.state_dir
+        self.outbox = Outbox(self.mqtt, None if state_dir is None else Path(state_dir) / "outbox",
+                             cfg.daemon.outbox_max_alerts, self.metrics)
+        self.alerts = AlertPublisher(self.mqtt, cfg.mqtt.topic_prefix, cfg.mqtt.publish_scores, self.outbox)
+        store = self.store = None
+        if cfg.daemon.state_dir is not None:
+            store = self.store = StateStore(cfg.daemon.state_dir, lambda exc: self.metrics.state_save_failures.inc())
         self.scoring = ScoringLoop(self.metrics, self.alerts, cfg.daemon.queue_size, cfg.scoring.batch_max,
-                                   cfg.daemon.batch_wait_seconds)
+                                   cfg.daemon.batch_wait_seconds, state=store,
+                                   save_interval=cfg.daemon.state_save_interval_seconds)
+        self.scoring.restore(model, cfg.daemon.max_devices)
         self.intake = Intake(cfg, model, self.scoring, self.metrics)
+        if store is not None:
+            self.intake.restore_buffers(store.take_windows(model.bundle.model_id))
 
     @classmethod
     def from_config(cls, path: str | Path) -> Daemon:
@@ -71,8 +89,11 @@ class Daemon:
                  model.bundle.threshold.value, model.bundle.threshold.method)
         return cls(path, cfg, model)
 
-    def _on_message(self, topic: str, payload: bytes, retained: bool = False) -> None:
-        self.intake.on_message(topic, payload, retained)
+    def _on_acknowledged(self) -> None:
+        self.outbox.sweep()  # an acknowledged alert leaves the outbox at once, not at the next tick
+
+    def _on_message(self, topic: str, payload: bytes, retained: bool = False) -> bool:
+        return self.intake.on_message(topic, payload, retained)
 
     def _on_connected(self, up: bool) -> None:
         self.metrics.mqtt_connected.set(1 if up else 0)
@@ -131,6 +152,7 @@ class Daemon:
         if cfg.metrics.enabled:
             self.metrics.serve(cfg.metrics.host, cfg.metrics.port, cfg.metrics.timeout_seconds,
                                cfg.metrics.max_connections)
+        self.outbox.replay()  # queued in the client before it connects: sent first, in order
         self.scoring.start()
         self.mqtt.start()
         pinger = None
@@ -149,6 +171,7 @@ class Daemon:
                 if self._reload.is_set():
                     self._reload.clear()
                     self.reload()
+                self.outbox.sweep()
                 self._stop.wait(0.1)
         finally:
             self.shutdown(pinger)
@@ -163,14 +186,47 @@ class Daemon:
         all_scored = self.scoring.drain(self.cfg.daemon.shutdown_timeout_seconds)
         if not all_scored:
             log.warning("shutdown timeout: %d windows left unscored", self.scoring.queue.qsize())
+        if self.scoring.stopped():
+            self.scoring.save_state()
+            if self.store is not None:  # intake is closed: the buffers hold exactly the readings taken
+                self.store.save_windows(self.model.bundle.model_id, self.intake.export_buffers())
+        else:  # still inside a batch: its detectors may change under a save; the last periodic save stands
+            log.warning("scoring did not stop in time: detector state not saved at shutdown")
         self.mqtt.close()
+        left = self.outbox.sweep()
+        if left:
+            log.warning("%d alerts not acknowledged by the broker stay in the outbox for the next start", left)
         if pinger is not None:
             pinger.stop()
         self.metrics.shutdown()
-        log.info("stopped in %.2fs", time.monotonic() - t0)
+        value = self.metrics.registry.get_sample_value
+        received = int(value("sensord_messages_received_total") or 0)
+        left = int(value("sensord_messages_rejected_total", {"reason": "stopping"}) or 0)
+        log.info("stopped in %.2fs: %d messages taken, %d left %s", time.monotonic() - t0, received - left, left,
+                 "unacknowledged for the next start" if self.mqtt.persistent else "behind (clean session: lost)")
+
+
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def fix_malloc_mmap_threshold(threshold: int = 128 * 1024) -> bool:
+    """Keep big allocations in mmap so that freeing them returns the memory to the system (glibc).
+
+    glibc raises its mmap threshold each time an mmap'ed block is freed, up to 32 MiB, so after one large
+    payload (a hostile 10 MB message, rejected) later ones of that size come from the heap and stay in
+    the process's RSS. A fixed threshold turns that off. Returns False where it does not apply.
+    """
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
 
 
 def run(config_path: str | Path) -> int:
+    fix_malloc_mmap_threshold()
     daemon = Daemon.from_config(config_path)
     daemon.install_signal_handlers()
     return daemon.run()

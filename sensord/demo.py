@@ -9,6 +9,7 @@ would show them -> the metrics endpoint -> a clean SIGTERM shutdown.
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -74,8 +75,10 @@ def run_demo(workdir: Path, rate: float = 400.0, config: str | None = None) -> i
             "mqtt": {**daemon_cfg.get("mqtt", {}), "port": broker.port, "topic_prefix": PREFIX,
                      "subscriptions": ["sensors/+/telemetry"], "device_topic": "sensors/{device}/telemetry"},
             "metrics": {"host": "127.0.0.1", "port": metrics_port},
-            "daemon": {**daemon_cfg.get("daemon", {}), "model": str(workdir / "model")},
+            "daemon": {**daemon_cfg.get("daemon", {}), "model": str(workdir / "model"),
+                       "state_dir": str(workdir / "state")},
         })
+        shutil.rmtree(workdir / "state", ignore_errors=True)  # each demo starts afresh, no earlier alerts
         cfg_path = workdir / "sensord.yaml"
         cfg_path.write_text(yaml.safe_dump(daemon_cfg, sort_keys=False))
         _say(f"private broker on 127.0.0.1:{broker.port}; starting: sensord run --config {cfg_path}")

@@ -7,8 +7,11 @@ should stay one alert, not a storm of raise/clear pairs (``clear_after``).
 
 from __future__ import annotations
 
+import math
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,11 @@ class AlertEvent:
     error: float
     threshold: float
     top_channels: tuple[tuple[str, float], ...] = field(default_factory=tuple)
+    alert_id: str = ""  # unique per alert; its "cleared" carries the same id as its "raised"
+
+
+def new_alert_id() -> str:
+    return uuid.uuid4().hex
 
 
 class AlertDetector:
@@ -42,10 +50,11 @@ class AlertDetector:
     [False, True, False]
     """
 
-    __slots__ = ("device", "threshold", "raise_after", "clear_after", "active", "raised_at",
-                 "_over_run", "_under_run")
+    __slots__ = ("device", "threshold", "raise_after", "clear_after", "active", "raised_at", "alert_id",
+                 "_over_run", "_under_run", "_new_id")
 
-    def __init__(self, device: str, threshold: float, raise_after: int = 1, clear_after: int = 1) -> None:
+    def __init__(self, device: str, threshold: float, raise_after: int = 1, clear_after: int = 1,
+                 new_id: Callable[[], str] = new_alert_id) -> None:
         if threshold <= 0:
             raise ValueError(f"threshold must be > 0, got {threshold}")
         if raise_after < 1 or clear_after < 1:
@@ -56,8 +65,35 @@ class AlertDetector:
         self.clear_after = clear_after
         self.active = False
         self.raised_at: float | None = None
+        self.alert_id: str | None = None
         self._over_run = 0
         self._under_run = 0
+        self._new_id = new_id
+
+    def export(self) -> dict[str, Any]:
+        """The state that drives raise/clear, as JSON-able data (see :meth:`restore`)."""
+        return {"active": self.active, "raised_at": self.raised_at, "alert_id": self.alert_id,
+                "over_run": self._over_run, "under_run": self._under_run}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take over a state saved by :meth:`export`; ValueError if it is not one."""
+        active, raised_at, alert_id = state.get("active"), state.get("raised_at"), state.get("alert_id")
+        over, under = state.get("over_run"), state.get("under_run")
+        if not isinstance(active, bool):
+            raise ValueError(f"active must be true or false, got {active!r}")
+        for name, run in (("over_run", over), ("under_run", under)):
+            if not isinstance(run, int) or isinstance(run, bool) or run < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {run!r}")
+        if active:
+            if isinstance(raised_at, bool) or not isinstance(raised_at, (int, float)) \
+                    or not math.isfinite(raised_at):
+                raise ValueError(f"raised_at must be a number while active, got {raised_at!r}")
+            if not isinstance(alert_id, str) or not alert_id:
+                raise ValueError(f"alert_id must be a string while active, got {alert_id!r}")
+        self.active = active
+        self.raised_at = float(raised_at) if active else None
+        self.alert_id = alert_id if active else None
+        self._over_run, self._under_run = over, under
 
     def update(self, error: float, window_start: float, window_end: float,
                top_channels: tuple[tuple[str, float], ...] = ()) -> Decision:
@@ -73,11 +109,13 @@ class AlertDetector:
         if not self.active and self._over_run >= self.raise_after:
             self.active = True
             self.raised_at = window_end
+            self.alert_id = self._new_id()
             event = AlertEvent(self.device, "raised", window_start, window_end, window_end,
-                               score, error, self.threshold, top_channels)
+                               score, error, self.threshold, top_channels, self.alert_id)
         elif self.active and self._under_run >= self.clear_after:
             self.active = False
             event = AlertEvent(self.device, "cleared", window_start, window_end, self.raised_at or window_end,
-                               score, error, self.threshold, top_channels)
+                               score, error, self.threshold, top_channels, self.alert_id or "")
             self.raised_at = None
+            self.alert_id = None
         return Decision(over, self.active, score, event)

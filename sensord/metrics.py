@@ -34,6 +34,7 @@ MESSAGE_REJECT_REASONS = ("malformed_json", "too_large", "bad_payload", "no_devi
                           "internal_error")
 READING_REJECT_REASONS = ("bad_device_id", "missing_channel", "bad_value", "bad_timestamp", "future_timestamp",
                           "out_of_order", "non_finite", "wrong_shape", "device_limit")
+WINDOW_ERROR_STAGES = ("scoring", "detection", "publishing")
 
 
 class MetricsUnavailable(RuntimeError):
@@ -135,11 +136,23 @@ class DaemonMetrics:
                                      "clock jumped back", registry=r)
         self.metrics_rejected = Counter("sensord_metrics_connections_rejected", "Connections to /metrics closed "
                                         "at once because metrics.max_connections were open", registry=r)
+        self.window_errors = Counter("sensord_window_errors",
+                                     "Windows whose scoring, detection or publishing failed (a bug or a broker "
+                                     "refusal), by stage; other windows are not affected", ["stage"], registry=r)
+        self.outbox_depth = Gauge("sensord_outbox_depth",
+                                  "Alerts kept on disk until the broker acknowledges them", registry=r)
+        self.outbox_dropped = Counter("sensord_outbox_dropped",
+                                      "Alerts given up because the outbox was full", registry=r)
+        self.state_save_failures = Counter("sensord_state_save_failures",
+                                           "Detector state and outbox writes that failed (read-only or full disk)",
+                                           registry=r)
         self.model_info = Info("sensord_model", "The model bundle being served", registry=r)
         for reason in MESSAGE_REJECT_REASONS:
             self.messages_rejected.labels(reason)
         for reason in READING_REJECT_REASONS:
             self.readings_rejected.labels(reason)
+        for stage in WINDOW_ERROR_STAGES:
+            self.window_errors.labels(stage)
         self._server: Any = None
         self._thread: threading.Thread | None = None
 

@@ -30,6 +30,7 @@ from .metrics import DaemonMetrics
 from .scorer import Scorer
 from .sinks import AlertPublisher, MetricsSink
 from .source import MessageRejected, PayloadParser, escape
+from .state import StateStore
 from .windows import ReadingRejected, Window, WindowBuffer, WindowSpec
 
 log = logging.getLogger(__name__)
@@ -106,8 +107,15 @@ class ScoringLoop:
 
     def __init__(self, metrics: DaemonMetrics, alerts: AlertPublisher, queue_size: int,
                  batch_max: int, batch_wait: float,
-                 on_event: Callable[[AlertEvent, str], None] | None = None) -> None:
+                 on_event: Callable[[AlertEvent, str], None] | None = None,
+                 state: StateStore | None = None, save_interval: float = 10.0) -> None:
         self.metrics = metrics
+        self.state = state
+        self.save_interval = save_interval
+        self._dirty = False
+        self._last_save = time.monotonic()
+        self._model_id: str | None = None
+        self._warn = RateLimitedLog(log, 10.0)
         self.sink = MetricsSink(metrics)
         self.alerts = alerts
         self.queue: queue.Queue[QueueItem] = queue.Queue(maxsize=queue_size)
@@ -126,6 +134,43 @@ class ScoringLoop:
 
     def start(self) -> None:
         self._thread.start()
+
+    def restore(self, model: ServingModel, max_devices: int) -> int:
+        """Take over the detector states saved for ``model`` (before :meth:`start`); how many were restored."""
+        self._model_id = model.bundle.model_id
+        if self.state is None:
+            return 0
+        saved = self.state.load(model.bundle.model_id)
+        cfg, threshold = model.detector, model.bundle.threshold.value
+        for device, st in list(saved.items())[:max_devices]:
+            det = AlertDetector(device, threshold, cfg.raise_after, cfg.clear_after)
+            try:
+                det.restore(st)
+            except ValueError as exc:
+                log.warning("saved state of device=%s ignored: %s", escape(device), exc)
+                continue
+            self.detectors[device] = det
+            self.metrics.anomaly_state.labels(device).set(1 if det.active else 0)
+        if self.detectors:
+            active = sorted(d for d, det in self.detectors.items() if det.active)
+            log.info("detector state restored for %d devices; alerts still raised: %s", len(self.detectors),
+                     ", ".join(active) or "none")
+        return len(self.detectors)
+
+    def save_state(self) -> bool:
+        """Save every detector now (scoring thread, or after it has stopped); True if saved or nothing to do."""
+        if self.state is None or self._model_id is None:
+            return True
+        self._last_save = time.monotonic()
+        self._dirty = False
+        ok = self.state.save(self._model_id, dict(self.detectors))
+        if not ok:
+            self._dirty = True
+        return ok
+
+    def _maybe_save(self) -> None:
+        if self._dirty and time.monotonic() - self._last_save >= self.save_interval:
+            self.save_state()
 
     def submit(self, model: ServingModel, window: Window, devices: int = 1) -> str | None:
         """Queue a window; None if queued, else why it was dropped: ``throttled`` or ``queue_full``.
@@ -158,6 +203,10 @@ class ScoringLoop:
                 self._pending.pop(dev, None)
         return item
 
+    def stopped(self) -> bool:
+        """True once the scoring thread has ended (after :meth:`drain`)."""
+        return not self._thread.is_alive()
+
     def healthy(self, max_silence: float) -> bool:
         return self._thread.is_alive() and time.monotonic() - self.heartbeat < max_silence
 
@@ -186,6 +235,7 @@ class ScoringLoop:
         while True:
             self.heartbeat = time.monotonic()
             batch = self._take_batch()
+            self._maybe_save()
             if not batch:
                 self._idle.set()
                 if self._stop.is_set():
@@ -201,43 +251,84 @@ class ScoringLoop:
                     self._idle.set()
 
     def process(self, batch: list[QueueItem]) -> None:
-        """Score consecutive windows that share a model in one call, then decide in arrival order."""
+        """Score consecutive windows that share a model in one call, then decide in arrival order.
+
+        A failure is confined to the window it belongs to: a batch whose scoring fails is scored again
+        window by window, and detection and publishing errors of one window are counted
+        (``sensord_window_errors_total{stage}``) and logged without touching the others.
+        """
         start = 0
         while start < len(batch):
             model = batch[start][0]
             stop = start
             while stop < len(batch) and batch[stop][0] is model:
                 stop += 1
-            windows = [w for _, w in batch[start:stop]]
-            t0 = time.perf_counter()
-            scored = model.scorer.score(np.stack([w.values for w in windows]))
-            self.metrics.scoring_duration.observe(time.perf_counter() - t0)
-            self.metrics.batch_size.observe(len(windows))
-            for i, win in enumerate(windows):
-                self._decide(model, win, float(scored.errors[i]), scored.channel_shares[i])
+            for win, error, shares in self._score(model, [w for _, w in batch[start:stop]]):
+                if shares is None:
+                    continue
+                try:
+                    self._decide(model, win, error, shares)
+                except Exception:  # noqa: BLE001 - one device's window must not cost another's
+                    self._window_error("detection", win.device)
             start = stop
+
+    def _score(self, model: ServingModel, windows: list[Window]) -> list[tuple[Window, float, np.ndarray | None]]:
+        t0 = time.perf_counter()
+        try:
+            scored = model.scorer.score(np.stack([w.values for w in windows]))
+        except Exception:  # noqa: BLE001
+            if len(windows) == 1:
+                self._window_error("scoring", windows[0].device)
+                return [(windows[0], float("nan"), None)]
+            return [item for w in windows for item in self._score(model, [w])]  # find the one that fails
+        self.metrics.scoring_duration.observe(time.perf_counter() - t0)
+        self.metrics.batch_size.observe(len(windows))
+        return [(w, float(scored.errors[i]), scored.channel_shares[i]) for i, w in enumerate(windows)]
+
+    def _window_error(self, stage: str, device: str) -> None:
+        self.metrics.window_errors.labels(stage).inc()
+        if self._warn.allow(f"window:{stage}"):
+            log.exception("%s of a window of device=%s failed; other windows go on", stage, escape(device))
+
+    def _publish(self, device: str, fn: Callable[..., None], *args: object) -> None:
+        try:
+            fn(*args)
+        except Exception:  # noqa: BLE001
+            self._window_error("publishing", device)
 
     def _decide(self, model: ServingModel, win: Window, error: float, shares: np.ndarray) -> None:
         det = self.detectors.get(win.device)
         cfg = model.detector
         threshold = model.bundle.threshold.value
+        model_id = model.bundle.model_id
         if det is None:
             det = self.detectors[win.device] = AlertDetector(win.device, threshold, cfg.raise_after,
                                                              cfg.clear_after)
-            self.alerts.state(win.device, False, win.end, error / threshold, model.bundle.model_id)
+            self._publish(win.device, self.alerts.state, win.device, False, win.end, error / threshold, model_id)
         else:  # a reload may have changed these; the alert state itself carries over
             det.threshold, det.raise_after, det.clear_after = threshold, cfg.raise_after, cfg.clear_after
         top = model.scorer.top_channels(shares, model.top_k)
         decision: Decision = det.update(error, win.start, win.end, top)
+        self._dirty = True
+        self._model_id = model_id
         self.sink.window(win.device, error, decision)
-        self.alerts.score(win.device, win.end, error, decision)
+        self._publish(win.device, self.alerts.score, win.device, win.end, error, decision)
         if decision.event is not None:
             ev = decision.event
-            log.info("alert %s device=%s score=%.3f error=%.6g threshold=%.6g top=%s", ev.state, ev.device,
-                     ev.score, ev.error, ev.threshold, ",".join(c for c, _ in ev.top_channels))
-            self.alerts.alert(ev, model.bundle.model_id)
+            log.info("alert %s device=%s score=%.3f error=%.6g threshold=%.6g top=%s id=%s", ev.state, ev.device,
+                     ev.score, ev.error, ev.threshold, ",".join(c for c, _ in ev.top_channels), ev.alert_id)
+            # The state is saved after the alert is in the outbox and before it is sent: after a crash the
+            # next start both re-sends the alert and continues it (no second "raised").
+            saved = [False]
+
+            def save() -> None:
+                saved[0] = True
+                self.save_state()
+            self._publish(win.device, self.alerts.alert, ev, model_id, save)
+            if not saved[0]:
+                self.save_state()
             if self.on_event is not None:
-                self.on_event(ev, model.bundle.model_id)
+                self.on_event(ev, model_id)
 
     def drain(self, timeout: float) -> bool:
         """Stop once everything queued is scored (or the timeout passes); True if all was scored."""
@@ -281,41 +372,46 @@ class Intake:
         self._warn.warning(f"reading:{reason}", "reading rejected reason=%s device=%s: %s", reason, escape(device),
                            escape(detail))
 
-    def on_message(self, topic: str, payload: bytes, retained: bool = False) -> None:
-        """Never raises: an exception here would end paho's network thread and silently stop intake."""
+    def on_message(self, topic: str, payload: bytes, retained: bool = False) -> bool:
+        """Take one message; False only if intake is closed (the message is left to be redelivered).
+
+        Never raises: an exception here would end paho's network thread and silently stop intake.
+        """
         try:
-            self._on_message(topic, payload, retained)
+            return self._on_message(topic, payload, retained)
         except Exception:  # noqa: BLE001
             self.metrics.messages_rejected.labels("internal_error").inc()
             if self._warn.allow("internal_error"):
                 log.exception("message on topic=%s could not be processed; daemon continues", escape(topic))
+            return True
 
-    def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
+    def _on_message(self, topic: str, payload: bytes, retained: bool) -> bool:
         self.metrics.messages_received.inc()
         with self._lock:
             if not self.accepting:
+                # With a persistent session it is not acknowledged: the broker delivers it again next time.
                 self.metrics.messages_rejected.labels("stopping").inc()
-                return
+                return False
             if retained:
                 # The broker's stored copy, from before we subscribed: an old reading (or one from a glitched
                 # clock) that would be replayed on every restart. Live readings never arrive retained.
                 self.metrics.messages_rejected.labels("retained").inc()
                 self._warn.warning("message:retained", "retained message on topic=%s ignored: telemetry must "
                                    "not be published with retain", escape(topic))
-                return
+                return True
             limit = self.cfg.mqtt.max_payload_bytes
             if len(payload) > limit:
                 self.metrics.messages_rejected.labels("too_large").inc()
                 self._warn.warning("message:too_large", "message rejected reason=too_large topic=%s: %d bytes, "
                                    "mqtt.max_payload_bytes is %d", escape(topic), len(payload), limit)
-                return
+                return True
             try:
                 readings = self.parser.parse(topic, payload)
             except MessageRejected as exc:
                 self.metrics.messages_rejected.labels(exc.reason).inc()
                 self._warn.warning(f"message:{exc.reason}", "message rejected reason=%s topic=%s: %s",
                                    exc.reason, escape(topic), escape(exc))
-                return
+                return True
             for r in readings:
                 if r.problem is not None:
                     self._reject(r.problem[0], r.device, r.problem[1])
@@ -359,6 +455,7 @@ class Intake:
                                        "windows, %d devices) waiting: window dropped", r.device,
                                        max(1, self.scoring.queue.maxsize // len(self.buffers)),
                                        self.scoring.queue.maxsize, len(self.buffers))
+        return True
 
     def swap(self, cfg: SensordConfig, model: ServingModel) -> None:
         """Switch to a new config/model between two messages; nothing queued is lost."""
@@ -378,3 +475,25 @@ class Intake:
     def stop(self) -> None:
         with self._lock:
             self.accepting = False
+
+    def export_buffers(self) -> dict[str, dict[str, object]]:
+        """Every device's buffered readings (for a restart to continue them; see :meth:`restore_buffers`)."""
+        with self._lock:
+            return {device: buf.export() for device, buf in self.buffers.items()}
+
+    def restore_buffers(self, saved: dict[str, dict[str, object]]) -> int:
+        """Continue the window buffers a clean shutdown left; how many devices were restored."""
+        with self._lock:
+            for device, state in list(saved.items())[:self.cfg.daemon.max_devices]:
+                buf = WindowBuffer(self.model.spec, len(self.model.bundle.channels), device,
+                                   self.cfg.daemon.clock_resync_after)
+                try:
+                    buf.restore(state)
+                except (ValueError, KeyError, TypeError) as exc:
+                    log.warning("saved window buffer of device=%s ignored: %s", escape(device), exc)
+                    continue
+                self.buffers[device] = buf
+            self.metrics.devices.set(len(self.buffers))
+            if self.buffers:
+                log.info("window buffers of %d devices continued from the last shutdown", len(self.buffers))
+            return len(self.buffers)

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from .detector import AlertEvent, Decision
 from .metrics import DaemonMetrics
+from .outbox import Outbox
 
 
 class Publisher(Protocol):
@@ -36,6 +38,7 @@ def dumps(body: dict[str, Any]) -> str:
 
 def alert_payload(event: AlertEvent, model_id: str) -> dict[str, Any]:
     return {
+        "alert_id": event.alert_id,
         "device": event.device,
         "state": event.state,
         "window_start": iso(event.window_start),
@@ -52,14 +55,28 @@ def alert_payload(event: AlertEvent, model_id: str) -> dict[str, Any]:
 class AlertPublisher:
     """Publishes alert events, the retained per-device state and (optionally) every window's score."""
 
-    def __init__(self, publisher: Publisher, prefix: str, publish_scores: bool = False) -> None:
+    def __init__(self, publisher: Publisher, prefix: str, publish_scores: bool = False,
+                 outbox: Outbox | None = None) -> None:
         self.publisher = publisher
         self.prefix = prefix
         self.publish_scores = publish_scores
+        self.outbox = outbox
 
-    def alert(self, event: AlertEvent, model_id: str) -> None:
+    def alert(self, event: AlertEvent, model_id: str, before_publish: Callable[[], object] | None = None) -> None:
+        """Publish an alert (through the outbox if there is one) and the device's new retained state.
+
+        ``before_publish`` runs once the alert is safe in the outbox and before it is sent: the scoring
+        loop saves the detector state there, so a crash at any point neither loses the alert nor
+        raises it a second time.
+        """
         body = alert_payload(event, model_id)
-        self.publisher.publish(f"{self.prefix}/alerts/{event.device}", dumps(body), qos=1)
+        topic = f"{self.prefix}/alerts/{event.device}"
+        if self.outbox is not None:  # on disk until the broker acknowledges it
+            self.outbox.send(topic, dumps(body), before_publish)
+        else:
+            if before_publish is not None:
+                before_publish()
+            self.publisher.publish(topic, dumps(body), qos=1)
         self.state(event.device, event.state == "raised", event.window_end, event.score, model_id)
 
     def state(self, device: str, active: bool, since: float, score: float, model_id: str) -> None:

@@ -148,6 +148,8 @@ class PayloadParser:
             doc = json.loads(payload)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise MessageRejected("malformed_json", f"payload is not JSON: {exc}") from None
+        except ValueError as exc:  # e.g. an integer of more than 4300 digits (int_max_str_digits)
+            raise MessageRejected("malformed_json", f"payload is not usable JSON: {str(exc)[:80]}") from None
         except RecursionError:
             raise MessageRejected("malformed_json", "payload is nested too deeply") from None
         items = doc if isinstance(doc, list) else [doc]
@@ -246,9 +248,11 @@ _PROMPT_RECONNECT_SECONDS = 10.0
 class MqttConnection:
     """The daemon's single broker connection (inputs and outputs share it, and its last will)."""
 
-    def __init__(self, cfg: MqttConfig, on_message: Callable[[str, bytes, bool], None],
-                 on_connected: Callable[[bool], None] | None = None, client_id: str | None = None) -> None:
+    def __init__(self, cfg: MqttConfig, on_message: Callable[[str, bytes, bool], bool | None],
+                 on_connected: Callable[[bool], None] | None = None, client_id: str | None = None,
+                 on_acknowledged: Callable[[], object] | None = None) -> None:
         self.cfg = cfg
+        self.on_acknowledged = on_acknowledged  # after each PUBACK (network thread; must not call paho)
         self.client_id = client_id or cfg.client_id or default_client_id(None)
         self.takeovers = 0
         self._takeover_logged = -1e9
@@ -264,9 +268,14 @@ class MqttConnection:
         self.status_topic = f"{cfg.topic_prefix}/status"
         v5 = cfg.protocol == "5"
         self._v5 = v5
+        # A persistent session: the broker keeps our subscriptions and queues QoS 1 readings while we
+        # are away. Readings are acknowledged only once intake has taken them (manual ack), so one that
+        # arrives while we shut down is not acknowledged and the broker delivers it again next time.
+        self.persistent = cfg.session_expiry_seconds > 0
         self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=self.client_id,
                                   protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-                                  **({} if v5 else {"clean_session": True}))
+                                  manual_ack=self.persistent,
+                                  **({} if v5 else {"clean_session": not self.persistent}))
         if cfg.username is not None:
             self.client.username_pw_set(cfg.username, cfg.password)
         if cfg.tls is not None:
@@ -286,6 +295,7 @@ class MqttConnection:
         self.client.on_connect_fail = self._handle_connect_fail
         self.client.on_disconnect = self._handle_disconnect
         self.client.on_message = self._handle_message
+        self.client.on_publish = self._handle_publish
         self._subscribed = True
         self._closing = False
         self._last_failure: str | None = None
@@ -295,8 +305,8 @@ class MqttConnection:
         kwargs: dict[str, Any] = {}
         if self._v5:
             props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = 0
-            kwargs = {"clean_start": True, "properties": props}
+            props.SessionExpiryInterval = self.cfg.session_expiry_seconds
+            kwargs = {"clean_start": not self.persistent, "properties": props}
         self.client.connect_async(self.cfg.host, self.cfg.port, self.cfg.keepalive, **kwargs)
         self.client.loop_start()
 
@@ -310,8 +320,10 @@ class MqttConnection:
             self.reconnects += 1
         self._check_dropped()
         fighting = time.monotonic() - self._last_takeover < 60.0  # over one client id: the ERROR says it
-        log.log(logging.DEBUG if fighting else logging.INFO, "mqtt connected to %s:%d (%s) as client id %s",
-                self.cfg.host, self.cfg.port, "MQTT 5" if self._v5 else "MQTT 3.1.1", self.client_id)
+        resumed = bool(getattr(flags, "session_present", False))
+        session = "session resumed" if resumed else ("new persistent session" if self.persistent else "clean session")
+        log.log(logging.DEBUG if fighting else logging.INFO, "mqtt connected to %s:%d (%s, %s) as client id %s",
+                self.cfg.host, self.cfg.port, "MQTT 5" if self._v5 else "MQTT 3.1.1", session, self.client_id)
         # Subscribe before announcing "online": the broker handles one client's packets in order, so
         # whoever sees "online" can publish readings and be sure the subscription is already in place.
         if self._subscribed:
@@ -394,16 +406,26 @@ class MqttConnection:
         if self._on_connected_cb:
             self._on_connected_cb(False)
 
+    def _handle_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        if self.on_acknowledged is not None:
+            self.on_acknowledged()
+
     def _handle_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        self._on_message(msg.topic, msg.payload, bool(msg.retain))
+        taken = self._on_message(msg.topic, msg.payload, bool(msg.retain))
+        if self.persistent and taken is not False and msg.qos > 0:
+            client.ack(msg.mid, msg.qos)
 
     def publish(self, topic: str, payload: str | bytes, qos: int = 0, retain: bool = False) -> mqtt.MQTTMessageInfo:
         return self.client.publish(topic, payload, qos=qos, retain=retain)
 
     def stop_intake(self) -> None:
-        """Unsubscribe so no new readings arrive while buffered windows are finished."""
+        """Stop taking readings while buffered windows are finished.
+
+        With a clean session: unsubscribe. With a persistent session the subscriptions stay (they are
+        the session); what arrives from now on is left unacknowledged and redelivered next time.
+        """
         self._subscribed = False
-        if self.connected.is_set():
+        if self.connected.is_set() and not self.persistent:
             self.client.unsubscribe(list(self.cfg.subscriptions))
 
     def close(self, timeout: float = 2.0) -> None:

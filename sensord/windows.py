@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -96,6 +97,45 @@ class WindowBuffer:
     @property
     def last_timestamp(self) -> float | None:
         return self._last_ts
+
+    def export(self) -> dict[str, Any]:
+        """The buffered readings (oldest first) and counters, as JSON-able data (see :meth:`restore`)."""
+        length = self.spec.length
+        lo, hi = self._pos + length - self._filled, self._pos + length
+        return {"times": self._times[lo:hi].tolist(), "values": self._ring[lo:hi].tolist(),
+                "since_emit": self._since_emit, "last_ts": self._last_ts, "accepted": self._accepted}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`export` of a buffer with the same spec; ValueError if it does not fit."""
+        times = np.asarray(state["times"], dtype=np.float64)
+        values = np.asarray(state["values"], dtype=np.float32)
+        if values.size == 0:
+            values = values.reshape(0, self.channels)
+        since_emit, last_ts, accepted = state["since_emit"], state["last_ts"], state["accepted"]
+        n = len(times)
+        if n > self.spec.length or values.shape != (n, self.channels):
+            raise ValueError(f"{n} readings of shape {values.shape} do not fit window {self.spec.length} x "
+                             f"{self.channels}")
+        if not (np.all(np.isfinite(times)) and np.all(np.isfinite(values)) and np.all(np.diff(times) >= 0)):
+            raise ValueError("readings are not finite and in order")
+        if not isinstance(since_emit, int) or not 0 <= since_emit < self.spec.hop:
+            raise ValueError(f"since_emit must be an integer in [0, hop), got {since_emit!r}")
+        if not isinstance(accepted, int) or accepted < n:
+            raise ValueError(f"accepted must be an integer >= {n}, got {accepted!r}")
+        if last_ts is not None and (not isinstance(last_ts, (int, float)) or not np.isfinite(last_ts)
+                                    or (n and last_ts != times[-1])):
+            raise ValueError(f"last_ts does not match the readings: {last_ts!r}")
+        if n and last_ts is None:
+            raise ValueError("last_ts missing")
+        length = self.spec.length
+        for i in range(n):
+            self._ring[i] = self._ring[i + length] = values[i]
+            self._times[i] = self._times[i + length] = times[i]
+        self._pos = n % length
+        self._filled = n
+        self._since_emit = since_emit if n == length else 0
+        self._last_ts = None if last_ts is None else float(last_ts)
+        self._accepted = accepted
 
     def reset(self) -> None:
         """Forget buffered readings (after a gap): a window must not span the gap."""

@@ -156,6 +156,10 @@ class DaemonProcess:
         self.name = name
         self.doc = doc
         self.cfg_path = tmp / f"{name}.yaml"
+        if "state_dir" not in doc.get("daemon", {}):  # never the real /var/lib/sensord; one per client id
+            key = doc.get("mqtt", {}).get("client_id") or name  # (the default id follows the config file)
+            doc = merge(doc, {"daemon": {"state_dir": str(tmp / f"state-{key}")}})
+            self.doc = doc
         write_yaml(self.cfg_path, doc)
         self.log_path = tmp / f"{name}.log"
         self.metrics_port = int(doc["metrics"]["port"])

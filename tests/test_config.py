@@ -348,3 +348,15 @@ def test_example_config_passes_check_config() -> None:
                           capture_output=True, text=True, timeout=60, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("OK ")
+
+
+# --- persistent session and state -----------------------------------------------------------
+
+
+def test_persistent_session_is_the_default() -> None:
+    assert SensordConfig().mqtt.session_expiry_seconds > 0
+
+
+def test_session_expiry_must_not_be_negative() -> None:
+    assert _errors({"mqtt": {"session_expiry_seconds": -1}}) == [
+        "mqtt.session_expiry_seconds: must be an integer >= 0, got -1"]

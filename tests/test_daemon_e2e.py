@@ -254,7 +254,7 @@ def test_fault_raises_then_clears_with_retained_state(e2e: E2E, models: Models) 
     d = e2e.start()
     e2e.stream.send_rows("pump2", seg, 0, FAULT_START + 20)  # stop inside the fault
     raised = e2e.wait_alert("pump2", "raised")
-    assert set(raised) == {"device", "state", "window_start", "window_end", "raised_at", "score", "error",
+    assert set(raised) == {"alert_id", "device", "state", "window_start", "window_end", "raised_at", "score", "error",
                            "threshold", "top_channels", "model_id"}
     assert raised["device"] == "pump2"
     assert iso(ts[FAULT_START]) <= raised["window_end"] <= iso(ts[FAULT_START + DETECTOR["raise_after"] + 3])
@@ -272,6 +272,7 @@ def test_fault_raises_then_clears_with_retained_state(e2e: E2E, models: Models) 
     assert iso(ts[last_fault_window]) < cleared["window_end"] <= \
         iso(ts[last_fault_window + DETECTOR["clear_after"] + 3])
     assert cleared["raised_at"] == raised["window_end"]
+    assert cleared["alert_id"] == raised["alert_id"] and len(raised["alert_id"]) == 32
     state = json.loads(e2e.retained("state/pump2").payload)
     assert state["state"] == "normal" and state["since"] == cleared["window_end"]
     d.wait_metric("sensord_windows_scored_total", len(seg) - W + 1, device="pump2")

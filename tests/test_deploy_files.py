@@ -35,6 +35,9 @@ COUNTERS = {
     "sensord_windows_dropped_total",
     "sensord_mqtt_reconnects_total",
     "sensord_devices_rejected_total",
+    "sensord_window_errors_total",
+    "sensord_state_save_failures_total",
+    "sensord_outbox_dropped_total",
 }
 GAUGES = {
     "sensord_reconstruction_error",
@@ -45,6 +48,7 @@ GAUGES = {
     "sensord_mqtt_connected",
     "sensord_devices",
     "sensord_model_info",
+    "sensord_outbox_depth",
 }
 HISTOGRAMS = {
     "sensord_scoring_batch_size",
@@ -123,6 +127,9 @@ def test_alert_rules(alert_rules: list[dict[str, Any]]) -> None:
         "SensordAnomaly",
         "SensordMqttDisconnected",
         "SensordDroppingWindows",
+        "SensordStateNotSaved",
+        "SensordAlertsUndelivered",
+        "SensordWindowErrors",
     }
     squash = lambda s: re.sub(r"\s+", "", s)  # noqa: E731
     assert re.fullmatch(r'up(\{job="sensord"\})?==0', squash(by_name["SensordDown"]["expr"]))
@@ -134,6 +141,8 @@ def test_alert_rules(alert_rules: list[dict[str, Any]]) -> None:
         squash(by_name["SensordDroppingWindows"]["expr"])
         == "rate(sensord_windows_dropped_total[5m])>0"
     )
+    assert squash(by_name["SensordStateNotSaved"]["expr"]) == "increase(sensord_state_save_failures_total[15m])>0"
+    assert squash(by_name["SensordAlertsUndelivered"]["expr"]) == "sensord_outbox_depth>0"
     for rule in alert_rules:
         assert rule.get("labels", {}).get("severity"), f"{rule['alert']} has no severity"
         assert rule.get("annotations", {}).get("summary"), f"{rule['alert']} has no summary"
@@ -256,5 +265,10 @@ def test_mosquitto_conf() -> None:
     assert active["allow_anonymous"] == ["false"]
     assert active["password_file"]
     assert active["persistence"] == ["true"]
+    # sensord's persistent session: bounded queues, and a size limit on what it receives.
+    assert int(active["max_queued_messages"][0]) >= 10_000
+    assert int(active["max_queued_bytes"][0]) >= 16 * 2**20
+    assert 64 * 1024 < int(active["max_packet_size"][0]) <= 64 * 1024 + 4096  # mqtt.max_payload_bytes + topic
+    assert active["persistent_client_expiration"]
     assert any(c.startswith("mosquitto_passwd") or "mosquitto_passwd -c" in c for c in commented)
     assert any(re.match(r"listener\s+8883\b", c) for c in commented), "no commented TLS example"

@@ -118,3 +118,40 @@ def test_under_windows_without_alert_emit_nothing() -> None:
 def test_invalid_parameters(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         AlertDetector("p", **kwargs)
+
+
+def test_each_alert_has_its_own_id_and_its_clear_carries_it() -> None:
+    ids = iter(["a1", "a2"])
+    det = AlertDetector("p", T, raise_after=1, clear_after=1, new_id=lambda: next(ids))
+    evs = [d.event for d in _run(det, [OVER, UNDER, OVER, OVER, UNDER]) if d.event is not None]
+    assert [(e.state, e.alert_id) for e in evs] == [("raised", "a1"), ("cleared", "a1"),
+                                                    ("raised", "a2"), ("cleared", "a2")]
+    assert AlertDetector("p", T).update(OVER, 0.0, 9.0).event.alert_id != \
+        AlertDetector("p", T).update(OVER, 0.0, 9.0).event.alert_id  # random by default
+
+
+def test_export_restore_continues_the_same_alert() -> None:
+    det = AlertDetector("p", T, raise_after=2, clear_after=3)
+    _run(det, [OVER, OVER, UNDER])
+    saved = det.export()
+    assert saved["active"] and saved["under_run"] == 1 and saved["alert_id"]
+    again = AlertDetector("p", T, raise_after=2, clear_after=3)
+    again.restore(saved)
+    ds = [again.update(e, 100.0 + k, 109.0 + k) for k, e in enumerate([UNDER, UNDER])]
+    assert ds[0].event is None and ds[0].active
+    ev = ds[1].event
+    assert ev is not None and ev.state == "cleared" and ev.alert_id == saved["alert_id"]
+    assert ev.raised_at == saved["raised_at"]
+
+
+@pytest.mark.parametrize("bad", [{}, {"active": 1, "over_run": 0, "under_run": 0},
+                                 {"active": False, "over_run": -1, "under_run": 0},
+                                 {"active": True, "over_run": 1, "under_run": 0, "raised_at": None,
+                                  "alert_id": "x"},
+                                 {"active": True, "over_run": 1, "under_run": 0, "raised_at": 5.0,
+                                  "alert_id": ""}])
+def test_restore_refuses_what_is_not_a_saved_state(bad: dict) -> None:
+    det = AlertDetector("p", T)
+    with pytest.raises(ValueError):
+        det.restore(bad)
+    assert det.export() == AlertDetector("p", T).export()

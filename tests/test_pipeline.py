@@ -256,8 +256,9 @@ def test_alerts_match_offline_detector(data: tuple[Path, Series], rigs: list[Rig
     cleared = [b for _, b, _, _ in alerts if b["state"] == "cleared"]
     assert cleared and cleared[0]["window_end"] >= _iso(series.timestamps[69 + W])
     body = raised[0]
-    assert set(body) == {"device", "state", "window_start", "window_end", "raised_at", "score", "error",
-                         "threshold", "top_channels", "model_id"}
+    assert set(body) == {"alert_id", "device", "state", "window_start", "window_end", "raised_at", "score",
+                         "error", "threshold", "top_channels", "model_id"}
+    assert cleared[0]["alert_id"] == body["alert_id"]
     assert body["model_id"] == r.model.bundle.model_id
     assert body["score"] > 1 and body["error"] > body["threshold"]
     assert len(body["top_channels"]) == 3 and set(body["top_channels"][0]) == {"channel", "share"}
@@ -574,3 +575,101 @@ def test_payload_over_the_size_limit_is_rejected_unparsed(data: tuple[Path, Seri
     r.intake.on_message("s/p1/t", b"[" + b"1," * 2000 + b"1]")
     assert r.value("sensord_messages_rejected_total", reason="too_large") == 1
     assert r.value("sensord_messages_rejected_total", reason="malformed_json") == 0
+
+
+def test_only_messages_arriving_after_intake_stopped_are_left_unacknowledged(rig: Rig) -> None:
+    """What on_message returns decides the MQTT acknowledgement (persistent session): a rejected message
+    is taken (acknowledged, never redelivered); one that arrives after the stop is left to come again."""
+    assert rig.intake.on_message("s/p1/t", b"{broken") is True
+    assert rig.intake.on_message("s/p1/t", b"x" * (rig.cfg.mqtt.max_payload_bytes + 1)) is True
+    assert rig.intake.on_message("s/p1/t", b"{}", True) is True  # retained: ignored, taken
+    rig.intake.stop()
+    assert rig.intake.on_message("s/p1/t", b"{}") is False
+
+
+class RefusingPublisher(FakePublisher):
+    """Like a broker client refusing a topic: raises for anything about device ``bad``."""
+
+    def publish(self, topic: str, payload: str | bytes, qos: int = 0, retain: bool = False) -> None:
+        if "/bad" in topic:
+            raise ValueError("Publish topic cannot contain wildcards")
+        super().publish(topic, payload, qos, retain)
+
+
+def test_a_publishing_error_costs_only_its_own_window(data: tuple[Path, Series], rigs: list[Rig]) -> None:
+    rig = Rig(make_cfg(data[0]))
+    rigs.append(rig)
+    rig.pub = RefusingPublisher()
+    rig.alerts.publisher = rig.pub
+    rig.alerts.publish_scores = True
+    for i in range(3 * W):  # interleaved, so every batch mixes the two devices
+        for dev in ("bad", "good"):
+            rig.send(dev, float(data[1].timestamps[i]), data[1].values[i])
+    rig.scoring.process(rig.queued())
+    n = 3 * W - W + 1
+    assert rig.value("sensord_windows_scored_total", device="good") == n
+    assert rig.value("sensord_windows_scored_total", device="bad") == n  # scored; only its publishing failed
+    assert len(rig.pub.on(f"{PREFIX}/scores/good")) == n
+    assert rig.value("sensord_window_errors_total", stage="publishing") == n + 1  # its scores and first state
+
+
+def test_a_scoring_error_costs_only_its_own_window(data: tuple[Path, Series], rigs: list[Rig]) -> None:
+    rig = Rig(make_cfg(data[0]))
+    rigs.append(rig)
+    real = rig.model.scorer.score
+    poison = float(data[1].values[W + 2, 0])
+
+    def score(x: np.ndarray) -> Any:
+        if np.any(x[:, -1, 0] == poison):  # the window that ends on one particular reading
+            raise RuntimeError("interpreter failed")
+        return real(x)
+    rig.model.scorer.score = score  # type: ignore[method-assign]
+    rig.send_rows("p1", data[1], 0, 3 * W)
+    rig.scoring.process(rig.queued())
+    assert rig.value("sensord_windows_scored_total", device="p1") == 3 * W - W + 1 - 1
+    assert rig.value("sensord_window_errors_total", stage="scoring") == 1
+
+
+def test_restored_detector_continues_its_alert_without_a_normal_state(data: tuple[Path, Series], rigs: list[Rig],
+                                                                       tmp_path: Path) -> None:
+    from sensord.state import StateStore
+
+    series = data[1]
+    faulty = series.values.copy()
+    faulty[:, 0] += 50.0  # far off on every row: every window is over the threshold
+    bad = Series(series.timestamps, faulty, series.channels, None, "bad")
+    first = Rig(make_cfg(data[0], {"raise_after": 1, "clear_after": 2}))
+    rigs.append(first)
+    first.scoring.state = StateStore(tmp_path)
+    first.scoring.restore(first.model, 100)
+    first.send_rows("p1", bad, 0, W + 2)
+    first.scoring.process(first.queued())
+    (raised,) = [b for _, b, _, _ in first.pub.on(f"{PREFIX}/alerts/p1")]
+    assert raised["state"] == "raised"
+    assert StateStore(tmp_path).load(first.model.bundle.model_id)["p1"]["alert_id"] == raised["alert_id"]
+
+    second = Rig(make_cfg(data[0], {"raise_after": 1, "clear_after": 2}))
+    rigs.append(second)
+    second.scoring.state = StateStore(tmp_path)
+    assert second.scoring.restore(second.model, 100) == 1
+    assert second.value("sensord_anomaly_state", device="p1") == 1
+    second.send_rows("p1", bad, 50, 50 + W + 1)  # still faulty: two windows, nothing to say
+    second.send_rows("p1", series, 50 + W + 1, 50 + 3 * W)  # healthy again: cleared after two windows
+    second.scoring.process(second.queued())
+    alerts = [b for _, b, _, _ in second.pub.on(f"{PREFIX}/alerts/p1")]
+    assert [(a["state"], a["alert_id"]) for a in alerts] == [("cleared", raised["alert_id"])]
+    assert [b["state"] for _, b, _, _ in second.pub.on(f"{PREFIX}/state/p1")] == ["normal"]
+
+
+def test_restore_ignores_another_models_state(data: tuple[Path, Series], rigs: list[Rig], tmp_path: Path) -> None:
+    from sensord.detector import AlertDetector
+    from sensord.state import StateStore
+
+    det = AlertDetector("p1", 1.0)
+    det.update(5.0, 0.0, 1.0)
+    StateStore(tmp_path).save("another-model", {"p1": det})
+    rig = Rig(make_cfg(data[0]))
+    rigs.append(rig)
+    rig.scoring.state = StateStore(tmp_path)
+    assert rig.scoring.restore(rig.model, 100) == 0
+    assert rig.scoring.detectors == {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -318,3 +320,42 @@ def test_without_resync_after_out_of_order_is_rejected_for_ever() -> None:
     for t in range(50):
         with pytest.raises(ReadingRejected):
             buf.push(float(t), _reading(t))
+@pytest.mark.parametrize("cut", [0, 3, 5, 11, 17])
+def test_export_restore_gives_the_same_windows_as_one_buffer(cut: int) -> None:
+    """A buffer continued from an export emits exactly the windows one uninterrupted buffer would."""
+    spec = WindowSpec(length=5, hop=2)
+    rows = [(float(t), [float(t), -float(t)]) for t in range(30)]
+    whole = WindowBuffer(spec, 2)
+    expected = [(w.start, w.end, w.values.tolist()) for t, v in rows if (w := whole.push(t, v)) is not None]
+    first = WindowBuffer(spec, 2)
+    got = [(w.start, w.end, w.values.tolist()) for t, v in rows[:cut] if (w := first.push(t, v)) is not None]
+    saved = json.loads(json.dumps(first.export()))
+    second = WindowBuffer(spec, 2)
+    second.restore(saved)
+    got += [(w.start, w.end, w.values.tolist()) for t, v in rows[cut:] if (w := second.push(t, v)) is not None]
+    assert got == expected
+
+
+def test_restored_buffer_still_refuses_older_readings() -> None:
+    spec = WindowSpec(length=3, hop=1)
+    first = WindowBuffer(spec, 1)
+    for t in range(2):
+        first.push(float(t) + 10, [1.0])
+    second = WindowBuffer(spec, 1)
+    second.restore(first.export())
+    with pytest.raises(ReadingRejected):
+        second.push(5.0, [1.0])
+
+
+@pytest.mark.parametrize("bad", [
+    {"times": [1.0, 2.0], "values": [[1.0]], "since_emit": 0, "last_ts": 2.0, "accepted": 2},
+    {"times": [2.0, 1.0], "values": [[1.0], [1.0]], "since_emit": 0, "last_ts": 1.0, "accepted": 2},
+    {"times": [1.0] * 4, "values": [[1.0]] * 4, "since_emit": 0, "last_ts": 1.0, "accepted": 4},
+    {"times": [1.0], "values": [[float("nan")]], "since_emit": 0, "last_ts": 1.0, "accepted": 1},
+    {"times": [1.0], "values": [[1.0]], "since_emit": 0, "last_ts": 7.0, "accepted": 1},
+    {"times": [1.0], "values": [[1.0]], "since_emit": 0, "last_ts": 1.0, "accepted": 0},
+    {"times": [1.0], "values": [[1.0]], "since_emit": 5, "last_ts": 1.0, "accepted": 1},
+])
+def test_restore_refuses_what_does_not_fit(bad: dict) -> None:
+    with pytest.raises(ValueError):
+        WindowBuffer(WindowSpec(length=3, hop=1), 1).restore(bad)
