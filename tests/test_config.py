@@ -48,7 +48,7 @@ def test_defaults_load() -> None:
     assert cfg.threshold.method == "max_factor" and cfg.threshold.factor == 3.0
     assert cfg.threshold.quantile == 0.99
     assert cfg.training.min_relative_scale == 0.01
-    assert cfg.detector.raise_after == 1 and cfg.detector.clear_after == 20
+    assert cfg.detector.raise_after == 3 and cfg.detector.clear_after == 10
     assert cfg.mqtt.port == 1883
     assert cfg.mqtt.device_topic == "sensors/{device}/telemetry"
     assert cfg.mqtt.tls is None
