@@ -105,7 +105,6 @@ def bench_file(path: Path, data_dir: Path, cfg: SensordConfig, model_dir: Path, 
 def _init_worker() -> None:
     """One TensorFlow thread per worker process: the workers already fill the cores."""
     os.environ["TF_NUM_INTRAOP_THREADS"] = "1"
-    os.environ["TF_NUM_INTEROP_THREADS"] = "1"
     logging.getLogger("sensord").setLevel(logging.WARNING)
 
 
@@ -115,7 +114,6 @@ def _bench_task(args: tuple[Path, Path, dict[str, Any], Path, int, bool]) -> Fil
     _, tf = _import_tensorflow()
     with contextlib.suppress(RuntimeError):  # already initialised in this worker
         tf.config.threading.set_intra_op_parallelism_threads(1)
-        tf.config.threading.set_inter_op_parallelism_threads(1)
     return bench_file(path, data_dir, config_from_dict(raw), model_dir, fit_rows, keep)
 
 

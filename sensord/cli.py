@@ -136,10 +136,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def parse_seeds(text: str, base: int) -> list[int]:
-    """``--seeds 5`` means five seeds from ``training.seed`` on; ``--seeds 42,1,7`` means exactly those.
+    """``--seeds 5`` means five seeds from ``training.seed`` on; ``--seeds 42,1,7`` means exactly those
+    (and ``--seeds 7,`` the one seed 7).
 
-    >>> parse_seeds("3", 42), parse_seeds("42,1,7", 0)
-    ([42, 43, 44], [42, 1, 7])
+    >>> parse_seeds("3", 42), parse_seeds("42,1,7", 0), parse_seeds("7,", 0)
+    ([42, 43, 44], [42, 1, 7], [7])
     """
     try:
         if "," not in text:
@@ -271,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", help="write pooled and per-file figures to this JSON file")
     b.add_argument("--work-dir", help="keep the per-file bundles here (default: a temp dir)")
     b.add_argument("--seeds", help="run the protocol once per seed: a count N (training.seed, +1, ...) "
-                                   "or a list such as 42,1,7; prints each seed's pooled figures and their "
+                                   "or a list such as 42,1,7 (one seed: 7,); prints each seed's pooled "
+                                   "figures and their "
                                    "mean/min/max")
     b.add_argument("--jobs", type=int, help="worker processes (default: min(2, CPUs))")
     b.set_defaults(func=cmd_bench_skab)

@@ -273,7 +273,8 @@ def test_bench_skab_over_seeds_reports_each_seed_and_the_spread(run: dict[str, P
     assert "mean over seeds" in proc.stdout and "pooled, seed 43" in proc.stdout
 
     # A seed run alone, in one process, gives what it gave among others in worker processes.
-    alone = sensord("bench", "skab", "--data", str(skab), "--config", str(run["config"]), "--seeds", "43",
+    alone = sensord("bench", "skab", "--data", str(skab), "--config", str(run["config"]),
+                    "--seeds", "43,",  # a list of one seed
                     "--jobs", "1", "--json", str(out), timeout=600)
     assert alone.returncode == 0, alone.stderr
     assert json.loads(out.read_text())["seeds"][0]["pooled"] == report["seeds"][1]["pooled"]
