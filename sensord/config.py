@@ -15,7 +15,7 @@ import json
 import re
 from dataclasses import asdict, field, fields, is_dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_type_hints
 
 import yaml
 from pydantic import (
@@ -36,6 +36,21 @@ _STRICT = ConfigDict(extra="forbid")
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
 PositiveFloat = Annotated[StrictFloat, Field(gt=0.0)]
 Port = Annotated[StrictInt, Field(ge=1, le=65535)]
+
+
+class RestartOnly:
+    """``Annotated`` metadata: a setting a reload (SIGHUP) cannot apply, because what it configures
+    (the broker connection, the scoring thread, the state files) is built once at start-up.
+
+    The reload compares exactly these (see :func:`restart_only_settings`), so a new setting
+    declares here whether it needs a restart instead of in a list kept by hand elsewhere.
+    """
+
+    def __repr__(self) -> str:
+        return "RESTART_ONLY"
+
+
+RESTART_ONLY = RestartOnly()
 
 
 class ConfigError(Exception):
@@ -154,7 +169,7 @@ class ScoringConfig:
 
     error: Literal["mse", "mae"] = "mse"
     top_channels: Annotated[StrictInt, Field(ge=1, le=64)] = 3
-    batch_max: Annotated[StrictInt, Field(ge=1, le=4096)] = 64
+    batch_max: Annotated[StrictInt, Field(ge=1, le=4096), RESTART_ONLY] = 64
     # Readings are clipped per channel to the healthy level +- this many healthy spreads (the bundle's scaler:
     # mean +- k std, or min +- k range); far enough out to be an obvious anomaly, never overflowing to NaN.
     clip_spreads: Annotated[StrictFloat, Field(gt=0.0, le=1e6)] = 1000.0
@@ -186,18 +201,19 @@ class TlsConfig:
 class MqttConfig:
     """Broker connection, subscriptions and how a device id and a reading are found."""
 
-    host: StrictStr = "127.0.0.1"
-    port: Port = 1883
+    host: Annotated[StrictStr, RESTART_ONLY] = "127.0.0.1"
+    port: Annotated[Port, RESTART_ONLY] = 1883
     # None: "sensord-<hostname>-<8 hex digits of the config file's path>", unique per host and instance and
     # stable across restarts (a persistent session needs the same id every time).
-    client_id: StrictStr | None = None
-    keepalive: Annotated[StrictInt, Field(ge=5, le=65535)] = 30
-    protocol: Literal["5", "3.1.1"] = "5"
-    username: StrictStr | None = None
-    password: StrictStr | None = None
-    tls: TlsConfig | None = None
-    subscriptions: list[StrictStr] = field(default_factory=lambda: ["sensors/+/telemetry"])
-    qos: Annotated[StrictInt, Field(ge=0, le=2)] = 1
+    client_id: Annotated[StrictStr | None, RESTART_ONLY] = None
+    keepalive: Annotated[StrictInt, Field(ge=5, le=65535), RESTART_ONLY] = 30
+    protocol: Annotated[Literal["5", "3.1.1"], RESTART_ONLY] = "5"
+    username: Annotated[StrictStr | None, RESTART_ONLY] = None
+    password: Annotated[StrictStr | None, RESTART_ONLY] = None
+    tls: Annotated[TlsConfig | None, RESTART_ONLY] = None
+    subscriptions: Annotated[list[StrictStr], RESTART_ONLY] = field(
+        default_factory=lambda: ["sensors/+/telemetry"])
+    qos: Annotated[StrictInt, Field(ge=0, le=2), RESTART_ONLY] = 1
     device_topic: StrictStr | None = "sensors/{device}/telemetry"
     device_field: StrictStr | None = None
     timestamp_field: StrictStr = "ts"
@@ -205,14 +221,14 @@ class MqttConfig:
     # Larger messages are rejected unparsed (too_large): one reading is ~200 bytes, a batch of 100 ~20 kB.
     # deploy/mosquitto/ sets the broker's max_packet_size to match.
     max_payload_bytes: Annotated[StrictInt, Field(ge=64, le=16 * 1024 * 1024)] = 65536
-    topic_prefix: StrictStr = "sensord"
+    topic_prefix: Annotated[StrictStr, RESTART_ONLY] = "sensord"
     publish_scores: StrictBool = False
-    reconnect_min_seconds: PositiveFloat = 1.0
-    reconnect_max_seconds: PositiveFloat = 30.0
+    reconnect_min_seconds: Annotated[PositiveFloat, RESTART_ONLY] = 1.0
+    reconnect_max_seconds: Annotated[PositiveFloat, RESTART_ONLY] = 30.0
     # Persistent session: the broker keeps the subscriptions and queues QoS 1 readings for this long
     # after the daemon goes away (MQTT 5 session expiry; on 3.1.1 any value > 0 means clean_session
     # false and the broker's persistent_client_expiration applies). 0 = clean session, nothing kept.
-    session_expiry_seconds: Annotated[StrictInt, Field(ge=0, le=4_294_967_295)] = 86_400
+    session_expiry_seconds: Annotated[StrictInt, Field(ge=0, le=4_294_967_295), RESTART_ONLY] = 86_400
 
     @field_validator("protocol", mode="before")
     @classmethod
@@ -262,19 +278,19 @@ class DaemonConfig:
     """The running service: which bundle, and the bounds that keep memory flat."""
 
     model: StrictStr = "/var/lib/sensord/model"
-    queue_size: Annotated[StrictInt, Field(ge=1, le=1_000_000)] = 10_000
+    queue_size: Annotated[StrictInt, Field(ge=1, le=1_000_000), RESTART_ONLY] = 10_000
     max_devices: Annotated[StrictInt, Field(ge=1, le=100_000)] = 100
-    batch_wait_seconds: Annotated[StrictFloat, Field(ge=0.0, le=5.0)] = 0.02
+    batch_wait_seconds: Annotated[StrictFloat, Field(ge=0.0, le=5.0), RESTART_ONLY] = 0.02
     # Readings stamped further ahead of this host's clock are rejected (future_timestamp).
     max_clock_skew_seconds: PositiveFloat = 300.0
     # This many consecutive out-of-order readings mean the device's clock jumped back: its window restarts.
     clock_resync_after: PositiveInt = 5
     shutdown_timeout_seconds: PositiveFloat = 4.0
     # Detector state (which alerts are raised) is saved here and restored at start-up; null = not kept.
-    state_dir: StrictStr | None = "/var/lib/sensord"
-    state_save_interval_seconds: PositiveFloat = 10.0
+    state_dir: Annotated[StrictStr | None, RESTART_ONLY] = "/var/lib/sensord"
+    state_save_interval_seconds: Annotated[PositiveFloat, RESTART_ONLY] = 10.0
     # Alerts not yet acknowledged by the broker, kept in {state_dir}/outbox/ (in memory if state_dir is null).
-    outbox_max_alerts: Annotated[StrictInt, Field(ge=1, le=100_000)] = 1000
+    outbox_max_alerts: Annotated[StrictInt, Field(ge=1, le=100_000), RESTART_ONLY] = 1000
 
     @field_validator("state_dir")
     @classmethod
@@ -300,7 +316,7 @@ class SensordConfig:
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    metrics: Annotated[MetricsConfig, RESTART_ONLY] = field(default_factory=MetricsConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -332,10 +348,9 @@ def _known_keys(path: tuple[Any, ...]) -> list[StrictStr]:
     """The keys allowed at ``path`` (for "did you mean" hints on unknown keys)."""
     cls: Any = SensordConfig
     for part in path[:-1]:
-        hit = {f.name: f for f in fields(cls)}.get(str(part))
-        if hit is None:
+        typ = get_type_hints(cls).get(str(part)) if is_dataclass(cls) else None  # Annotated[] stripped
+        if typ is None:
             return []
-        typ = hit.type if not isinstance(hit.type, str) else eval(hit.type, globals())  # noqa: S307
         cls = next((a for a in getattr(typ, "__args__", (typ,)) if is_dataclass(a)), None)
         if cls is None:
             return []
@@ -410,6 +425,41 @@ def load_config(path: str | Path | None) -> SensordConfig:
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([f"invalid YAML{where}: {problem}"], str(p)) from None
     return config_from_dict(raw, str(p))
+
+
+def restart_only_settings() -> tuple[tuple[str, ...], ...]:
+    """Paths of the settings marked RESTART_ONLY: ``("metrics",)`` for a whole section,
+    ``("mqtt", "host")`` for one key.
+
+    >>> ("mqtt", "reconnect_max_seconds") in restart_only_settings()
+    True
+    """
+    def marked(hint: Any) -> bool:
+        return any(m is RESTART_ONLY for m in getattr(hint, "__metadata__", ()))
+
+    out: list[tuple[str, ...]] = []
+    for section, hint in get_type_hints(SensordConfig, include_extras=True).items():
+        if marked(hint):
+            out.append((section,))
+            continue
+        section_type = next((t for t in (getattr(hint, "__origin__", None), hint) if is_dataclass(t)), None)
+        if section_type is None:
+            continue
+        out.extend((section, key) for key, h in get_type_hints(section_type, include_extras=True).items()
+                   if marked(h))
+    return tuple(out)
+
+
+def restart_changes(old: SensordConfig, new: SensordConfig) -> list[str]:
+    """The restart-only settings that differ between two configurations, as dotted paths."""
+    changed = []
+    for path in restart_only_settings():
+        a, b = old, new
+        for part in path:
+            a, b = getattr(a, part), getattr(b, part)
+        if a != b:
+            changed.append(".".join(path))
+    return changed
 
 
 def config_to_dict(cfg: SensordConfig) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from pathlib import Path
 from types import FrameType
 
 from . import signals
-from .config import ConfigError, SensordConfig, load_config
+from .config import ConfigError, SensordConfig, load_config, restart_changes
 from .metrics import DaemonMetrics
 from .notify import SystemdNotifier, WatchdogPinger, watchdog_interval
 from .outbox import Outbox
@@ -31,14 +31,6 @@ from .source import MqttConnection, default_client_id, tls_file_problems
 from .state import StateStore
 
 log = logging.getLogger(__name__)
-
-_RESTART_KEYS = ("metrics",)
-_RESTART_SETTINGS = (("mqtt", "host"), ("mqtt", "port"), ("mqtt", "client_id"), ("mqtt", "keepalive"),
-                     ("mqtt", "protocol"), ("mqtt", "username"), ("mqtt", "password"), ("mqtt", "tls"),
-                     ("mqtt", "subscriptions"), ("mqtt", "qos"), ("mqtt", "topic_prefix"),
-                     ("mqtt", "session_expiry_seconds"), ("daemon", "queue_size"), ("daemon", "batch_wait_seconds"),
-                     ("daemon", "state_dir"), ("daemon", "state_save_interval_seconds"),
-                     ("daemon", "outbox_max_alerts"), ("scoring", "batch_max"))
 
 
 class Daemon:
@@ -130,12 +122,8 @@ class Daemon:
             log.error("reload refused, keeping model %s: %s", self.model.bundle.model_id, exc)
             self.notifier.ready(f"reload refused: {exc}"[:200])
             return False
-        for key in _RESTART_KEYS:
-            if getattr(cfg, key) != getattr(self.cfg, key):
-                log.warning("reload: changes under '%s' need a restart; they are not applied", key)
-        for section, key in _RESTART_SETTINGS:
-            if getattr(getattr(cfg, section), key) != getattr(getattr(self.cfg, section), key):
-                log.warning("reload: %s.%s needs a restart; it is not applied", section, key)
+        for path in restart_changes(self.cfg, cfg):  # the schema marks them (config.RESTART_ONLY)
+            log.warning("reload: %s needs a restart; it is not applied", path)
         logging.getLogger().setLevel(cfg.logging.level)
         self.intake.swap(cfg, model)
         self.alerts.publish_scores = cfg.mqtt.publish_scores

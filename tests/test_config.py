@@ -360,3 +360,17 @@ def test_persistent_session_is_the_default() -> None:
 def test_session_expiry_must_not_be_negative() -> None:
     assert _errors({"mqtt": {"session_expiry_seconds": -1}}) == [
         "mqtt.session_expiry_seconds: must be an integer >= 0, got -1"]
+
+
+def test_restart_only_settings_come_from_the_schema_and_reload_compares_them() -> None:
+    from sensord.config import restart_changes, restart_only_settings
+    paths = restart_only_settings()
+    # Once missed by a hand-kept list: changed on SIGHUP, neither applied nor warned about.
+    assert ("mqtt", "reconnect_min_seconds") in paths and ("mqtt", "reconnect_max_seconds") in paths
+    assert ("metrics",) in paths and ("mqtt", "host") in paths
+    assert ("detector", "raise_after") not in paths and ("mqtt", "publish_scores") not in paths
+    old = config_from_dict({})
+    new = config_from_dict({"mqtt": {"reconnect_max_seconds": 60.0, "publish_scores": True},
+                            "metrics": {"port": 9200}, "detector": {"clear_after": 3}})
+    assert restart_changes(old, new) == ["mqtt.reconnect_max_seconds", "metrics"]
+    assert restart_changes(old, config_from_dict({})) == []
