@@ -8,10 +8,8 @@ at it), unlike the published Conv-AE which looks ~60 s into the future.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import multiprocessing
-import os
 import re
 import tempfile
 import time
@@ -103,17 +101,16 @@ def bench_file(path: Path, data_dir: Path, cfg: SensordConfig, model_dir: Path, 
 
 
 def _init_worker() -> None:
-    """One TensorFlow thread per worker process: the workers already fill the cores."""
-    os.environ["TF_NUM_INTRAOP_THREADS"] = "1"
+    """One TensorFlow thread per worker process (set before TensorFlow runs anything): the workers
+    already fill the cores, and a fixed thread count keeps a seed's figures the same whatever --jobs is."""
+    from .training import _import_tensorflow
+    _, tf = _import_tensorflow()
+    tf.config.threading.set_intra_op_parallelism_threads(1)
     logging.getLogger("sensord").setLevel(logging.WARNING)
 
 
 def _bench_task(args: tuple[Path, Path, dict[str, Any], Path, int, bool]) -> FileResult:
     path, data_dir, raw, model_dir, fit_rows, keep = args
-    from .training import _import_tensorflow
-    _, tf = _import_tensorflow()
-    with contextlib.suppress(RuntimeError):  # already initialised in this worker
-        tf.config.threading.set_intra_op_parallelism_threads(1)
     return bench_file(path, data_dir, config_from_dict(raw), model_dir, fit_rows, keep)
 
 

@@ -167,6 +167,9 @@ def cmd_bench_skab(args: argparse.Namespace) -> int:
         print(f"sensord bench skab: {exc}", file=sys.stderr)
         return EX_USAGE
     jobs = args.jobs if args.jobs is not None else min(2, os.cpu_count() or 1)
+    if jobs < 1:
+        print(f"sensord bench skab: --jobs: must be at least 1, got {jobs}", file=sys.stderr)
+        return EX_USAGE
     print(f"{'file':<18} {'seed':>5} {'F1':>6} {'FAR':>8} {'MAR':>8} {'delay s':>8} {'train s':>8}")
 
     def row(fr: Any) -> None:

@@ -287,6 +287,12 @@ def test_bench_skab_rejects_bad_seeds(run: dict[str, Path], bad: str) -> None:
     assert "--seeds" in proc.stderr
 
 
+def test_bench_skab_rejects_no_workers(run: dict[str, Path]) -> None:
+    proc = sensord("bench", "skab", "--data", str(run["root"]), "--jobs", "0")
+    assert proc.returncode == 64
+    assert "--jobs: must be at least 1, got 0" in proc.stderr
+
+
 def test_check_config_missing_tls_file_exits_78_naming_the_key(tmp_path: Path) -> None:
     cfg = tmp_path / "tls.yaml"
     cfg.write_text(f"mqtt:\n  tls:\n    ca_file: {tmp_path / 'nope.pem'}\n")
