@@ -100,9 +100,12 @@ class WebConfig:
         """For the start-up log line: what protects the endpoint."""
         parts = []
         if self.tls is not None:
-            parts.append(f"TLS {self.tls.min_version}+" + {
-                "NoClientCert": "", "VerifyClientCertIfGiven": ", client certificates verified if given",
-                "RequireAndVerifyClientCert": ", client certificate required"}[self.tls.client_auth_type])
+            number = {"TLS12": "1.2", "TLS13": "1.3"}
+            lo, hi = number[self.tls.min_version], number[self.tls.max_version]
+            versions = lo if lo == hi else f"{lo}-{hi}"
+            clients = {"NoClientCert": "", "VerifyClientCertIfGiven": ", client certificates verified if given",
+                       "RequireAndVerifyClientCert": ", client certificate required"}[self.tls.client_auth_type]
+            parts.append(f"TLS {versions}{clients}")
         if self.users:
             parts.append(f"basic auth ({len(self.users)} user{'s' if len(self.users) != 1 else ''})")
         return "; ".join(parts) or "no TLS, no authentication"

@@ -224,7 +224,7 @@ def test_real_prometheus_scrapes_over_tls_with_basic_auth_and_a_wrong_password_i
     prom = None
     try:
         line = d.wait_log("metrics on https://", timeout=30)
-        assert "TLS TLS12+; basic auth (1 user)" in line
+        assert "(TLS 1.2-1.3; basic auth (1 user))" in line
         jobs = []
         for name, password_file in (("sensord", "right-password"), ("sensord-wrong-password", "wrong-password")):
             job = https_job()

@@ -80,7 +80,7 @@ def test_tls_and_users_with_paths_relative_to_the_file(site: Path, tmp_path: Pat
     ctx = web.tls.context
     assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.minimum_version == ssl.TLSVersion.TLSv1_3
     assert sorted(web.users) == ["grafana", "prometheus"]
-    assert web.describe() == "TLS TLS13+, client certificate required; basic auth (2 users)"
+    assert web.describe() == "TLS 1.3, client certificate required; basic auth (2 users)"
 
 
 def test_defaults_no_client_cert_tls12(site: Path) -> None:
@@ -88,7 +88,7 @@ def test_defaults_no_client_cert_tls12(site: Path) -> None:
     assert web.tls is not None and web.users == {}
     assert (web.tls.client_auth_type, web.tls.min_version, web.tls.max_version) == ("NoClientCert", "TLS12", "TLS13")
     assert web.tls.context.verify_mode == ssl.CERT_NONE
-    assert web.describe() == "TLS TLS12+"
+    assert web.describe() == "TLS 1.2-1.3"
 
 
 def test_absolute_paths_are_taken_as_they_are(site: Path, tmp_path: Path) -> None:
