@@ -24,7 +24,7 @@ demo-deps:
 	@command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || \
 	  { $(APT) update -qq && $(APT) install -y -qq mosquitto mosquitto-clients; }
 
-# Also: systemd-analyze for the unit test, openssl for the TLS test's throwaway certificates, and a
+# Also: systemd-analyze for the unit test, openssl for the TLS tests' throwaway certificates, and a
 # real Prometheus (with promtool) that scrapes the daemon and checks the shipped scrape config and rules.
 test-deps: demo-deps
 	@command -v systemd-analyze >/dev/null 2>&1 || { $(APT) update -qq && $(APT) install -y -qq systemd; }

@@ -68,12 +68,10 @@ def _epoch_printer() -> Any:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     from .bundle import ModelBundle
-    from .config import ConfigError, load_config
-    from .source import tls_file_problems
+    from .config import load_config
+    from .daemon import check_referenced_files
     cfg = load_config(args.config)
-    problems = tls_file_problems(cfg.mqtt)
-    if problems:
-        raise ConfigError(problems, args.config)
+    check_referenced_files(cfg, args.config)
     if args.model:
         from .scorer import Scorer
         Scorer(ModelBundle.load(args.model, cfg.data.channels or None, cfg.window.length)).self_check()

@@ -271,6 +271,16 @@ class MetricsConfig:
     timeout_seconds: Annotated[StrictFloat, Field(gt=0.0, le=300.0)] = 10.0
     # Simultaneous connections; more are closed at once (sensord_metrics_connections_rejected_total).
     max_connections: Annotated[StrictInt, Field(ge=1, le=1000)] = 16
+    # TLS and basic auth, in the Prometheus exporter-toolkit web-config format (sensord/webconfig.py);
+    # null = plain HTTP, no authentication.
+    web_config_file: StrictStr | None = None
+
+    @field_validator("web_config_file")
+    @classmethod
+    def _web_config_not_empty(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("must be a file path or null, got an empty string")
+        return v
 
 
 @dataclass(config=_STRICT)

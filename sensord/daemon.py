@@ -29,15 +29,31 @@ from .pipeline import Intake, ScoringLoop, ServingModel
 from .sinks import AlertPublisher
 from .source import MqttConnection, default_client_id, tls_file_problems
 from .state import StateStore
+from .webconfig import WebConfig, metrics_web_config
 
 log = logging.getLogger(__name__)
 
 
+def check_referenced_files(cfg: SensordConfig, config_path: str | Path) -> WebConfig | None:
+    """The files the config names besides the bundle (broker TLS files, the metrics web config and what it
+    names), checked before anything starts; every problem is raised at once as a :class:`ConfigError`.
+
+    Returns the loaded web config (None without ``metrics.web_config_file``), so it is read only once.
+    """
+    web, web_problems = metrics_web_config(cfg.metrics)
+    problems = tls_file_problems(cfg.mqtt) + web_problems
+    if problems:
+        raise ConfigError(problems, str(config_path))
+    return web
+
+
 class Daemon:
-    def __init__(self, config_path: str | Path, cfg: SensordConfig, model: ServingModel) -> None:
+    def __init__(self, config_path: str | Path, cfg: SensordConfig, model: ServingModel,
+                 web: WebConfig | None = None) -> None:
         self.config_path = str(config_path)
         self.cfg = cfg
         self.model = model
+        self.web = web
         self.metrics = DaemonMetrics()
         self.notifier = SystemdNotifier()
         self._stop = threading.Event()
@@ -71,15 +87,13 @@ class Daemon:
     def from_config(cls, path: str | Path) -> Daemon:
         """Validate everything first (ConfigError / BundleError propagate to the CLI -> exit 78)."""
         cfg = load_config(path)
-        problems = tls_file_problems(cfg.mqtt)
-        if problems:
-            raise ConfigError(problems, str(path))
+        web = check_referenced_files(cfg, path)
         logging.getLogger().setLevel(cfg.logging.level)
         model = ServingModel.load(cfg)
         log.info("model %s loaded: %d channels, window %d, hop %d, threshold %.6g (%s)", model.bundle.model_id,
                  len(model.bundle.channels), model.bundle.window_length, model.spec.hop,
                  model.bundle.threshold.value, model.bundle.threshold.method)
-        return cls(path, cfg, model)
+        return cls(path, cfg, model, web)
 
     def _on_acknowledged(self) -> None:
         self.outbox.sweep()  # an acknowledged alert leaves the outbox at once, not at the next tick
@@ -139,7 +153,7 @@ class Daemon:
         cfg = self.cfg
         if cfg.metrics.enabled:
             self.metrics.serve(cfg.metrics.host, cfg.metrics.port, cfg.metrics.timeout_seconds,
-                               cfg.metrics.max_connections)
+                               cfg.metrics.max_connections, self.web)
         self.outbox.replay()  # queued in the client before it connects: sent first, in order
         self.scoring.start()
         self.mqtt.start()

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
+from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -25,6 +27,9 @@ from prometheus_client import (
     make_wsgi_app,
 )
 
+from .ratelimit import RateLimitedLog
+from .webconfig import AUTH_FAILURE_REASONS, BasicAuth, WebConfig
+
 log = logging.getLogger(__name__)
 
 # ``*_created`` series double the exposition size and nobody graphs them.
@@ -35,6 +40,8 @@ MESSAGE_REJECT_REASONS = ("malformed_json", "too_large", "bad_payload", "no_devi
 READING_REJECT_REASONS = ("bad_device_id", "missing_channel", "bad_value", "bad_timestamp", "future_timestamp",
                           "out_of_order", "non_finite", "wrong_shape", "device_limit")
 WINDOW_ERROR_STAGES = ("scoring", "detection", "publishing")
+# One line a minute is enough to show a misconfigured scraper; the counters have the full count.
+_PEER_WARNING_INTERVAL = 60.0
 
 
 class MetricsUnavailable(RuntimeError):
@@ -58,13 +65,19 @@ class _BoundedServer(ThreadingMixIn, WSGIServer):
     """A threaded WSGI server with a cap on simultaneous connections: beyond it, new ones are closed at once.
 
     Idle connections end after the handler's timeout, so a client that opens connections and sends nothing
-    can hold at most ``max_connections`` file descriptors, and only for that long.
+    can hold at most ``max_connections`` file descriptors, and only for that long. With ``ssl_context`` set,
+    each connection's TLS handshake runs in its own handler thread under that same timeout, never in the
+    accept loop: a client that connects and never completes a handshake holds one slot until the timeout,
+    and every other scrape goes on meanwhile.
     """
 
     daemon_threads = True
     request_queue_size = 64  # listen backlog: a burst of connections is accepted (and refused) quickly
     max_connections = 16
+    connection_timeout = 10.0
+    ssl_context: ssl.SSLContext | None = None
     on_reject: Any = None
+    on_handshake_failure: Any = None
 
     def server_activate(self) -> None:
         self._slots = threading.BoundedSemaphore(self.max_connections)
@@ -83,13 +96,53 @@ class _BoundedServer(ThreadingMixIn, WSGIServer):
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """In the connection's own thread: the TLS handshake (if any), then the request."""
         try:
-            super().process_request_thread(request, client_address)
+            conn = self._secure(request, client_address)
+            if conn is None:
+                return
+            try:
+                self.finish_request(conn, client_address)
+            except Exception:
+                self.handle_error(conn, client_address)
+            finally:
+                self.shutdown_request(conn)
         finally:
             self._slots.release()
 
+    def _secure(self, request: socket.socket, client_address: Any) -> socket.socket | None:
+        """The connection to serve: ``request`` itself, or wrapped in TLS after a handshake that completed
+        within the timeout (None, connection closed, if it did not)."""
+        if self.ssl_context is None:
+            return request
+        request.settimeout(self.connection_timeout)
+        try:
+            return self.ssl_context.wrap_socket(request, server_side=True)  # handshakes here
+        except (OSError, ValueError) as exc:  # ssl.SSLError, a timeout, a reset; the TLS socket is closed
+            if self.on_handshake_failure is not None:
+                self.on_handshake_failure(client_address, exc)
+            self.shutdown_request(request)
+            return None
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.debug("metrics request from %s failed", client_address, exc_info=True)
+
+
+def _guarded(app: Callable[..., Iterable[bytes]], auth: BasicAuth,
+             on_failure: Callable[[str, str], None]) -> Callable[..., Iterable[bytes]]:
+    """``app`` behind basic auth: without valid credentials, 401 with the challenge Prometheus answers."""
+    body = b"Unauthorized\n"
+    headers = [("WWW-Authenticate", 'Basic realm="sensord"'), ("Content-Type", "text/plain; charset=utf-8"),
+               ("Content-Length", str(len(body)))]
+
+    def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        verdict = auth.check(environ.get("HTTP_AUTHORIZATION"))
+        if verdict == "ok":
+            return app(environ, start_response)
+        on_failure(verdict, str(environ.get("REMOTE_ADDR", "?")))
+        start_response("401 Unauthorized", headers)
+        return [body]
+    return guarded
 
 
 class DaemonMetrics:
@@ -136,6 +189,11 @@ class DaemonMetrics:
                                      "clock jumped back", registry=r)
         self.metrics_rejected = Counter("sensord_metrics_connections_rejected", "Connections to /metrics closed "
                                         "at once because metrics.max_connections were open", registry=r)
+        self.metrics_auth_failures = Counter("sensord_metrics_auth_failures", "Requests to /metrics refused (401) "
+                                             "for missing or wrong basic-auth credentials, by reason", ["reason"],
+                                             registry=r)
+        self.metrics_tls_failures = Counter("sensord_metrics_tls_handshake_failures", "Connections to /metrics "
+                                            "closed because their TLS handshake failed or timed out", registry=r)
         self.window_errors = Counter("sensord_window_errors",
                                      "Windows whose scoring, detection or publishing failed (a bug or a broker "
                                      "refusal), by stage; other windows are not affected", ["stage"], registry=r)
@@ -153,6 +211,9 @@ class DaemonMetrics:
             self.readings_rejected.labels(reason)
         for stage in WINDOW_ERROR_STAGES:
             self.window_errors.labels(stage)
+        for reason in AUTH_FAILURE_REASONS:
+            self.metrics_auth_failures.labels(reason)
+        self._peer_warnings = RateLimitedLog(log, _PEER_WARNING_INTERVAL)
         self._server: Any = None
         self._thread: threading.Thread | None = None
 
@@ -162,22 +223,48 @@ class DaemonMetrics:
                               "channels": ",".join(channels)})
         self.threshold.set(threshold)
 
-    def serve(self, host: str, port: int, timeout: float = 10.0, max_connections: int = 16) -> int:
-        """Start the HTTP endpoint; returns the bound port (0 in config picks a free one)."""
+    def serve(self, host: str, port: int, timeout: float = 10.0, max_connections: int = 16,
+              web: WebConfig | None = None) -> int:
+        """Start the endpoint; returns the bound port (0 in config picks a free one).
+
+        ``web`` (from ``metrics.web_config_file``) adds TLS and/or basic auth; None serves plain HTTP to anyone.
+        """
         handler = type("Handler", (_Handler,), {"timeout": timeout})
+        app = make_wsgi_app(self.registry)
+        if web is not None and web.users:
+            app = _guarded(app, BasicAuth(web.users), self._auth_failed)
+        tls = web.tls.context if web is not None and web.tls is not None else None
         try:
             family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-            server = type("Server", (_BoundedServer,), {"address_family": family, "max_connections": max_connections,
-                                                        "on_reject": self.metrics_rejected.inc})
-            self._server = make_server(addr[0], port, make_wsgi_app(self.registry), server, handler_class=handler)
+            server = type("Server", (_BoundedServer,), {
+                "address_family": family, "max_connections": max_connections, "connection_timeout": timeout,
+                "ssl_context": tls, "on_reject": self.metrics_rejected.inc,
+                "on_handshake_failure": self._handshake_failed})
+            self._server = make_server(addr[0], port, app, server, handler_class=handler)
         except OSError as exc:
             raise MetricsUnavailable(f"metrics endpoint {host}:{port}: cannot listen: {exc.strerror or exc} "
                                      "(change metrics.port, or stop what holds it)") from None
         self._thread = threading.Thread(target=self._server.serve_forever, name="sensord-metrics", daemon=True)
         self._thread.start()
         bound = int(self._server.server_address[1])
-        log.info("metrics on http://%s:%d/metrics", host, bound)
+        scheme = "https" if tls is not None else "http"
+        log.info("metrics on %s://%s:%d/metrics (%s)", scheme, host, bound,
+                 web.describe() if web is not None else "no TLS, no authentication")
+        if web is not None and web.users and tls is None:
+            log.warning("metrics: basic auth without TLS sends the password in clear text at every scrape "
+                        "(%s has no tls_server_config)", web.path)
         return bound
+
+    def _auth_failed(self, reason: str, peer: str) -> None:
+        self.metrics_auth_failures.labels(reason).inc()
+        self._peer_warnings.warning(f"auth:{reason}", "metrics: refused a request from %s: %s", peer,
+                                    "no basic-auth credentials" if reason == "no_credentials"
+                                    else "wrong user name or password")
+
+    def _handshake_failed(self, peer: Any, exc: BaseException) -> None:
+        self.metrics_tls_failures.inc()
+        what = "timed out" if isinstance(exc, TimeoutError) else f"failed: {getattr(exc, 'reason', None) or exc}"
+        self._peer_warnings.warning("tls", "metrics: TLS handshake with %s %s", peer[0] if peer else "?", what)
 
     def shutdown(self) -> None:
         if self._server is not None:

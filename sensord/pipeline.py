@@ -27,6 +27,7 @@ from .bundle import ModelBundle
 from .config import DetectorConfig, SensordConfig
 from .detector import AlertDetector, AlertEvent, Decision
 from .metrics import DaemonMetrics
+from .ratelimit import RateLimitedLog
 from .scorer import Scorer
 from .sinks import AlertPublisher, MetricsSink
 from .source import MessageRejected, PayloadParser, escape
@@ -34,38 +35,6 @@ from .state import StateStore
 from .windows import ReadingRejected, Window, WindowBuffer, WindowSpec
 
 log = logging.getLogger(__name__)
-
-
-class RateLimitedLog:
-    """At most one warning per key per interval, with a count of what was suppressed."""
-
-    def __init__(self, logger: logging.Logger, interval: float) -> None:
-        self.logger = logger
-        self.interval = interval
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def allow(self, key: str) -> bool:
-        """Whether a message for ``key`` may be logged now (counts it as suppressed otherwise)."""
-        return self._take(key) is not None
-
-    def _take(self, key: str) -> int | None:
-        now = time.monotonic()
-        with self._lock:
-            last = self._last.get(key)
-            if last is not None and now - last < self.interval:
-                self._suppressed[key] = self._suppressed.get(key, 0) + 1
-                return None
-            self._last[key] = now
-            return self._suppressed.pop(key, 0)
-
-    def warning(self, key: str, msg: str, *args: object) -> None:
-        dropped = self._take(key)
-        if dropped is None:
-            return
-        suffix = f" ({dropped} similar suppressed)" if dropped else ""
-        self.logger.warning(msg + suffix, *args)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -22,6 +23,7 @@ if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
 
 from broker import MosquittoBroker  # noqa: E402
+from pki import make_ca, make_cert  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -46,3 +48,27 @@ def fresh_broker() -> Iterator[MosquittoBroker]:
 def topic_root() -> str:
     """A unique topic prefix (no trailing slash) isolating a test on the shared broker."""
     return f"test/{uuid.uuid4().hex[:12]}"
+
+
+class Pki(NamedTuple):
+    """Certificates for the TLS tests (all made by ``openssl``, see ``pki.py``)."""
+
+    ca: Path  # signs the server's certificate and the good client's
+    server_key: Path
+    server_crt: Path  # for 127.0.0.1 and localhost
+    client_key: Path
+    client_crt: Path  # signed by ``ca``
+    other_ca: Path  # signs only ``stranger_crt``
+    stranger_key: Path
+    stranger_crt: Path
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    d = tmp_path_factory.mktemp("pki")
+    ca_key, ca = make_ca(d, "ca")
+    other_key, other = make_ca(d, "other-ca")
+    server_key, server_crt = make_cert(d, "server", ca_key, ca)
+    client_key, client_crt = make_cert(d, "client", ca_key, ca, usage="clientAuth")
+    stranger_key, stranger_crt = make_cert(d, "stranger", other_key, other, usage="clientAuth")
+    return Pki(ca, server_key, server_crt, client_key, client_crt, other, stranger_key, stranger_crt)

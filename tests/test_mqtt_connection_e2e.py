@@ -37,6 +37,7 @@ from e2e_support import (
     train_tiny_bundle,
     wait_until,
 )
+from pki import make_ca, make_server_cert
 
 from sensord.dataio import Series
 from sensord.sinks import iso
@@ -341,40 +342,8 @@ def test_mqtt_311_alerts_state_status_and_last_will(
 
 # -- 4. TLS ---------------------------------------------------------------------------------------
 
-def openssl(*args: str, cwd: Path) -> None:
-    res = subprocess.run(["openssl", *args], check=False, cwd=cwd, capture_output=True, text=True, timeout=60)
-    assert res.returncode == 0, f"openssl {' '.join(args)} failed:\n{res.stderr}"
-
-
-def make_ca(d: Path, name: str) -> tuple[Path, Path]:
-    key, crt = d / f"{name}.key", d / f"{name}.crt"
-    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-            "-keyout", str(key), "-out", str(crt), "-days", "2", "-subj", f"/CN=sensord test {name}",
-            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-            cwd=d)
-    return key, crt
-
-
-def make_server_cert(d: Path, ca_key: Path, ca_crt: Path) -> tuple[Path, Path]:
-    key, csr, crt, ext = d / "server.key", d / "server.csr", d / "server.crt", d / "server.ext"
-    ext.write_text("subjectAltName = IP:127.0.0.1, DNS:localhost\n"
-                   "basicConstraints = critical, CA:FALSE\n"
-                   "keyUsage = critical, digitalSignature, keyEncipherment\n"
-                   "extendedKeyUsage = serverAuth\n"
-                   "subjectKeyIdentifier = hash\n"
-                   "authorityKeyIdentifier = keyid\n")
-    openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-            "-keyout", str(key), "-out", str(csr), "-subj", "/CN=127.0.0.1", cwd=d)
-    openssl("x509", "-req", "-in", str(csr), "-CA", str(ca_crt), "-CAkey", str(ca_key), "-CAcreateserial",
-            "-out", str(crt), "-days", "2", "-extfile", str(ext), cwd=d)
-    return key, crt
-
-
 def test_tls_connects_with_the_right_ca_and_refuses_another(
         tmp_path: Path, daemons: Callable[..., DaemonProcess], models: Models) -> None:
-    if shutil.which("openssl") is None:
-        pytest.fail("the openssl command line tool is needed to make the test CA and certificate: "
-                    "apt-get install -y openssl")
     pki = tmp_path / "pki"
     pki.mkdir()
     ca_key, ca_crt = make_ca(pki, "ca")

@@ -17,10 +17,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import bcrypt
 import numpy as np
 import pytest
 import yaml
 from broker import MosquittoBroker
+from conftest import Pki
 from e2e_support import (
     ROOT,
     TINY_WINDOW,
@@ -51,9 +53,15 @@ def _binary(name: str) -> str:
     return path
 
 
-def test_promtool_accepts_the_shipped_config_and_rules() -> None:
+def test_promtool_accepts_the_shipped_config_and_rules(tmp_path: Path) -> None:
     promtool = _binary("promtool")
-    for args in (["check", "config", str(DEPLOY / "prometheus.yml")], ["check", "rules", str(DEPLOY / "alerts.yml")]):
+    # The https job as a user enables it: uncommented, in place of the plain one.
+    doc = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    doc["rule_files"] = [str(DEPLOY / "alerts.yml")]
+    doc["scrape_configs"] = [https_job()]
+    (tmp_path / "https.yml").write_text(yaml.safe_dump(doc))
+    for args in (["check", "config", str(DEPLOY / "prometheus.yml")], ["check", "rules", str(DEPLOY / "alerts.yml")],
+                 ["check", "config", str(tmp_path / "https.yml")]):
         res = subprocess.run([promtool, *args], capture_output=True, text=True, timeout=60)
         assert res.returncode == 0, res.stdout + res.stderr
         assert "SUCCESS" in res.stdout + res.stderr
@@ -69,16 +77,31 @@ def stream(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Series]:
     return trained.bundle, Series(s.timestamps, v, s.channels, None, "step")
 
 
-class Prometheus:
-    """A real Prometheus on a free port: the shipped config, pointed at the daemon, scraping every second."""
+def https_job() -> dict[str, Any]:
+    """The commented-out scrape job of the shipped prometheus.yml (TLS and basic auth), uncommented."""
+    lines = (DEPLOY / "prometheus.yml").read_text().splitlines()
+    start, end = lines.index("  # BEGIN sensord https job"), lines.index("  # END sensord https job")
+    body = [ln.replace("  # ", "  ", 1) if ln.startswith("  # ") else ln.replace("  #", "", 1)
+            for ln in lines[start + 1:end]]
+    (job,) = yaml.safe_load("\n".join(body))
+    return job
 
-    def __init__(self, tmp: Path, target_port: int) -> None:
+
+class Prometheus:
+    """A real Prometheus on a free port: the shipped config, pointed at the daemon, scraping every second.
+
+    ``jobs`` replace the shipped scrape jobs (their targets are set to the daemon's port).
+    """
+
+    def __init__(self, tmp: Path, target_port: int, jobs: list[dict[str, Any]] | None = None) -> None:
         doc = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
         doc["global"].update({"scrape_interval": "1s", "evaluation_interval": "1s"})
         doc["rule_files"] = [str(DEPLOY / "alerts.yml")]
-        job = doc["scrape_configs"][0]
-        job.update({"scrape_interval": "1s", "scrape_timeout": "1s"})
-        job["static_configs"][0]["targets"] = [f"127.0.0.1:{target_port}"]
+        if jobs is not None:
+            doc["scrape_configs"] = jobs
+        for job in doc["scrape_configs"]:
+            job.update({"scrape_interval": "1s", "scrape_timeout": "1s"})
+            job["static_configs"][0]["targets"] = [f"127.0.0.1:{target_port}"]
         (tmp / "prometheus.yml").write_text(yaml.safe_dump(doc))
         self.port = free_port()
         self.log_path = tmp / "prometheus.log"
@@ -174,3 +197,57 @@ def test_real_prometheus_scrapes_counts_and_fires_the_anomaly_rule(
     assert "pump9" in alerts[0]["annotations"]["summary"]
     assert not [a for a in prom.api("alerts")["alerts"] if a["labels"]["alertname"] != "SensordAnomaly"]
 
+
+
+# -- TLS and basic auth: the documented web config and scrape job, end to end -------------------------------
+
+def test_real_prometheus_scrapes_over_tls_with_basic_auth_and_a_wrong_password_is_down(
+        broker: MosquittoBroker, topic_root: str, tmp_path: Path, stream: tuple[Path, Series], pki: Pki) -> None:
+    """sensord with config/metrics-web.example.yml (certificates beside it, a real hash put in), scraped by
+    Prometheus with the commented https job of deploy/prometheus/prometheus.yml: twice, once with the right
+    password (up 1, sensord's metrics stored) and once with a wrong one (up 0, the 401 counted and logged)."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    shutil.copy(pki.server_crt, etc / "metrics.crt")
+    shutil.copy(pki.server_key, etc / "metrics.key")
+    web = yaml.safe_load((ROOT / "config" / "metrics-web.example.yml").read_text())
+    web["basic_auth_users"]["prometheus"] = bcrypt.hashpw(b"scrape-me", bcrypt.gensalt(10)).decode()
+    (etc / "metrics-web.yml").write_text(yaml.safe_dump(web))
+    (tmp_path / "right-password").write_text("scrape-me\n")
+    (tmp_path / "wrong-password").write_text("guess\n")
+
+    doc = daemon_config(broker, stream[0], window=W, detector=DETECTOR, client_id=f"sensord-{topic_root[-8:]}",
+                        subscriptions=[f"{topic_root}/+/telemetry"], device_topic=f"{topic_root}/{{device}}/telemetry",
+                        topic_prefix=f"{topic_root}/out")
+    doc["metrics"]["web_config_file"] = str(etc / "metrics-web.yml")
+    d = DaemonProcess(tmp_path, "sensord", doc)
+    prom = None
+    try:
+        line = d.wait_log("metrics on https://", timeout=30)
+        assert "(TLS 1.2-1.3; basic auth (1 user))" in line
+        jobs = []
+        for name, password_file in (("sensord", "right-password"), ("sensord-wrong-password", "wrong-password")):
+            job = https_job()
+            job["job_name"] = name
+            job["tls_config"].update({"ca_file": str(pki.ca), "server_name": "localhost"})
+            job["basic_auth"]["password_file"] = str(tmp_path / password_file)
+            jobs.append(job)
+        prom = Prometheus(tmp_path, d.metrics_port, jobs)
+        wait_until(lambda: prom.value('up{job="sensord"}') == {(): 1.0}, 30, "the sensord target up over TLS")
+        wait_until(lambda: prom.value('up{job="sensord-wrong-password"}') == {(): 0.0}, 30, "the wrong-password target")
+        assert prom.value('sensord_mqtt_connected{job="sensord"}') == {(): 1.0}
+        assert prom.value('sensord_threshold{job="sensord-wrong-password"}') == {}  # nothing stored from a 401
+        (wrong,) = [t for t in prom.api("targets")["activeTargets"]
+                    if t["labels"]["job"] == "sensord-wrong-password"]
+        assert "401" in wrong["lastError"], wrong
+        refused = 'sensord_metrics_auth_failures_total{job="sensord", reason="bad_credentials"}'
+        wait_until(lambda: prom.value(refused).get((("reason", "bad_credentials"),), 0) >= 1, 30,
+                   "the refused scrapes counted")
+        assert prom.value('sensord_metrics_auth_failures_total{job="sensord", reason="no_credentials"}') == {
+            (("reason", "no_credentials"),): 0.0}  # Prometheus sends the credentials with the first request
+        assert "metrics: refused a request from 127.0.0.1: wrong user name or password" in d.log()
+        assert d.alive()
+    finally:
+        if prom is not None:
+            prom.stop()
+        d.stop()
