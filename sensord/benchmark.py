@@ -27,7 +27,7 @@ from .dataio import DataError, load_csv
 from .evaluation import Confusion, EvaluationResult, ScoredSeries, evaluate_scored, score_series
 from .scorer import Scorer
 from .training import split_windows, train_bundle
-from .windows import WindowSpec
+from .windows import window_spec
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def bench_file(path: Path, data_dir: Path, cfg: SensordConfig, model_dir: Path, 
     train_bundle(healthy, cfg, model_dir)
     bundle = ModelBundle.load(model_dir)
     scorer = Scorer(bundle)
-    spec = WindowSpec(bundle.window_length, cfg.window.hop, cfg.window.max_gap_seconds)
+    spec = window_spec(cfg.window, bundle)
     scored = score_series(series, scorer, spec)
     result = evaluate_scored(series, scored, bundle.threshold.value, cfg.detector, count_from=fit_rows,
                              top_k=cfg.scoring.top_channels)

@@ -67,14 +67,13 @@ def _epoch_printer() -> Any:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from .bundle import ModelBundle
     from .config import load_config
     from .daemon import check_referenced_files
     cfg = load_config(args.config)
     check_referenced_files(cfg, args.config)
     if args.model:
-        from .scorer import Scorer
-        Scorer(ModelBundle.load(args.model, cfg.data.channels or None, cfg.window.length)).self_check()
+        from .pipeline import ServingModel
+        ServingModel.load(cfg, args.model)  # exactly what ``run`` checks
     print(f"OK {args.config}" + (f" (model {args.model})" if args.model else ""))
     return EX_OK
 
@@ -106,13 +105,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .dataio import load_csv
     from .evaluation import evaluate_series
     from .scorer import Scorer
-    from .windows import WindowSpec
+    from .windows import window_spec
     cfg = load_config(args.config) if args.config else SensordConfig()
     bundle = ModelBundle.load(args.model)
+    if args.hop is not None and not 1 <= args.hop <= bundle.window_length:
+        print(f"sensord evaluate: --hop: must be between 1 and the window length {bundle.window_length}, "
+              f"got {args.hop}", file=sys.stderr)
+        return EX_USAGE
+    # Without --config, the window the bundle was trained with.
+    spec = window_spec(cfg.window if args.config else None, bundle, hop=args.hop)
     data_cfg = dataclasses.replace(cfg.data, label_column=args.label_column)
     series = load_csv(args.data, data_cfg, channels=bundle.channels, require_labels=True)
-    hop = args.hop or (cfg.window.hop if args.config else bundle.window_hop)
-    spec = WindowSpec(bundle.window_length, hop, cfg.window.max_gap_seconds)
     res = evaluate_series(series, Scorer(bundle), spec, cfg.detector, top_k=cfg.scoring.top_channels)
     c = res.confusion
     print(f"model {bundle.model_id}  data {args.data}")
@@ -212,8 +215,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
+    from .config import load_config
     from .plots import make_plots
-    for path in make_plots(Path(args.model), Path(args.data), Path(args.out), label_column=args.label_column):
+    cfg = load_config(args.config) if args.config else None
+    for path in make_plots(Path(args.model), Path(args.data), Path(args.out), label_column=args.label_column,
+                           config=cfg):
         print(path)
     return EX_OK
 
@@ -253,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True)
     s.add_argument("--data", required=True)
     s.add_argument("--label-column", default="anomaly")
-    s.add_argument("--config", help="detector/window settings (defaults when omitted)")
+    s.add_argument("--config", help="data/window/detector settings (when omitted: the bundle's own window, "
+                                    "default detector)")
     s.add_argument("--hop", type=int, default=None, help="window hop (default: config, else the bundle's)")
     s.add_argument("--json", help="also write the figures to this JSON file")
     s.set_defaults(func=cmd_evaluate)
@@ -263,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help="labelled CSV")
     s.add_argument("--label-column", default="anomaly")
     s.add_argument("--out", required=True, help="directory for the PNG files")
+    s.add_argument("--config", help="data/window settings (the bundle's own window when omitted)")
     s.set_defaults(func=cmd_plot)
 
     s = sub.add_parser("bench", help="benchmarks")

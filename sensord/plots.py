@@ -20,13 +20,17 @@ importing this module stays cheap.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .evaluation import window_counts
+
+if TYPE_CHECKING:
+    from .config import SensordConfig
 
 RECONSTRUCTION_PNG = "reconstruction.png"
 HISTOGRAM_PNG = "error_histogram.png"
@@ -64,8 +68,13 @@ def _utc(ts: float) -> str:
     return datetime.fromtimestamp(float(ts), UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def make_plots(bundle_dir: Path, data_csv: Path, out_dir: Path, label_column: str = "anomaly") -> list[Path]:
+def make_plots(bundle_dir: Path, data_csv: Path, out_dir: Path, label_column: str = "anomaly",
+               config: SensordConfig | None = None) -> list[Path]:
     """Write the three diagnostic PNGs for ``bundle_dir`` on the labelled ``data_csv``; return their paths.
+
+    The windows come from the shared factory (:func:`sensord.windows.window_spec`) with hop 1: the
+    pictures show every window, but never one across a gap the daemon would have restarted at.
+    ``config`` supplies ``data`` and ``window`` (the bundle's own window when None).
 
     Raises :class:`ValueError` (naming ``data_csv``) if the data has no label
     column, no complete windows, or no normal or no anomalous windows.
@@ -74,16 +83,17 @@ def make_plots(bundle_dir: Path, data_csv: Path, out_dir: Path, label_column: st
     from .config import DataConfig
     from .dataio import load_csv
     from .scorer import Scorer, reconstruction_errors
-    from .windows import WindowSpec, windowize
+    from .windows import window_spec, windowize
 
     bundle = ModelBundle.load(bundle_dir)
-    series = load_csv(data_csv, DataConfig(label_column=label_column), channels=bundle.channels,
-                      require_labels=True)
+    spec = window_spec(config.window if config is not None else None, bundle, hop=1)
+    data_cfg = dataclasses.replace(config.data if config is not None else DataConfig(), label_column=label_column)
+    series = load_csv(data_csv, data_cfg, channels=bundle.channels, require_labels=True)
     assert series.labels is not None  # require_labels=True
-    ws = windowize(series.timestamps, series.values, WindowSpec(bundle.window_length, 1, float("inf")))
+    ws = windowize(series.timestamps, series.values, spec)
     if len(ws.values) == 0:
-        raise ValueError(f"{data_csv}: {len(series)} rows are too few for one window of length "
-                         f"{bundle.window_length}")
+        raise ValueError(f"{data_csv}: no complete window of length {spec.length} in {len(series)} rows "
+                         f"(too few rows, or gaps longer than window.max_gap_seconds={spec.max_gap_seconds:g})")
     labels = series.labels[ws.end_rows].astype(bool)
     n_anom = int(labels.sum())
     if n_anom == 0:

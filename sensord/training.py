@@ -32,7 +32,7 @@ from .dataio import Series
 from .scaling import Scaler
 from .scorer import Scorer
 from .threshold import ThresholdCalibrator, ThresholdRecord
-from .windows import WindowSpec, windowize
+from .windows import window_spec, windowize
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def split_windows(series: Series, cfg: SensordConfig) -> SplitWindows:
             f"{series.path or 'data'}: {n} rows are too few for window.length {length} with "
             f"validation_fraction {cfg.training.validation_fraction}: need at least {length + 1} training "
             f"and {length} validation rows (have {n_train} and {n_val})")
-    spec = WindowSpec(length, 1, cfg.window.max_gap_seconds)
+    spec = window_spec(cfg.window, hop=1)
     train = windowize(series.timestamps[:n_train], series.values[:n_train], spec).values
     val = windowize(series.timestamps[n_train:], series.values[n_train:], spec).values
     if len(train) == 0 or len(val) == 0:
