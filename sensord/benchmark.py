@@ -23,7 +23,8 @@ import numpy as np
 
 from .bundle import ModelBundle
 from .config import SensordConfig, config_from_dict, config_to_dict
-from .dataio import DataError, load_csv
+from .dataio import load_csv
+from .errors import DataError
 from .evaluation import Confusion, EvaluationResult, ScoredSeries, evaluate_scored, score_series
 from .scorer import Scorer
 from .training import split_windows, train_bundle

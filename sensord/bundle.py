@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import EX_CONFIG, SensordError
 from .scaling import Scaler
 from .threshold import ThresholdRecord
 
@@ -29,8 +30,11 @@ TFLITE_FILE = "model.tflite"
 KERAS_FILE = "model.keras"
 
 
-class BundleError(Exception):
+class BundleError(SensordError):
     """A bundle cannot be used; the message names the file and what is wrong."""
+
+    exit_status = EX_CONFIG  # like a bad config: only a person can fix it, systemd must not restart-loop
+    kind = "model error"
 
 
 def sha256_of(path: Path) -> str:

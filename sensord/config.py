@@ -31,6 +31,8 @@ from pydantic import (
 )
 from pydantic.dataclasses import dataclass
 
+from .errors import EX_CONFIG, SensordError
+
 _STRICT = ConfigDict(extra="forbid")
 
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
@@ -53,8 +55,11 @@ class RestartOnly:
 RESTART_ONLY = RestartOnly()
 
 
-class ConfigError(Exception):
+class ConfigError(SensordError):
     """Raised when a configuration file cannot be used; carries every problem found."""
+
+    exit_status = EX_CONFIG
+    kind = "config error"
 
     def __init__(self, errors: list[str], source: str | None = None) -> None:
         self.errors = errors

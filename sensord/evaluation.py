@@ -17,6 +17,7 @@ import numpy as np
 from .config import DetectorConfig
 from .dataio import Series
 from .detector import AlertDetector, AlertEvent
+from .errors import DataError
 from .scorer import Scorer, top_channels
 from .windows import WindowSpec, iter_windows
 
@@ -210,7 +211,7 @@ def evaluate_scored(series: Series, scored: ScoredSeries, threshold: float, dete
                     count_from: int = 0, top_k: int = 3) -> EvaluationResult:
     """Metrics over rows ``count_from`` onward of already scored windows, at ``threshold``."""
     if series.labels is None:
-        raise ValueError(f"{series.path}: no label column to evaluate against")
+        raise DataError(f"{series.path}: no label column to evaluate against")
     predicted, alerts = decide_rows(scored, threshold, detector_cfg, "eval", top_k)
     rows, errors = scored.rows, scored.errors
     counted = rows >= count_from
@@ -236,6 +237,6 @@ def evaluate_series(series: Series, scorer: Scorer, spec: WindowSpec, detector_c
                     count_from: int = 0, top_k: int = 3) -> EvaluationResult:
     """Metrics over rows ``count_from`` onward; earlier rows only fill the windows (causal warm-up)."""
     if series.labels is None:
-        raise ValueError(f"{series.path}: no label column to evaluate against")
+        raise DataError(f"{series.path}: no label column to evaluate against")
     return evaluate_scored(series, score_series(series, scorer, spec), scorer.threshold, detector_cfg,
                            count_from, top_k)

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .bundle import BundleError
+from .errors import DataError
 from .evaluation import window_counts
 
 if TYPE_CHECKING:
@@ -76,8 +78,8 @@ def make_plots(bundle_dir: Path, data_csv: Path, out_dir: Path, label_column: st
     pictures show every window, but never one across a gap the daemon would have restarted at.
     ``config`` supplies ``data`` and ``window`` (the bundle's own window when None).
 
-    Raises :class:`ValueError` (naming ``data_csv``) if the data has no label
-    column, no complete windows, or no normal or no anomalous windows.
+    Raises :class:`~sensord.errors.DataError` (a ``ValueError``, naming ``data_csv``) if the data has no
+    label column, no complete windows, or no normal or no anomalous windows.
     """
     from .bundle import ModelBundle
     from .config import DataConfig
@@ -92,15 +94,15 @@ def make_plots(bundle_dir: Path, data_csv: Path, out_dir: Path, label_column: st
     assert series.labels is not None  # require_labels=True
     ws = windowize(series.timestamps, series.values, spec)
     if len(ws.values) == 0:
-        raise ValueError(f"{data_csv}: no complete window of length {spec.length} in {len(series)} rows "
+        raise DataError(f"{data_csv}: no complete window of length {spec.length} in {len(series)} rows "
                          f"(too few rows, or gaps longer than window.max_gap_seconds={spec.max_gap_seconds:g})")
     labels = series.labels[ws.end_rows].astype(bool)
     n_anom = int(labels.sum())
     if n_anom == 0:
-        raise ValueError(f"{data_csv}: no anomalous windows (label column {label_column!r} is 0 at the end "
+        raise DataError(f"{data_csv}: no anomalous windows (label column {label_column!r} is 0 at the end "
                          f"row of all {len(labels)} windows); the plots need both normal and anomalous windows")
     if n_anom == len(labels):
-        raise ValueError(f"{data_csv}: no normal windows (label column {label_column!r} is 1 at the end "
+        raise DataError(f"{data_csv}: no normal windows (label column {label_column!r} is 1 at the end "
                          f"row of all {len(labels)} windows); the plots need both normal and anomalous windows")
 
     scorer = Scorer(bundle)
@@ -217,12 +219,12 @@ def _latent_codes(bundle: Any, scaled: np.ndarray) -> np.ndarray:
     keras, _ = _import_tensorflow()  # quiet TensorFlow start-up
     path = bundle.keras_path
     if not path.is_file():
-        raise ValueError(f"{path}: missing (the latent plot needs the Keras model of the bundle)")
+        raise BundleError(f"{path}: missing (the latent plot needs the Keras model of the bundle)")
     model = keras.models.load_model(path, compile=False)
     try:
         layer = model.get_layer(LATENT_LAYER)
     except ValueError:
-        raise ValueError(f"{path}: model has no layer named {LATENT_LAYER!r}") from None
+        raise BundleError(f"{path}: model has no layer named {LATENT_LAYER!r}") from None
     encoder = keras.Model(model.inputs[0], layer.output)  # one input tensor, so plain arrays match
     # Eager calls in chunks (not Model.predict): no tf.function tracing per model, no progress bar.
     chunks = [np.asarray(encoder(scaled[i:i + 1024], training=False), dtype=np.float64)

@@ -29,6 +29,7 @@ from . import __version__
 from .bundle import KERAS_FILE, TFLITE_FILE, ModelBundle, sha256_of
 from .config import SensordConfig
 from .dataio import Series
+from .errors import DataError
 from .scaling import Scaler
 from .scorer import Scorer
 from .threshold import ThresholdCalibrator, ThresholdRecord
@@ -42,8 +43,8 @@ EpochCallback = Callable[[int, int, dict[str, float]], None]
 REFERENCE_WINDOWS = 4
 
 
-class TrainingError(ValueError):
-    """Training cannot proceed with this data/config; the message says why."""
+class TrainingError(DataError):
+    """Training cannot proceed with this data/config; the message says why (exit 65, like bad data)."""
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,11 @@ def train_bundle(series: Series, cfg: SensordConfig, out_dir: str | Path,
         created=datetime.now(UTC).isoformat(timespec="seconds"), tflite_sha256=sha,
     )
     val_errors = Scorer(bundle).score(split.validation).errors
-    threshold = ThresholdCalibrator(cfg.threshold).fit(val_errors)
+    try:
+        threshold = ThresholdCalibrator(cfg.threshold).fit(val_errors)
+    except ValueError as exc:  # no finite errors (training diverged), too few for a tail fit
+        raise TrainingError(f"{series.path or 'data'}: cannot fit threshold.method {cfg.threshold.method} on "
+                            f"{len(val_errors)} validation windows: {exc}") from None
     training_meta["duration_seconds"] = round(time.monotonic() - t0, 3)
     bundle = bundle.with_threshold(threshold)
     # Reference windows: the daemon re-scores them at every load and refuses a model that drifted.
