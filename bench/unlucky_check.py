@@ -351,8 +351,8 @@ def scenario_flood(work: Path, broker: MosquittoBroker, model: Path, pub: Publis
 def scenario_tampered(work: Path, broker: MosquittoBroker, model: Path) -> None:
     try:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        import tensorflow  # noqa: F401
+        from sensord.tflib import import_tensorflow
+        import_tensorflow()
         from e2e_support import tamper_bundle
     except ImportError:
         check("8 tampered model", True, "skipped: needs TensorFlow")

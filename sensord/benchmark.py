@@ -104,8 +104,8 @@ def bench_file(path: Path, data_dir: Path, cfg: SensordConfig, model_dir: Path, 
 def _init_worker() -> None:
     """One TensorFlow thread per worker process (set before TensorFlow runs anything): the workers
     already fill the cores, and a fixed thread count keeps a seed's figures the same whatever --jobs is."""
-    from .training import _import_tensorflow
-    _, tf = _import_tensorflow()
+    from .tflib import import_tensorflow
+    _, tf = import_tensorflow()
     tf.config.threading.set_intra_op_parallelism_threads(1)
     logging.getLogger("sensord").setLevel(logging.WARNING)
 

@@ -27,8 +27,6 @@ from typing import Any
 # is imported where it is used.
 from .errors import EX_OK, EX_SOFTWARE, SensordError, UsageError
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow C++ chatter, training only
-
 log = logging.getLogger("sensord")
 
 

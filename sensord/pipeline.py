@@ -27,10 +27,10 @@ from .bundle import ModelBundle
 from .config import DetectorConfig, SensordConfig
 from .detector import AlertDetector, AlertEvent, Decision
 from .metrics import DaemonMetrics
+from .payload import MessageRejected, PayloadParser, escape
 from .ratelimit import RateLimitedLog
 from .scorer import Scorer
 from .sinks import AlertPublisher, MetricsSink
-from .source import MessageRejected, PayloadParser, escape
 from .state import StateStore
 from .windows import ReadingRejected, Window, WindowBuffer, WindowSpec, window_spec
 

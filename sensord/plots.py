@@ -214,9 +214,9 @@ def _plot_histogram(bundle: Any, s: _Scored, path: Path, data_name: str) -> Path
 
 def _latent_codes(bundle: Any, scaled: np.ndarray) -> np.ndarray:
     """The "latent" layer's output for each scaled window, flattened to (B, features)."""
-    from .training import _import_tensorflow
+    from .tflib import import_tensorflow
 
-    keras, _ = _import_tensorflow()  # quiet TensorFlow start-up
+    keras, _ = import_tensorflow()  # quiet TensorFlow start-up
     path = bundle.keras_path
     if not path.is_file():
         raise BundleError(f"{path}: missing (the latent plot needs the Keras model of the bundle)")

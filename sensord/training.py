@@ -13,9 +13,7 @@ import contextlib
 import io
 import logging
 import math
-import os
 import platform
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -32,6 +30,7 @@ from .dataio import Series
 from .errors import DataError
 from .scaling import Scaler
 from .scorer import Scorer
+from .tflib import import_tensorflow
 from .threshold import ThresholdCalibrator, ThresholdRecord
 from .windows import window_spec, windowize
 
@@ -82,31 +81,9 @@ def split_windows(series: Series, cfg: SensordConfig) -> SplitWindows:
 
 
 def _versions() -> dict[str, str]:
-    import keras
-    import tensorflow as tf
+    keras, tf = import_tensorflow()
     return {"sensord": __version__, "tensorflow": tf.__version__, "keras": keras.__version__,
             "numpy": np.__version__, "python": platform.python_version()}
-
-
-def _import_tensorflow() -> tuple[Any, Any]:
-    """Import TensorFlow with its C++ start-up chatter (CUDA probes, oneDNN notes) silenced.
-
-    Those lines go straight to file descriptor 2 from C++, so the only way to
-    keep a training log readable is to point fd 2 elsewhere during the import.
-    """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    if "tensorflow" not in sys.modules:
-        saved = os.dup(2)
-        try:
-            with open(os.devnull, "w") as devnull:
-                os.dup2(devnull.fileno(), 2)
-                import tensorflow  # noqa: F401
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-    import keras
-    import tensorflow as tf
-    return keras, tf
 
 
 def _fit_network(keras: Any, cfg: SensordConfig, x_train: np.ndarray, x_val: np.ndarray,
@@ -179,7 +156,7 @@ def _fit_pca(keras: Any, cfg: SensordConfig, x_train: np.ndarray,
 def train_bundle(series: Series, cfg: SensordConfig, out_dir: str | Path,
                  on_epoch: EpochCallback | None = None) -> ModelBundle:
     """Train on a healthy series and write a complete, loadable bundle to ``out_dir``."""
-    keras, tf = _import_tensorflow()
+    keras, tf = import_tensorflow()
     t0 = time.monotonic()
     out = Path(out_dir)
     tc = cfg.training

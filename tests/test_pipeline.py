@@ -18,7 +18,8 @@ from sensord.config import DetectorConfig, SensordConfig, config_from_dict
 from sensord.dataio import Series
 from sensord.evaluation import predict_rows
 from sensord.metrics import DaemonMetrics
-from sensord.pipeline import Intake, RateLimitedLog, ScoringLoop, ServingModel
+from sensord.pipeline import Intake, ScoringLoop, ServingModel
+from sensord.ratelimit import RateLimitedLog
 from sensord.simulator import CHANNELS, PumpSimulator
 from sensord.sinks import AlertPublisher
 
