@@ -206,7 +206,7 @@ def main() -> int:
            "mqtt": {"host": broker.host, "port": broker.port, "client_id": "sensord-faults", "keepalive": 5,
                     "subscriptions": ["faults/sensors/+/telemetry"],
                     "device_topic": "faults/sensors/{device}/telemetry", "topic_prefix": PREFIX,
-                    "reconnect_min_seconds": 0.2, "reconnect_max_seconds": 1.0},
+                    "reconnect_min_seconds": 1, "reconnect_max_seconds": 1},
            "metrics": {"host": "127.0.0.1", "port": free_port()},
            "daemon": {"model": str(workdir / "model"), "state_dir": str(workdir / "state")}}
     daemons: list[Daemon] = []

@@ -120,7 +120,7 @@ class Daemon:
             "window": {"length": W},
             "mqtt": {"host": broker.host, "port": broker.port, "keepalive": 5, "topic_prefix": f"chk/{name}",
                      "subscriptions": [f"chk/{name}/in/#"], "device_topic": f"chk/{name}/in/{{device}}",
-                     "reconnect_min_seconds": 0.2, "reconnect_max_seconds": 1.0},
+                     "reconnect_min_seconds": 1, "reconnect_max_seconds": 1},
             "metrics": {"host": "127.0.0.1", "port": self.port},
             "daemon": {"model": str(model)},
         }

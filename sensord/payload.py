@@ -12,7 +12,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,11 +95,12 @@ class PayloadParser:
     def __init__(self, channels: Sequence[str], device_topic: str | None, device_field: str | None,
                  timestamp_field: str, values_field: str, clock: Callable[[], float] = time.time,
                  max_clock_skew: float | None = None,
-                 bounds: tuple[Sequence[float], Sequence[float]] | None = None) -> None:
+                 bounds: tuple[Iterable[float], Iterable[float]] | None = None) -> None:
         self.channels = tuple(channels)
         # Finite values outside [low, high] (per channel) are clipped to them; NaN/inf are left for the window
         # buffer to reject. Plain lists: one comparison per value costs less than numpy on 8 numbers.
-        self.low, self.high = (list(map(float, bounds[0])), list(map(float, bounds[1]))) if bounds else (None, None)
+        self.low: list[float] | None = list(map(float, bounds[0])) if bounds else None
+        self.high: list[float] | None = list(map(float, bounds[1])) if bounds else None
         self.max_clock_skew = max_clock_skew
         self.device_field = device_field
         self.timestamp_field = timestamp_field

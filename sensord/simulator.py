@@ -178,8 +178,8 @@ def _inject(values: np.ndarray, f: FaultSpec, rng: np.random.Generator) -> None:
         values[seg, _IDX[partner]] += 5.0 * frac * _SPREAD[_IDX[partner]]
     elif f.kind == "drift":
         # sqrt growth: ~4.6 spreads after the first third, 8 by the end.
-        frac = (np.arange(f.duration) + 1.0) / f.duration
-        values[seg, j] += 8.0 * _SPREAD[j] * np.sqrt(frac)
+        ramp = (np.arange(f.duration) + 1.0) / f.duration
+        values[seg, j] += 8.0 * _SPREAD[j] * np.sqrt(ramp)
     elif f.kind == "spikes":
         t = f.start + int(rng.integers(0, 3))
         while t < f.start + f.duration:

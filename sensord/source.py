@@ -103,7 +103,7 @@ class MqttConnection:
         self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=self.client_id,
                                   protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
                                   manual_ack=self.persistent,
-                                  **({} if v5 else {"clean_session": not self.persistent}))
+                                  clean_session=None if v5 else not self.persistent)  # (v5: clean_start)
         if cfg.username is not None:
             self.client.username_pw_set(cfg.username, cfg.password)
         if cfg.tls is not None:
@@ -118,7 +118,7 @@ class MqttConnection:
                 raise ConfigError([f"mqtt.tls: cannot use the certificate files: {exc}"]) from None
             self.client.tls_insecure_set(t.insecure)
         self.client.will_set(self.status_topic, "offline", qos=1, retain=True)
-        self.client.reconnect_delay_set(cfg.reconnect_min_seconds, cfg.reconnect_max_seconds)
+        self.client.reconnect_delay_set(int(cfg.reconnect_min_seconds), int(cfg.reconnect_max_seconds))
         self.client.on_connect = self._handle_connect
         self.client.on_connect_fail = self._handle_connect_fail
         self.client.on_disconnect = self._handle_disconnect

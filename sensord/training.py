@@ -140,7 +140,7 @@ def _fit_pca(keras: Any, cfg: SensordConfig, x_train: np.ndarray,
     _, sing, vt = np.linalg.svd(flat - mean, full_matrices=False)
     var = sing ** 2
     explained = np.cumsum(var) / var.sum() if var.sum() > 0 else np.ones_like(var)
-    k = int(min(len(explained), np.searchsorted(explained, cfg.model.pca_variance) + 1))
+    k = min(len(explained), int(np.searchsorted(explained, cfg.model.pca_variance)) + 1)
     model = build_pca_autoencoder(vt[:k], mean, length, channels)
 
     def loss(x: np.ndarray) -> float:

@@ -132,7 +132,7 @@ def daemons(tmp_path: Path, models: Models) -> Iterator[Callable[..., DaemonProc
         base = daemon_config(broker, models.bundle, window=W, detector=DETECTOR,
                              client_id=f"sensord-{name}-{uuid.uuid4().hex[:8]}",
                              subscriptions=[telemetry("+")], device_topic=telemetry("{device}"), topic_prefix=PREFIX,
-                             reconnect_min_seconds=0.2, reconnect_max_seconds=1.0)
+                             reconnect_min_seconds=1, reconnect_max_seconds=1)
         d = DaemonProcess(tmp_path, name, merge(base, over))
         started.append(d)
         return d

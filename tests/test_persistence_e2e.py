@@ -178,7 +178,7 @@ def test_alert_raised_while_the_broker_is_down_arrives_once_after_it_returns(
         # The scorer gathers one batch for up to 5 s: the readings are in, the alert is decided after the
         # broker has gone.
         doc = env.config(daemon={"batch_wait_seconds": 5.0}, scoring={"batch_max": 4096},
-                         mqtt={"reconnect_min_seconds": 0.2, "reconnect_max_seconds": 0.5})
+                         mqtt={"reconnect_min_seconds": 1, "reconnect_max_seconds": 1})
         d = env.spawn(doc, "life1")
         doc = d.doc  # with its state directory
         rec.wait_for(lambda m: m.topic == f"{env.prefix}/status" and m.payload == b"online", timeout=20)

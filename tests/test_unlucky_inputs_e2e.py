@@ -94,7 +94,7 @@ class Env:
         base = daemon_config(self.broker, self.models.bundle, window=W, detector=DETECTOR,
                              client_id=f"sensord-{uuid.uuid4().hex[:10]}",
                              subscriptions=[self.topic("+")], device_topic=self.topic("{device}"),
-                             topic_prefix=self.prefix, reconnect_min_seconds=0.2, reconnect_max_seconds=1.0)
+                             topic_prefix=self.prefix, reconnect_min_seconds=1, reconnect_max_seconds=1)
         return merge(base, over)
 
     def spawn(self, doc: dict[str, Any], name: str = "sensord") -> DaemonProcess:
