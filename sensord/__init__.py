@@ -6,4 +6,5 @@ alerts, Prometheus). Training, evaluation and
 benchmarks reuse the same ``windows``/``scorer``/``detector`` code offline.
 """
 
+# The one place the version is written: pyproject.toml reads it from here (setuptools dynamic version).
 __version__ = "0.1.0"

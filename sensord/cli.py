@@ -25,6 +25,7 @@ from typing import Any
 # Only the standard library at import time (sensord.errors is nothing else): ``sensord run`` installs its
 # signal handlers before numpy, pydantic, LiteRT and the model are loaded (see ``main``); everything else
 # is imported where it is used.
+from . import __version__
 from .errors import EX_OK, EX_SOFTWARE, SensordError, UsageError
 
 log = logging.getLogger("sensord")
@@ -224,6 +225,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sensord", description="Streaming sensor-monitoring daemon.")
     p.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("run", help="run the daemon: MQTT in, alerts and metrics out")
@@ -303,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_status
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # the last line of defence: a bug must not look like bad input
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: a bug must not look like bad input
         traceback.print_exc(file=sys.stderr)
         print(f"sensord: internal error ({type(exc).__name__}); this is a bug in sensord, not a problem with "
               "the input: please report it with the traceback above", file=sys.stderr)

@@ -215,7 +215,7 @@ class ScoringLoop:
                 continue
             try:
                 self.process(batch)
-            except Exception:  # noqa: BLE001 - the loop must survive one bad batch
+            except Exception:  # the loop must survive one bad batch (logged with its traceback)
                 log.exception("scoring a batch of %d windows failed; batch skipped", len(batch))
             finally:
                 self.metrics.queue_depth.set(self.queue.qsize())
@@ -351,7 +351,7 @@ class Intake:
         """
         try:
             return self._on_message(topic, payload, retained)
-        except Exception:  # noqa: BLE001
+        except Exception:  # counted and logged with its traceback below
             self.metrics.messages_rejected.labels("internal_error").inc()
             if self._warn.allow("internal_error"):
                 log.exception("message on topic=%s could not be processed; daemon continues", escape(topic))

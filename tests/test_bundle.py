@@ -15,6 +15,8 @@ from sensord.dataio import load_csv
 from sensord.simulator import CHANNELS, PumpSimulator, write_csv
 from sensord.windows import WindowSpec, window_spec
 
+pytestmark = pytest.mark.training  # trains a tiny TensorFlow model (make test-fast leaves it out)
+
 WINDOW = 8
 EPOCHS = 5
 

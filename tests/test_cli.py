@@ -31,6 +31,21 @@ def _failing(exc: BaseException):  # type: ignore[no-untyped-def]
     return command
 
 
+def test_version_has_one_source(capsys: pytest.CaptureFixture[str]) -> None:
+    """``sensord --version`` prints the package's ``__version__``, which pyproject.toml also reads."""
+    import tomllib
+
+    import sensord
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"sensord {sensord.__version__}"
+    project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and project["project"]["dynamic"] == ["version"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "sensord.__version__"}
+
+
 def test_data_error_exits_65_with_its_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "nope.csv"
     assert cli.main(["train", "--data", str(missing), "--out", str(tmp_path / "m")]) == 65

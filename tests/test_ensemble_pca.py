@@ -14,6 +14,8 @@ from sensord.scorer import Scorer
 from sensord.simulator import CHANNELS, PumpSimulator
 from sensord.training import split_windows, train_bundle
 
+pytestmark = pytest.mark.training  # trains a tiny TensorFlow model (make test-fast leaves it out)
+
 W = 8
 
 

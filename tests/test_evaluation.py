@@ -12,6 +12,8 @@ from sensord.evaluation import Confusion, evaluate_series, predict_rows, segment
 from sensord.scorer import Scorer
 from sensord.windows import WindowSpec
 
+pytestmark = pytest.mark.training  # trains a tiny TensorFlow model (make test-fast leaves it out)
+
 # --- formulas ----------------------------------------------------------------------------------
 
 

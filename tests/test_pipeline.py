@@ -23,6 +23,8 @@ from sensord.ratelimit import RateLimitedLog
 from sensord.simulator import CHANNELS, PumpSimulator
 from sensord.sinks import AlertPublisher
 
+pytestmark = pytest.mark.training  # trains a tiny TensorFlow model (make test-fast leaves it out)
+
 W = 10
 PREFIX = "pfx"
 TINY = {

@@ -13,6 +13,8 @@ import pytest
 from sensord.evaluation import window_counts
 from sensord.plots import HISTOGRAM_PNG, LATENT_PNG, RECONSTRUCTION_PNG, make_plots, pca_2d
 
+pytestmark = pytest.mark.training  # trains a tiny TensorFlow model (make test-fast leaves it out)
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

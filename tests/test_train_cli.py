@@ -15,6 +15,8 @@ import pytest
 
 from sensord.simulator import CHANNELS, FAULT_KINDS, FAULT_SECONDS, GAP_SECONDS, LEAD_SECONDS
 
+pytestmark = pytest.mark.training  # trains a tiny TensorFlow model (make test-fast leaves it out)
+
 EX_DATAERR, EX_CONFIG = 65, 78
 SECONDS = 900
 LABELLED_ROWS = LEAD_SECONDS + len(FAULT_KINDS) * (FAULT_SECONDS + GAP_SECONDS)

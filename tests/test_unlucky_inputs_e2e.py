@@ -366,7 +366,7 @@ def test_sighup_while_still_starting_does_not_kill_the_daemon(env: Env) -> None:
             time.sleep(0.05)
     server = threading.Thread(target=serve, daemon=True)
     server.start()
-    log = open(env.tmp / "early.log", "wb")
+    log = open(env.tmp / "early.log", "wb")  # noqa: SIM115 - closed in the finally below, after the daemon
     env_vars = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
     proc = subprocess.Popen([sys.executable, "-m", "sensord.cli", "run", "--config", str(fifo)], cwd=ROOT,
                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env_vars)
