@@ -1,6 +1,6 @@
 """End to end: ``sensord run`` as a real subprocess against a real (private) Mosquitto.
 
-One bundle is trained per module on the built-in simulator; every test starts
+One bundle is trained per session on the built-in simulator; every test starts
 its own daemon with its own config (unique topics, client id and metrics
 port), streams readings with explicit timestamps through one QoS 1 publisher,
 and checks what comes out: alerts, retained state and status, Prometheus
@@ -36,10 +36,9 @@ from e2e_support import (
     TINY_WINDOW,
     DaemonProcess,
     QosPublisher,
+    TrainedBundle,
     daemon_config,
     merge,
-    tiny_train_config,
-    train_tiny_bundle,
     wait_until,
     write_yaml,
 )
@@ -56,7 +55,6 @@ pytestmark = pytest.mark.e2e
 
 W = TINY_WINDOW
 DETECTOR = TINY_DETECTOR
-TRAIN = tiny_train_config(epochs=30)
 HEALTHY_ROWS = 300  # the labelled run starts with 600 healthy seconds (the simulator's lead)
 FAULT_START, FAULT_STOP = 150, 210  # injected step, rows [start, stop)
 
@@ -79,9 +77,8 @@ class Models:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
-    trained = train_tiny_bundle(tmp_path_factory.mktemp("e2e"), TRAIN, "model-a")  # ~5 s on 2 idle cores
-    return Models(trained.bundle, trained.labelled_csv, trained.labelled)
+def models(tiny_bundle: TrainedBundle) -> Models:
+    return Models(tiny_bundle.bundle, tiny_bundle.labelled_csv, tiny_bundle.labelled)
 
 
 def with_step(series: Series, start: int, stop: int) -> Series:
@@ -239,6 +236,8 @@ def test_healthy_stream_no_alert_state_and_metrics(e2e: E2E, models: Models) -> 
     assert m[("sensord_mqtt_connected", ())] == 1
     assert m[("sensord_devices", ())] == 1
     assert m[("sensord_windows_dropped_total", ())] == 0
+    # Every window is counted before anything is published for it, so with all of them counted this
+    # says that no alert was raised (rather than that none has arrived yet).
     assert m.get(("sensord_alerts_raised_total", (("device", "pump1"),)), 0) == 0
     assert m[("sensord_anomaly_state", (("device", "pump1"),))] == 0
     assert sum(v for (name, _), v in m.items() if name == "sensord_readings_rejected_total") == 0
@@ -246,7 +245,6 @@ def test_healthy_stream_no_alert_state_and_metrics(e2e: E2E, models: Models) -> 
     state = json.loads(e2e.retained("state/pump1").payload)
     assert state["device"] == "pump1" and state["state"] == "normal"
     assert state["since"] == iso(seg.timestamps[W - 1])  # the device's first window
-    time.sleep(0.3)  # an alert would be published right after the window's metrics
     assert e2e.alerts("pump1") == []
     assert e2e.retained("status").payload == b"online"
     assert "reason=malformed_json" in d.log()
@@ -362,18 +360,13 @@ def test_sigterm_scores_everything_queued_then_exits_0(e2e: E2E, models: Models)
     seg = with_step(models.labelled.slice(0, rows), FAULT_START, rows)
     # The scorer collects one big batch for up to 5 s, so at SIGTERM every window is still unscored.
     d = e2e.start(daemon={"batch_wait_seconds": 5.0}, scoring={"batch_max": 4096}, mqtt={"publish_scores": True})
-    t_first = time.monotonic()
     e2e.stream.send_rows("pump5", seg)
     d.wait_metric("sensord_messages_received_total", rows)
-    assert d.metric("sensord_windows_scored_total", device="pump5") is None, "scored before SIGTERM"
-    assert time.monotonic() - t_first < 4.5, "streaming too slow for this test's premise"
     assert e2e.alerts("pump5") == []
-    t0 = time.monotonic()
+    # Checked last before the signal: every window is still waiting in the batch when SIGTERM arrives.
+    assert d.metric("sensord_windows_scored_total", device="pump5") is None, "scored before SIGTERM"
     d.proc.send_signal(signal.SIGTERM)
-    rc = d.proc.wait(5)
-    elapsed = time.monotonic() - t0
-    assert rc == 0, d.log()
-    assert elapsed < 5
+    assert d.proc.wait(10) == 0, d.log()  # (shutdown_timeout_seconds is 4)
     raised = e2e.wait_alert("pump5", "raised", timeout=5)
     assert iso(seg.timestamps[FAULT_START]) <= raised["window_end"]
     scores = f"{e2e.prefix}/scores/pump5"

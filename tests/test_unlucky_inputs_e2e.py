@@ -35,12 +35,11 @@ from e2e_support import (
     TINY_WINDOW,
     DaemonProcess,
     QosPublisher,
+    TrainedBundle,
     daemon_config,
     merge,
     stop_process,
     tamper_bundle,
-    tiny_train_config,
-    train_tiny_bundle,
     wait_until,
     write_yaml,
 )
@@ -68,9 +67,8 @@ class Models:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
-    trained = train_tiny_bundle(tmp_path_factory.mktemp("unlucky"), tiny_train_config(epochs=15))
-    return Models(trained.bundle, trained.labelled.slice(0, 500))
+def models(tiny_bundle: TrainedBundle) -> Models:
+    return Models(tiny_bundle.bundle, tiny_bundle.labelled.slice(0, 500))
 
 
 @dataclass
