@@ -114,12 +114,6 @@ def segments_of(labels: np.ndarray) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2], strict=False)]
 
 
-def predict_rows(series: Series, scorer: Scorer, spec: WindowSpec, detector_cfg: DetectorConfig,
-                 device: str = "eval", top_k: int = 3) -> tuple[np.ndarray, np.ndarray, list[AlertEvent], int]:
-    predicted, errors, alerts, rows = _predict(series, scorer, spec, detector_cfg, device, top_k)
-    return predicted, errors, alerts, len(rows)
-
-
 def window_counts(errors: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, int]:
     """How many normal/anomalous windows fall under/over the threshold.
 
@@ -198,13 +192,6 @@ def decide_rows(scored: ScoredSeries, threshold: float, detector_cfg: DetectorCo
             stop = min(stop, int(rows[i + 1]))
         predicted[row:stop] = 1 if decision.active else 0
     return predicted, alerts
-
-
-def _predict(series: Series, scorer: Scorer, spec: WindowSpec, detector_cfg: DetectorConfig,
-             device: str, top_k: int) -> tuple[np.ndarray, np.ndarray, list[AlertEvent], np.ndarray]:
-    scored = score_series(series, scorer, spec, device)
-    predicted, alerts = decide_rows(scored, scorer.threshold, detector_cfg, device, top_k)
-    return predicted, scored.errors, alerts, scored.rows
 
 
 def evaluate_scored(series: Series, scored: ScoredSeries, threshold: float, detector_cfg: DetectorConfig,

@@ -83,7 +83,6 @@ class Window:
     start: float
     end: float
     values: np.ndarray
-    seq: int  # 0-based count of readings accepted by the buffer when this window completed, minus one
 
 
 class Rejection(str, enum.Enum):  # noqa: UP042 - str() and format() of members must not change
@@ -238,7 +237,6 @@ class WindowBuffer:
             start=float(self._times[start]),
             end=timestamp,
             values=self._ring[start:start + spec.length].copy(),
-            seq=self._accepted - 1,
         )
 
 

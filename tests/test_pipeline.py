@@ -17,7 +17,7 @@ from e2e_support import wait_until
 
 from sensord.config import DetectorConfig, SensordConfig, config_from_dict
 from sensord.dataio import Series
-from sensord.evaluation import predict_rows
+from sensord.evaluation import decide_rows, score_series
 from sensord.metrics import DaemonMetrics
 from sensord.pipeline import Intake, ScoringLoop, ServingModel
 from sensord.ratelimit import RateLimitedLog
@@ -249,8 +249,9 @@ def test_alerts_match_offline_detector(data: tuple[Path, Series], rigs: list[Rig
     r.scoring.start()
     r.send_rows("p1", faulty)
     assert r.scoring.drain(5.0)
-    _, _, expected, n = predict_rows(faulty, r.model.scorer, r.model.spec, DetectorConfig(**det), device="p1")
-    assert n == 120 - W + 1
+    scored = score_series(faulty, r.model.scorer, r.model.spec, "p1")
+    _, expected = decide_rows(scored, r.model.scorer.threshold, DetectorConfig(**det), "p1")
+    assert len(scored.rows) == 120 - W + 1
     alerts = r.pub.on(f"{PREFIX}/alerts/p1")
     assert [(b["state"], b["window_end"]) for _, b, _, _ in alerts] == \
         [(e.state, _iso(e.window_end)) for e in expected]
