@@ -103,7 +103,7 @@ class _BoundedServer(ThreadingMixIn, WSGIServer):
                 return
             try:
                 self.finish_request(conn, client_address)
-            except Exception:
+            except Exception:  # noqa: BLE001 - one scrape's failure must not end the server; handle_error logs it
                 self.handle_error(conn, client_address)
             finally:
                 self.shutdown_request(conn)
