@@ -1,13 +1,14 @@
 # Two entry points for a fresh machine (see README):
 #   make demo  - install, train on simulated data, run the daemon against a private broker, show alerts
-#   make test  - install everything the tests need (Python packages, apt packages) and run them
+#   make test  - install everything the tests need (Python packages, apt packages), lint, type-check, run them
+# While working: make lint, make typecheck, make test-fast (unit tests and doctests only, no broker or training).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT    := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 
-.PHONY: demo test install install-test demo-deps test-deps bench clean
+.PHONY: demo test test-fast lint typecheck install install-test demo-deps test-deps bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,10 +36,21 @@ test-deps: demo-deps
 demo: install
 	$(VENV)/bin/sensord demo
 
-# Lint first: a style or import error fails CI in seconds, before the slow suite.
-test: install-test
-	$(VENV)/bin/ruff check sensord tests bench
+# Lint and types first: a style, import or type error fails CI in seconds, before the slow suite.
+test: install-test lint typecheck
 	$(PY) -m pytest -q
+
+lint: install-test
+	$(VENV)/bin/ruff check sensord tests bench
+
+# mypy's settings (and the paths it checks) are in pyproject.toml.
+typecheck: install-test
+	$(VENV)/bin/mypy
+
+# Neither the end-to-end tests (a real broker) nor the ones that train a model; autoencoder.py has no
+# doctests and importing it imports TensorFlow.
+test-fast: install-test
+	$(PY) -m pytest -q -m "not e2e and not training" --ignore=sensord/autoencoder.py
 
 bench: install
 	$(VENV)/bin/sensord bench skab --data ../shared/datasets/skab/data --json out/skab.json

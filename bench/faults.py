@@ -182,7 +182,7 @@ def main() -> int:
     from sensord.bundle import ModelBundle
     from sensord.config import DetectorConfig
     from sensord.dataio import Series
-    from sensord.evaluation import predict_rows
+    from sensord.evaluation import decide_rows, score_series
     from sensord.scorer import Scorer
     from sensord.windows import WindowSpec
 
@@ -190,7 +190,8 @@ def main() -> int:
 
     def offline(values: np.ndarray) -> list[str]:
         s = Series(ts[:n], values, channels, None, "check")
-        alerts = predict_rows(s, scorer, WindowSpec(W, 1, 10.0), DetectorConfig(**DETECTOR))[2]
+        scored = score_series(s, scorer, WindowSpec(W, 1, 10.0))
+        _, alerts = decide_rows(scored, scorer.threshold, DetectorConfig(**DETECTOR))
         return [a.state for a in alerts]
     if offline(series.values[:n]) or offline(faulty) != ["raised", "cleared"]:
         print(f"seed {args.seed}: offline, the small model does not raise exactly once for this fault and "
@@ -206,7 +207,7 @@ def main() -> int:
            "mqtt": {"host": broker.host, "port": broker.port, "client_id": "sensord-faults", "keepalive": 5,
                     "subscriptions": ["faults/sensors/+/telemetry"],
                     "device_topic": "faults/sensors/{device}/telemetry", "topic_prefix": PREFIX,
-                    "reconnect_min_seconds": 0.2, "reconnect_max_seconds": 1.0},
+                    "reconnect_min_seconds": 1, "reconnect_max_seconds": 1},
            "metrics": {"host": "127.0.0.1", "port": free_port()},
            "daemon": {"model": str(workdir / "model"), "state_dir": str(workdir / "state")}}
     daemons: list[Daemon] = []

@@ -155,7 +155,7 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_bytes(pickle.dumps(results))
     else:
-        results = pickle.loads(args.pickle.read_bytes())  # noqa: S301 - our own cache file
+        results = pickle.loads(args.pickle.read_bytes())  # our own cache file, so unpickling it is safe
         print("\n".join(analyse(results, [float(f) for f in args.factors.split(",")], args.max_far)))
 
 

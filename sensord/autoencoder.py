@@ -10,9 +10,9 @@ what makes the score, and so the alerts, independent of the seed.
 
 from __future__ import annotations
 
-import os
+from .tflib import import_tensorflow
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import_tensorflow()  # quietly, before keras pulls TensorFlow in
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

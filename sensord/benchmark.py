@@ -23,11 +23,12 @@ import numpy as np
 
 from .bundle import ModelBundle
 from .config import SensordConfig, config_from_dict, config_to_dict
-from .dataio import DataError, load_csv
+from .dataio import load_csv
+from .errors import DataError
 from .evaluation import Confusion, EvaluationResult, ScoredSeries, evaluate_scored, score_series
 from .scorer import Scorer
 from .training import split_windows, train_bundle
-from .windows import WindowSpec
+from .windows import window_spec
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def bench_file(path: Path, data_dir: Path, cfg: SensordConfig, model_dir: Path, 
     train_bundle(healthy, cfg, model_dir)
     bundle = ModelBundle.load(model_dir)
     scorer = Scorer(bundle)
-    spec = WindowSpec(bundle.window_length, cfg.window.hop, cfg.window.max_gap_seconds)
+    spec = window_spec(cfg.window, bundle)
     scored = score_series(series, scorer, spec)
     result = evaluate_scored(series, scored, bundle.threshold.value, cfg.detector, count_from=fit_rows,
                              top_k=cfg.scoring.top_channels)
@@ -103,8 +104,8 @@ def bench_file(path: Path, data_dir: Path, cfg: SensordConfig, model_dir: Path, 
 def _init_worker() -> None:
     """One TensorFlow thread per worker process (set before TensorFlow runs anything): the workers
     already fill the cores, and a fixed thread count keeps a seed's figures the same whatever --jobs is."""
-    from .training import _import_tensorflow
-    _, tf = _import_tensorflow()
+    from .tflib import import_tensorflow
+    _, tf = import_tensorflow()
     tf.config.threading.set_intra_op_parallelism_threads(1)
     logging.getLogger("sensord").setLevel(logging.WARNING)
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import EX_CONFIG, SensordError
 from .scaling import Scaler
 from .threshold import ThresholdRecord
 
@@ -29,8 +30,11 @@ TFLITE_FILE = "model.tflite"
 KERAS_FILE = "model.keras"
 
 
-class BundleError(Exception):
+class BundleError(SensordError):
     """A bundle cannot be used; the message names the file and what is wrong."""
+
+    exit_status = EX_CONFIG  # like a bad config: only a person can fix it, systemd must not restart-loop
+    kind = "model error"
 
 
 def sha256_of(path: Path) -> str:
@@ -101,8 +105,11 @@ class ModelBundle:
         os.replace(tmp, self.path / BUNDLE_JSON)
 
     @classmethod
-    def load(cls, path: str | Path, expect_channels: Sequence[str] | None = None,
-             expect_window: int | None = None) -> ModelBundle:
+    def load(cls, path: str | Path, expect_channels: Sequence[str] | None = None) -> ModelBundle:
+        """Load and check every part; ``expect_channels`` (the config's ``data.channels``) must match if given.
+
+        The window length is checked where the windows are made (:func:`sensord.windows.window_spec`).
+        """
         p = Path(path)
         if not p.is_dir():
             raise BundleError(f"{p}: model bundle directory not found")
@@ -153,9 +160,6 @@ class ModelBundle:
         if expect_channels is not None and len(expect_channels) and list(expect_channels) != channels:
             raise BundleError(f"{p}: channels {channels} do not match the configured data.channels "
                               f"{list(expect_channels)}")
-        if expect_window is not None and expect_window != length:
-            raise BundleError(f"{p}: model was trained for window length {length}, "
-                              f"but window.length in the config is {expect_window}")
         for key in ("model", "training"):
             if not isinstance(meta.get(key, {}), dict):
                 raise BundleError(f"{meta_path}: {key!r} must be a JSON object, got {type(meta[key]).__name__}")

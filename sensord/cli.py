@@ -1,8 +1,12 @@
 """The ``sensord`` command line.
 
-Exit statuses follow sysexits: 78 (EX_CONFIG) for a bad config or model
-bundle, so systemd's ``RestartPreventExitStatus=78`` does not restart-loop on a
-mistake only a person can fix; 65 (EX_DATAERR) for unusable data files.
+Exit statuses follow sysexits and come from the error types in
+:mod:`sensord.errors`: 78 (EX_CONFIG) for a bad config or model bundle, so
+systemd's ``RestartPreventExitStatus=78`` does not restart-loop on a mistake
+only a person can fix; 65 (EX_DATAERR) for unusable data files; 64 (EX_USAGE)
+for an out-of-range argument; 69 (EX_UNAVAILABLE) when the machine lacks what
+is needed (the metrics port, mosquitto). Anything else is a bug in sensord:
+its traceback is printed and the status is 70 (EX_SOFTWARE), never "bad input".
 """
 
 from __future__ import annotations
@@ -13,20 +17,16 @@ import json
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow C++ chatter, training only
-
-# Only the standard library at import time: ``sensord run`` installs its signal handlers before numpy,
-# pydantic, LiteRT and the model are loaded (see ``main``); everything else is imported where it is used.
-
-EX_OK = 0
-EX_USAGE = 64
-EX_DATAERR = 65
-EX_UNAVAILABLE = 69
-EX_CONFIG = 78
+# Only the standard library at import time (sensord.errors is nothing else): ``sensord run`` installs its
+# signal handlers before numpy, pydantic, LiteRT and the model are loaded (see ``main``); everything else
+# is imported where it is used.
+from . import __version__
+from .errors import EX_OK, EX_SOFTWARE, SensordError, UsageError
 
 log = logging.getLogger("sensord")
 
@@ -67,14 +67,13 @@ def _epoch_printer() -> Any:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from .bundle import ModelBundle
     from .config import load_config
     from .daemon import check_referenced_files
     cfg = load_config(args.config)
     check_referenced_files(cfg, args.config)
     if args.model:
-        from .scorer import Scorer
-        Scorer(ModelBundle.load(args.model, cfg.data.channels or None, cfg.window.length)).self_check()
+        from .pipeline import ServingModel
+        ServingModel.load(cfg, args.model)  # exactly what ``run`` checks
     print(f"OK {args.config}" + (f" (model {args.model})" if args.model else ""))
     return EX_OK
 
@@ -106,13 +105,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .dataio import load_csv
     from .evaluation import evaluate_series
     from .scorer import Scorer
-    from .windows import WindowSpec
+    from .windows import window_spec
     cfg = load_config(args.config) if args.config else SensordConfig()
     bundle = ModelBundle.load(args.model)
+    if args.hop is not None and not 1 <= args.hop <= bundle.window_length:
+        raise UsageError(f"--hop: must be between 1 and the window length {bundle.window_length}, got {args.hop}")
+    # Without --config, the window the bundle was trained with.
+    spec = window_spec(cfg.window if args.config else None, bundle, hop=args.hop)
     data_cfg = dataclasses.replace(cfg.data, label_column=args.label_column)
     series = load_csv(args.data, data_cfg, channels=bundle.channels, require_labels=True)
-    hop = args.hop or (cfg.window.hop if args.config else bundle.window_hop)
-    spec = WindowSpec(bundle.window_length, hop, cfg.window.max_gap_seconds)
     res = evaluate_series(series, Scorer(bundle), spec, cfg.detector, top_k=cfg.scoring.top_channels)
     c = res.confusion
     print(f"model {bundle.model_id}  data {args.data}")
@@ -148,10 +149,10 @@ def parse_seeds(text: str, base: int) -> list[int]:
             return [base + i for i in range(n)]
         seeds = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise ValueError(f"--seeds: expected a count >= 1 or a comma-separated list of integers, "
+        raise UsageError(f"--seeds: expected a count >= 1 or a comma-separated list of integers, "
                          f"got {text!r}") from None
     if len(set(seeds)) != len(seeds) or not seeds:
-        raise ValueError(f"--seeds: seeds must be distinct, got {text!r}")
+        raise UsageError(f"--seeds: seeds must be distinct, got {text!r}")
     return seeds
 
 
@@ -159,15 +160,10 @@ def cmd_bench_skab(args: argparse.Namespace) -> int:
     from .benchmark import run_skab
     from .config import SensordConfig, load_config
     cfg = load_config(args.config) if args.config else SensordConfig()
-    try:
-        seeds = parse_seeds(args.seeds, cfg.training.seed) if args.seeds else None
-    except ValueError as exc:
-        print(f"sensord bench skab: {exc}", file=sys.stderr)
-        return EX_USAGE
+    seeds = parse_seeds(args.seeds, cfg.training.seed) if args.seeds else None
     jobs = args.jobs if args.jobs is not None else min(2, os.cpu_count() or 1)
     if jobs < 1:
-        print(f"sensord bench skab: --jobs: must be at least 1, got {jobs}", file=sys.stderr)
-        return EX_USAGE
+        raise UsageError(f"--jobs: must be at least 1, got {jobs}")
     print(f"{'file':<18} {'seed':>5} {'F1':>6} {'FAR':>8} {'MAR':>8} {'delay s':>8} {'train s':>8}")
 
     def row(fr: Any) -> None:
@@ -212,8 +208,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
+    from .config import load_config
     from .plots import make_plots
-    for path in make_plots(Path(args.model), Path(args.data), Path(args.out), label_column=args.label_column):
+    cfg = load_config(args.config) if args.config else None
+    for path in make_plots(Path(args.model), Path(args.data), Path(args.out), label_column=args.label_column,
+                           config=cfg):
         print(path)
     return EX_OK
 
@@ -226,6 +225,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sensord", description="Streaming sensor-monitoring daemon.")
     p.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("run", help="run the daemon: MQTT in, alerts and metrics out")
@@ -253,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True)
     s.add_argument("--data", required=True)
     s.add_argument("--label-column", default="anomaly")
-    s.add_argument("--config", help="detector/window settings (defaults when omitted)")
+    s.add_argument("--config", help="data/window/detector settings (when omitted: the bundle's own window, "
+                                    "default detector)")
     s.add_argument("--hop", type=int, default=None, help="window hop (default: config, else the bundle's)")
     s.add_argument("--json", help="also write the figures to this JSON file")
     s.set_defaults(func=cmd_evaluate)
@@ -263,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help="labelled CSV")
     s.add_argument("--label-column", default="anomaly")
     s.add_argument("--out", required=True, help="directory for the PNG files")
+    s.add_argument("--config", help="data/window settings (the bundle's own window when omitted)")
     s.set_defaults(func=cmd_plot)
 
     s = sub.add_parser("bench", help="benchmarks")
@@ -296,27 +298,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         install_early()  # before anything slow: a SIGHUP during start-up must not kill the daemon
     level = args.log_level or "INFO"
     setup_logging(level)
-    from .bundle import BundleError
-    from .config import ConfigError
-    from .dataio import DataError
-    from .metrics import MetricsUnavailable
     try:
         return int(args.func(args))
-    except ConfigError as exc:
-        for e in exc.errors:
-            print(f"sensord: config error: {exc.source + ': ' if exc.source else ''}{e}", file=sys.stderr)
-        return EX_CONFIG
-    except BundleError as exc:
-        print(f"sensord: model error: {exc}", file=sys.stderr)
-        return EX_CONFIG
-    except (DataError, ValueError) as exc:
-        print(f"sensord: data error: {exc}", file=sys.stderr)
-        return EX_DATAERR
-    except MetricsUnavailable as exc:
-        print(f"sensord: {exc}", file=sys.stderr)
-        return EX_UNAVAILABLE
+    except SensordError as exc:
+        report(exc)
+        return exc.exit_status
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: a bug must not look like bad input
+        traceback.print_exc(file=sys.stderr)
+        print(f"sensord: internal error ({type(exc).__name__}); this is a bug in sensord, not a problem with "
+              "the input: please report it with the traceback above", file=sys.stderr)
+        return EX_SOFTWARE
+
+
+def report(exc: SensordError) -> None:
+    """One line per problem on stderr: ``sensord: <kind>: <message>``."""
+    from .config import ConfigError
+    if isinstance(exc, ConfigError):
+        for e in exc.errors:
+            print(f"sensord: config error: {exc.source + ': ' if exc.source else ''}{e}", file=sys.stderr)
+    else:
+        print(f"sensord: {exc.kind}: {exc}", file=sys.stderr)
 
 
 if __name__ == "__main__":

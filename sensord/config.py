@@ -30,6 +30,9 @@ from pydantic import (
     model_validator,
 )
 from pydantic.dataclasses import dataclass
+from pydantic_core import ErrorDetails
+
+from .errors import EX_CONFIG, SensordError
 
 _STRICT = ConfigDict(extra="forbid")
 
@@ -53,8 +56,11 @@ class RestartOnly:
 RESTART_ONLY = RestartOnly()
 
 
-class ConfigError(Exception):
+class ConfigError(SensordError):
     """Raised when a configuration file cannot be used; carries every problem found."""
+
+    exit_status = EX_CONFIG
+    kind = "config error"
 
     def __init__(self, errors: list[str], source: str | None = None) -> None:
         self.errors = errors
@@ -223,6 +229,7 @@ class MqttConfig:
     max_payload_bytes: Annotated[StrictInt, Field(ge=64, le=16 * 1024 * 1024)] = 65536
     topic_prefix: Annotated[StrictStr, RESTART_ONLY] = "sensord"
     publish_scores: StrictBool = False
+    # Whole seconds: paho waits min, then doubles up to max between attempts, and counts in seconds.
     reconnect_min_seconds: Annotated[PositiveFloat, RESTART_ONLY] = 1.0
     reconnect_max_seconds: Annotated[PositiveFloat, RESTART_ONLY] = 30.0
     # Persistent session: the broker keeps the subscriptions and queues QoS 1 readings for this long
@@ -240,6 +247,13 @@ class MqttConfig:
     def _client_id(cls, v: str | None) -> str | None:
         if v is not None and not 1 <= len(v.encode("utf-8")) <= 128:
             raise ValueError(f"must be 1 to 128 bytes (or null for the default), got {json.dumps(v)}")
+        return v
+
+    @field_validator("reconnect_min_seconds", "reconnect_max_seconds")
+    @classmethod
+    def _whole_seconds(cls, v: float) -> float:
+        if v != int(v):
+            raise ValueError(f"must be a whole number of seconds (paho's reconnect delay), got {json.dumps(v)}")
         return v
 
     @field_validator("subscriptions")
@@ -367,7 +381,7 @@ def _known_keys(path: tuple[Any, ...]) -> list[StrictStr]:
     return [f.name for f in fields(cls)]
 
 
-def _describe(err: dict[str, Any], raw: dict[str, Any]) -> str:
+def _describe(err: ErrorDetails, raw: dict[str, Any]) -> str:
     loc = tuple(p for p in err["loc"] if p not in ("function-after",))
     path = ".".join(str(p) for p in loc)
     kind = err["type"]

@@ -22,7 +22,8 @@ from types import FrameType
 
 from . import signals
 from .config import ConfigError, SensordConfig, load_config, restart_changes
-from .metrics import DaemonMetrics
+from .errors import UnavailableError
+from .metrics import DaemonMetrics, MetricsUnavailable
 from .notify import SystemdNotifier, WatchdogPinger, watchdog_interval
 from .outbox import Outbox
 from .pipeline import Intake, ScoringLoop, ServingModel
@@ -152,8 +153,11 @@ class Daemon:
     def run(self) -> int:
         cfg = self.cfg
         if cfg.metrics.enabled:
-            self.metrics.serve(cfg.metrics.host, cfg.metrics.port, cfg.metrics.timeout_seconds,
-                               cfg.metrics.max_connections, self.web)
+            try:
+                self.metrics.serve(cfg.metrics.host, cfg.metrics.port, cfg.metrics.timeout_seconds,
+                                   cfg.metrics.max_connections, self.web)
+            except MetricsUnavailable as exc:  # exit 69: systemd may retry, the port may be free later
+                raise UnavailableError(str(exc)) from None
         self.outbox.replay()  # queued in the client before it connects: sent first, in order
         self.scoring.start()
         self.mqtt.start()

@@ -17,13 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from .config import DataConfig
+from .errors import DataError  # raised here; its home is sensord.errors
 from .timeparse import unix_seconds
 
 TIMESTAMP_NAMES = ("timestamp", "datetime", "time", "ts", "date")
-
-
-class DataError(ValueError):
-    """A data file cannot be used; the message names the file and the problem."""
 
 
 @dataclass(frozen=True)

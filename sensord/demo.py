@@ -25,7 +25,8 @@ import yaml
 
 from .config import load_config
 from .dataio import load_csv
-from .devbroker import MosquittoBroker
+from .devbroker import MosquittoBroker, find_mosquitto
+from .errors import UnavailableError
 from .evaluation import segments_of
 from .simulator import simulate
 
@@ -59,6 +60,10 @@ def run_demo(workdir: Path, rate: float = 400.0, config: str | None = None) -> i
     from .training import train_bundle
 
     t_start = time.monotonic()
+    try:
+        find_mosquitto()  # before the training, not after it
+    except RuntimeError as exc:
+        raise UnavailableError(str(exc)) from None
     workdir.mkdir(parents=True, exist_ok=True)
     _say(f"simulating a pump: healthy run and a run with faults in {workdir}/data")
     healthy, labelled = simulate(workdir / "data", seconds=1800, seed=0)

@@ -77,8 +77,12 @@ class AlertDetector:
 
     def restore(self, state: dict[str, Any]) -> None:
         """Take over a state saved by :meth:`export`; ValueError if it is not one."""
-        active, raised_at, alert_id = state.get("active"), state.get("raised_at"), state.get("alert_id")
-        over, under = state.get("over_run"), state.get("under_run")
+        # Untrusted JSON: Any until each value is checked below.
+        active: Any = state.get("active")
+        raised_at: Any = state.get("raised_at")
+        alert_id: Any = state.get("alert_id")
+        over: Any = state.get("over_run")
+        under: Any = state.get("under_run")
         if not isinstance(active, bool):
             raise ValueError(f"active must be true or false, got {active!r}")
         for name, run in (("over_run", over), ("under_run", under)):

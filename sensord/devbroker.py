@@ -1,8 +1,12 @@
 """A private Mosquitto broker on a free loopback port, for the demo and the tests.
 
+Demo and test infrastructure, not part of the service: the daemon never imports
+it. It ships in the package because ``sensord demo`` (``make demo``) runs it on
+a fresh machine, where ``tests/`` may not be installed.
+
 The demo must not depend on (or disturb) a broker the machine may already run
 on 127.0.0.1:1883, so it starts its own ``mosquitto`` process with a temp
-config; the end-to-end tests use the same class. Optional keyword arguments
+config; the end-to-end tests use the same class (through ``tests/broker.py``). Optional keyword arguments
 give the variants those tests need: a password file (anonymous access then
 off), a TLS listener, extra config lines, a fixed port, and :meth:`restart`
 on the same port.

@@ -17,6 +17,7 @@ import numpy as np
 from .config import DetectorConfig
 from .dataio import Series
 from .detector import AlertDetector, AlertEvent
+from .errors import DataError
 from .scorer import Scorer, top_channels
 from .windows import WindowSpec, iter_windows
 
@@ -113,12 +114,6 @@ def segments_of(labels: np.ndarray) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2], strict=False)]
 
 
-def predict_rows(series: Series, scorer: Scorer, spec: WindowSpec, detector_cfg: DetectorConfig,
-                 device: str = "eval", top_k: int = 3) -> tuple[np.ndarray, np.ndarray, list[AlertEvent], int]:
-    predicted, errors, alerts, rows = _predict(series, scorer, spec, detector_cfg, device, top_k)
-    return predicted, errors, alerts, len(rows)
-
-
 def window_counts(errors: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, int]:
     """How many normal/anomalous windows fall under/over the threshold.
 
@@ -199,18 +194,11 @@ def decide_rows(scored: ScoredSeries, threshold: float, detector_cfg: DetectorCo
     return predicted, alerts
 
 
-def _predict(series: Series, scorer: Scorer, spec: WindowSpec, detector_cfg: DetectorConfig,
-             device: str, top_k: int) -> tuple[np.ndarray, np.ndarray, list[AlertEvent], np.ndarray]:
-    scored = score_series(series, scorer, spec, device)
-    predicted, alerts = decide_rows(scored, scorer.threshold, detector_cfg, device, top_k)
-    return predicted, scored.errors, alerts, scored.rows
-
-
 def evaluate_scored(series: Series, scored: ScoredSeries, threshold: float, detector_cfg: DetectorConfig,
                     count_from: int = 0, top_k: int = 3) -> EvaluationResult:
     """Metrics over rows ``count_from`` onward of already scored windows, at ``threshold``."""
     if series.labels is None:
-        raise ValueError(f"{series.path}: no label column to evaluate against")
+        raise DataError(f"{series.path}: no label column to evaluate against")
     predicted, alerts = decide_rows(scored, threshold, detector_cfg, "eval", top_k)
     rows, errors = scored.rows, scored.errors
     counted = rows >= count_from
@@ -236,6 +224,6 @@ def evaluate_series(series: Series, scorer: Scorer, spec: WindowSpec, detector_c
                     count_from: int = 0, top_k: int = 3) -> EvaluationResult:
     """Metrics over rows ``count_from`` onward; earlier rows only fill the windows (causal warm-up)."""
     if series.labels is None:
-        raise ValueError(f"{series.path}: no label column to evaluate against")
+        raise DataError(f"{series.path}: no label column to evaluate against")
     return evaluate_scored(series, score_series(series, scorer, spec), scorer.threshold, detector_cfg,
                            count_from, top_k)

@@ -103,7 +103,7 @@ class _BoundedServer(ThreadingMixIn, WSGIServer):
                 return
             try:
                 self.finish_request(conn, client_address)
-            except Exception:
+            except Exception:  # noqa: BLE001 - one scrape's failure must not end the server; handle_error logs it
                 self.handle_error(conn, client_address)
             finally:
                 self.shutdown_request(conn)
@@ -240,7 +240,7 @@ class DaemonMetrics:
                 "address_family": family, "max_connections": max_connections, "connection_timeout": timeout,
                 "ssl_context": tls, "on_reject": self.metrics_rejected.inc,
                 "on_handshake_failure": self._handshake_failed})
-            self._server = make_server(addr[0], port, app, server, handler_class=handler)
+            self._server = make_server(str(addr[0]), port, app, server, handler_class=handler)
         except OSError as exc:
             raise MetricsUnavailable(f"metrics endpoint {host}:{port}: cannot listen: {exc.strerror or exc} "
                                      "(change metrics.port, or stop what holds it)") from None

@@ -27,12 +27,12 @@ from .bundle import ModelBundle
 from .config import DetectorConfig, SensordConfig
 from .detector import AlertDetector, AlertEvent, Decision
 from .metrics import DaemonMetrics
+from .payload import MessageRejected, PayloadParser, escape
 from .ratelimit import RateLimitedLog
 from .scorer import Scorer
 from .sinks import AlertPublisher, MetricsSink
-from .source import MessageRejected, PayloadParser, escape
 from .state import StateStore
-from .windows import ReadingRejected, Window, WindowBuffer, WindowSpec
+from .windows import ReadingRejected, Window, WindowBuffer, WindowSpec, window_spec
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +50,17 @@ class ServingModel:
     high: np.ndarray
 
     @classmethod
-    def load(cls, cfg: SensordConfig) -> ServingModel:
-        """Load and validate the configured bundle against the config (raises BundleError)."""
-        bundle = ModelBundle.load(cfg.daemon.model, cfg.data.channels or None, cfg.window.length)
+    def load(cls, cfg: SensordConfig, path: str | None = None) -> ServingModel:
+        """Load and validate the bundle (``daemon.model``, or ``path``) against the config (raises BundleError).
+
+        ``sensord check-config --model`` loads through here too, so it refuses exactly what ``run`` would.
+        """
+        bundle = ModelBundle.load(path or cfg.daemon.model, cfg.data.channels or None)
+        spec = window_spec(cfg.window, bundle)
         scorer = Scorer(bundle, max_batch=cfg.scoring.batch_max)
         if not scorer.self_check():
             log.warning("bundle %s has no reference windows (made by an older sensord): cannot check that the "
                         "model still computes what it did at training; retrain to add them", bundle.path)
-        spec = WindowSpec(bundle.window_length, cfg.window.hop, cfg.window.max_gap_seconds)
         offset = bundle.scaler.offset.astype(np.float64)
         spread = cfg.scoring.clip_spreads * bundle.scaler.scale.astype(np.float64)
         return cls(bundle, scorer, spec, cfg.detector,
@@ -212,7 +215,7 @@ class ScoringLoop:
                 continue
             try:
                 self.process(batch)
-            except Exception:  # noqa: BLE001 - the loop must survive one bad batch
+            except Exception:  # the loop must survive one bad batch (logged with its traceback)
                 log.exception("scoring a batch of %d windows failed; batch skipped", len(batch))
             finally:
                 self.metrics.queue_depth.set(self.queue.qsize())
@@ -348,7 +351,7 @@ class Intake:
         """
         try:
             return self._on_message(topic, payload, retained)
-        except Exception:  # noqa: BLE001
+        except Exception:  # counted and logged with its traceback below
             self.metrics.messages_rejected.labels("internal_error").inc()
             if self._warn.allow("internal_error"):
                 log.exception("message on topic=%s could not be processed; daemon continues", escape(topic))

@@ -20,13 +20,19 @@ importing this module stays cheap.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .bundle import BundleError
+from .errors import DataError
 from .evaluation import window_counts
+
+if TYPE_CHECKING:
+    from .config import SensordConfig
 
 RECONSTRUCTION_PNG = "reconstruction.png"
 HISTOGRAM_PNG = "error_histogram.png"
@@ -64,33 +70,39 @@ def _utc(ts: float) -> str:
     return datetime.fromtimestamp(float(ts), UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def make_plots(bundle_dir: Path, data_csv: Path, out_dir: Path, label_column: str = "anomaly") -> list[Path]:
+def make_plots(bundle_dir: Path, data_csv: Path, out_dir: Path, label_column: str = "anomaly",
+               config: SensordConfig | None = None) -> list[Path]:
     """Write the three diagnostic PNGs for ``bundle_dir`` on the labelled ``data_csv``; return their paths.
 
-    Raises :class:`ValueError` (naming ``data_csv``) if the data has no label
-    column, no complete windows, or no normal or no anomalous windows.
+    The windows come from the shared factory (:func:`sensord.windows.window_spec`) with hop 1: the
+    pictures show every window, but never one across a gap the daemon would have restarted at.
+    ``config`` supplies ``data`` and ``window`` (the bundle's own window when None).
+
+    Raises :class:`~sensord.errors.DataError` (a ``ValueError``, naming ``data_csv``) if the data has no
+    label column, no complete windows, or no normal or no anomalous windows.
     """
     from .bundle import ModelBundle
     from .config import DataConfig
     from .dataio import load_csv
     from .scorer import Scorer, reconstruction_errors
-    from .windows import WindowSpec, windowize
+    from .windows import window_spec, windowize
 
     bundle = ModelBundle.load(bundle_dir)
-    series = load_csv(data_csv, DataConfig(label_column=label_column), channels=bundle.channels,
-                      require_labels=True)
+    spec = window_spec(config.window if config is not None else None, bundle, hop=1)
+    data_cfg = dataclasses.replace(config.data if config is not None else DataConfig(), label_column=label_column)
+    series = load_csv(data_csv, data_cfg, channels=bundle.channels, require_labels=True)
     assert series.labels is not None  # require_labels=True
-    ws = windowize(series.timestamps, series.values, WindowSpec(bundle.window_length, 1, float("inf")))
+    ws = windowize(series.timestamps, series.values, spec)
     if len(ws.values) == 0:
-        raise ValueError(f"{data_csv}: {len(series)} rows are too few for one window of length "
-                         f"{bundle.window_length}")
+        raise DataError(f"{data_csv}: no complete window of length {spec.length} in {len(series)} rows "
+                         f"(too few rows, or gaps longer than window.max_gap_seconds={spec.max_gap_seconds:g})")
     labels = series.labels[ws.end_rows].astype(bool)
     n_anom = int(labels.sum())
     if n_anom == 0:
-        raise ValueError(f"{data_csv}: no anomalous windows (label column {label_column!r} is 0 at the end "
+        raise DataError(f"{data_csv}: no anomalous windows (label column {label_column!r} is 0 at the end "
                          f"row of all {len(labels)} windows); the plots need both normal and anomalous windows")
     if n_anom == len(labels):
-        raise ValueError(f"{data_csv}: no normal windows (label column {label_column!r} is 1 at the end "
+        raise DataError(f"{data_csv}: no normal windows (label column {label_column!r} is 1 at the end "
                          f"row of all {len(labels)} windows); the plots need both normal and anomalous windows")
 
     scorer = Scorer(bundle)
@@ -202,17 +214,17 @@ def _plot_histogram(bundle: Any, s: _Scored, path: Path, data_name: str) -> Path
 
 def _latent_codes(bundle: Any, scaled: np.ndarray) -> np.ndarray:
     """The "latent" layer's output for each scaled window, flattened to (B, features)."""
-    from .training import _import_tensorflow
+    from .tflib import import_tensorflow
 
-    keras, _ = _import_tensorflow()  # quiet TensorFlow start-up
+    keras, _ = import_tensorflow()  # quiet TensorFlow start-up
     path = bundle.keras_path
     if not path.is_file():
-        raise ValueError(f"{path}: missing (the latent plot needs the Keras model of the bundle)")
+        raise BundleError(f"{path}: missing (the latent plot needs the Keras model of the bundle)")
     model = keras.models.load_model(path, compile=False)
     try:
         layer = model.get_layer(LATENT_LAYER)
     except ValueError:
-        raise ValueError(f"{path}: model has no layer named {LATENT_LAYER!r}") from None
+        raise BundleError(f"{path}: model has no layer named {LATENT_LAYER!r}") from None
     encoder = keras.Model(model.inputs[0], layer.output)  # one input tensor, so plain arrays match
     # Eager calls in chunks (not Model.predict): no tf.function tracing per model, no progress bar.
     chunks = [np.asarray(encoder(scaled[i:i + 1024], training=False), dtype=np.float64)

@@ -27,7 +27,8 @@ def _interpreter_class() -> Callable[..., Any]:
         return Interpreter
     except ImportError:  # pragma: no cover - only where LiteRT has no wheel
         log.warning("ai_edge_litert not available; falling back to tensorflow.lite")
-        import tensorflow as tf  # noqa: PLC0415
+        from .tflib import import_tensorflow
+        _, tf = import_tensorflow()
         return tf.lite.Interpreter
 
 

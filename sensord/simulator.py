@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import UsageError
+
 logger = logging.getLogger(__name__)
 
 CHANNELS: tuple[str, ...] = (
@@ -176,8 +178,8 @@ def _inject(values: np.ndarray, f: FaultSpec, rng: np.random.Generator) -> None:
         values[seg, _IDX[partner]] += 5.0 * frac * _SPREAD[_IDX[partner]]
     elif f.kind == "drift":
         # sqrt growth: ~4.6 spreads after the first third, 8 by the end.
-        frac = (np.arange(f.duration) + 1.0) / f.duration
-        values[seg, j] += 8.0 * _SPREAD[j] * np.sqrt(frac)
+        ramp = (np.arange(f.duration) + 1.0) / f.duration
+        values[seg, j] += 8.0 * _SPREAD[j] * np.sqrt(ramp)
     elif f.kind == "spikes":
         t = f.start + int(rng.integers(0, 3))
         while t < f.start + f.duration:
@@ -221,10 +223,10 @@ def simulate(out_dir: Path, seconds: int = 3600, faults: Sequence[str] = FAULT_K
     """
     unknown = [k for k in faults if k not in FAULT_KINDS]
     if unknown:
-        raise ValueError(f"unknown fault kind(s) {', '.join(map(repr, unknown))}; "
+        raise UsageError(f"unknown fault kind(s) {', '.join(map(repr, unknown))}; "
                          f"valid kinds: {', '.join(FAULT_KINDS)}")
     if seconds < 60:
-        raise ValueError(f"seconds must be >= 60, got {seconds}")
+        raise UsageError(f"seconds must be >= 60, got {seconds}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sim = PumpSimulator(seed=seed)

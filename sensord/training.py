@@ -13,9 +13,7 @@ import contextlib
 import io
 import logging
 import math
-import os
 import platform
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -29,10 +27,12 @@ from . import __version__
 from .bundle import KERAS_FILE, TFLITE_FILE, ModelBundle, sha256_of
 from .config import SensordConfig
 from .dataio import Series
+from .errors import DataError
 from .scaling import Scaler
 from .scorer import Scorer
+from .tflib import import_tensorflow
 from .threshold import ThresholdCalibrator, ThresholdRecord
-from .windows import WindowSpec, windowize
+from .windows import window_spec, windowize
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,8 @@ EpochCallback = Callable[[int, int, dict[str, float]], None]
 REFERENCE_WINDOWS = 4
 
 
-class TrainingError(ValueError):
-    """Training cannot proceed with this data/config; the message says why."""
+class TrainingError(DataError):
+    """Training cannot proceed with this data/config; the message says why (exit 65, like bad data)."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def split_windows(series: Series, cfg: SensordConfig) -> SplitWindows:
             f"{series.path or 'data'}: {n} rows are too few for window.length {length} with "
             f"validation_fraction {cfg.training.validation_fraction}: need at least {length + 1} training "
             f"and {length} validation rows (have {n_train} and {n_val})")
-    spec = WindowSpec(length, 1, cfg.window.max_gap_seconds)
+    spec = window_spec(cfg.window, hop=1)
     train = windowize(series.timestamps[:n_train], series.values[:n_train], spec).values
     val = windowize(series.timestamps[n_train:], series.values[n_train:], spec).values
     if len(train) == 0 or len(val) == 0:
@@ -81,31 +81,9 @@ def split_windows(series: Series, cfg: SensordConfig) -> SplitWindows:
 
 
 def _versions() -> dict[str, str]:
-    import keras
-    import tensorflow as tf
+    keras, tf = import_tensorflow()
     return {"sensord": __version__, "tensorflow": tf.__version__, "keras": keras.__version__,
             "numpy": np.__version__, "python": platform.python_version()}
-
-
-def _import_tensorflow() -> tuple[Any, Any]:
-    """Import TensorFlow with its C++ start-up chatter (CUDA probes, oneDNN notes) silenced.
-
-    Those lines go straight to file descriptor 2 from C++, so the only way to
-    keep a training log readable is to point fd 2 elsewhere during the import.
-    """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    if "tensorflow" not in sys.modules:
-        saved = os.dup(2)
-        try:
-            with open(os.devnull, "w") as devnull:
-                os.dup2(devnull.fileno(), 2)
-                import tensorflow  # noqa: F401
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-    import keras
-    import tensorflow as tf
-    return keras, tf
 
 
 def _fit_network(keras: Any, cfg: SensordConfig, x_train: np.ndarray, x_val: np.ndarray,
@@ -162,7 +140,7 @@ def _fit_pca(keras: Any, cfg: SensordConfig, x_train: np.ndarray,
     _, sing, vt = np.linalg.svd(flat - mean, full_matrices=False)
     var = sing ** 2
     explained = np.cumsum(var) / var.sum() if var.sum() > 0 else np.ones_like(var)
-    k = int(min(len(explained), np.searchsorted(explained, cfg.model.pca_variance) + 1))
+    k = min(len(explained), int(np.searchsorted(explained, cfg.model.pca_variance)) + 1)
     model = build_pca_autoencoder(vt[:k], mean, length, channels)
 
     def loss(x: np.ndarray) -> float:
@@ -178,7 +156,7 @@ def _fit_pca(keras: Any, cfg: SensordConfig, x_train: np.ndarray,
 def train_bundle(series: Series, cfg: SensordConfig, out_dir: str | Path,
                  on_epoch: EpochCallback | None = None) -> ModelBundle:
     """Train on a healthy series and write a complete, loadable bundle to ``out_dir``."""
-    keras, tf = _import_tensorflow()
+    keras, tf = import_tensorflow()
     t0 = time.monotonic()
     out = Path(out_dir)
     tc = cfg.training
@@ -222,7 +200,11 @@ def train_bundle(series: Series, cfg: SensordConfig, out_dir: str | Path,
         created=datetime.now(UTC).isoformat(timespec="seconds"), tflite_sha256=sha,
     )
     val_errors = Scorer(bundle).score(split.validation).errors
-    threshold = ThresholdCalibrator(cfg.threshold).fit(val_errors)
+    try:
+        threshold = ThresholdCalibrator(cfg.threshold).fit(val_errors)
+    except ValueError as exc:  # no finite errors (training diverged), too few for a tail fit
+        raise TrainingError(f"{series.path or 'data'}: cannot fit threshold.method {cfg.threshold.method} on "
+                            f"{len(val_errors)} validation windows: {exc}") from None
     training_meta["duration_seconds"] = round(time.monotonic() - t0, 3)
     bundle = bundle.with_threshold(threshold)
     # Reference windows: the daemon re-scores them at every load and refuses a model that drifted.

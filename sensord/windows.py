@@ -13,9 +13,15 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from .bundle import BundleError
+from .config import WindowConfig
+
+if TYPE_CHECKING:
+    from .bundle import ModelBundle
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,42 @@ class WindowSpec:
             raise ValueError(f"max_gap_seconds must be > 0, got {self.max_gap_seconds}")
 
 
+def trained_window(bundle: ModelBundle) -> WindowConfig:
+    """The ``window`` section a bundle was trained with: what evaluate and plot use without a config.
+
+    ``max_gap_seconds`` comes from the training config recorded in the bundle (the default for a bundle
+    that did not record it), so the windows are cut as they were at training.
+    """
+    saved = bundle.training.get("config", {}).get("window", {})
+    gap = saved.get("max_gap_seconds") if isinstance(saved, dict) else None
+    extra = {"max_gap_seconds": float(gap)} if isinstance(gap, (int, float)) and gap > 0 else {}
+    return WindowConfig(length=bundle.window_length, hop=bundle.window_hop, **extra)
+
+
+def window_spec(window: WindowConfig | None, bundle: ModelBundle | None = None, *,
+                hop: int | None = None) -> WindowSpec:
+    """The windows every path cuts (daemon, evaluate, benchmark, plots, training), from the config's
+    ``window`` section and the bundle that will score them: the one place the rule is written.
+
+    A model is trained for one window length, so a config whose ``window.length`` differs from the
+    bundle's is refused (:class:`~sensord.bundle.BundleError` naming the key) on every path, not only
+    in the daemon. ``window=None`` means the bundle's own (:func:`trained_window`). ``hop`` overrides
+    ``window.hop`` where every window is wanted (training, plots) or asked for (``evaluate --hop``); the
+    gap rule is never overridden, so no path sees a window the daemon would not have scored.
+
+    >>> window_spec(WindowConfig(length=30, hop=5, max_gap_seconds=2.0), hop=1)
+    WindowSpec(length=30, hop=1, max_gap_seconds=2.0)
+    """
+    if window is None:
+        if bundle is None:
+            raise TypeError("window_spec needs a window config, a bundle, or both")
+        window = trained_window(bundle)
+    if bundle is not None and window.length != bundle.window_length:
+        raise BundleError(f"{bundle.path}: model was trained for window length {bundle.window_length}, "
+                          f"but window.length in the config is {window.length}")
+    return WindowSpec(window.length, window.hop if hop is None else hop, window.max_gap_seconds)
+
+
 @dataclass(frozen=True)
 class Window:
     """A complete window: ``values`` is a (length, channels) float32 copy the caller owns."""
@@ -41,7 +83,6 @@ class Window:
     start: float
     end: float
     values: np.ndarray
-    seq: int  # 0-based count of readings accepted by the buffer when this window completed, minus one
 
 
 class Rejection(str, enum.Enum):  # noqa: UP042 - str() and format() of members must not change
@@ -196,7 +237,6 @@ class WindowBuffer:
             start=float(self._times[start]),
             end=timestamp,
             values=self._ring[start:start + spec.length].copy(),
-            seq=self._accepted - 1,
         )
 
 

@@ -19,7 +19,7 @@ import paho.mqtt.client as mqtt
 
 __all__ = ["MosquittoBroker", "MqttRecorder", "RecordedMessage", "find_mosquitto", "publish"]
 
-from sensord.devbroker import MosquittoBroker, find_mosquitto  # noqa: E402  (re-exported)
+from sensord.devbroker import MosquittoBroker, find_mosquitto  # re-exported
 
 
 class RecordedMessage(NamedTuple):

@@ -23,6 +23,7 @@ if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
 
 from broker import MosquittoBroker  # noqa: E402
+from e2e_support import TrainedBundle, tiny_train_config, train_tiny_bundle  # noqa: E402
 from pki import make_ca, make_cert  # noqa: E402
 
 
@@ -35,6 +36,13 @@ def broker() -> Iterator[MosquittoBroker]:
     """
     with MosquittoBroker() as b:
         yield b
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> TrainedBundle:
+    """The tiny dense bundle the end-to-end modules serve, trained once per session (seconds on two cores,
+    once instead of once per module). Tests copy it before changing anything in it."""
+    return train_tiny_bundle(tmp_path_factory.mktemp("tiny"), tiny_train_config(epochs=30), "model-a")
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ Imported as a top-level module (``from e2e_support import DaemonProcess``), like
 ``broker.py``: ``conftest.py`` puts ``tests/`` on ``sys.path``.
 
 - :func:`train_tiny_bundle`: one small bundle trained on the built-in simulator
-  (each test module keeps its own module-scoped fixture around it);
+  (``conftest.tiny_bundle`` trains it once per session for every end-to-end module);
 - :class:`DaemonProcess`: the daemon as a subprocess with its own config, log
   file and metrics port, its Prometheus metrics scraped over HTTP;
 - :class:`QosPublisher`: a paho client publishing QoS 1, waiting for each PUBACK;

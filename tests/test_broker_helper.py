@@ -7,6 +7,8 @@ import socket
 import pytest
 from broker import MosquittoBroker, MqttRecorder, RecordedMessage, publish
 
+pytestmark = pytest.mark.e2e  # a real Mosquitto
+
 
 def test_round_trip_exact_payload(broker: MosquittoBroker, topic_root: str) -> None:
     payload = b'{"sensor":"t1","v":[1.5,2.0]}\x00\xff binary tail'

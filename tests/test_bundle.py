@@ -10,9 +10,12 @@ import numpy as np
 import pytest
 
 from sensord.bundle import BUNDLE_JSON, FORMAT_VERSION, KERAS_FILE, TFLITE_FILE, BundleError, ModelBundle, sha256_of
-from sensord.config import SensordConfig, config_from_dict
+from sensord.config import SensordConfig, WindowConfig, config_from_dict
 from sensord.dataio import load_csv
 from sensord.simulator import CHANNELS, PumpSimulator, write_csv
+from sensord.windows import WindowSpec, window_spec
+
+pytestmark = pytest.mark.training  # trains a tiny TensorFlow model (make test-fast leaves it out)
 
 WINDOW = 8
 EPOCHS = 5
@@ -108,8 +111,9 @@ def test_training_metadata(trained: tuple[ModelBundle, Path]) -> None:
 
 def test_expected_channels_and_window_accepted(trained: tuple[ModelBundle, Path]) -> None:
     _, path = trained
-    b = ModelBundle.load(path, expect_channels=list(CHANNELS), expect_window=WINDOW)
+    b = ModelBundle.load(path, expect_channels=list(CHANNELS))
     assert b.channels == CHANNELS
+    assert window_spec(WindowConfig(length=WINDOW, hop=2, max_gap_seconds=3.0), b) == WindowSpec(WINDOW, 2, 3.0)
     # an empty channel list means "not configured"
     assert ModelBundle.load(path, expect_channels=[]).channels == CHANNELS
 
@@ -190,9 +194,17 @@ def test_channels_do_not_match_expected(copy: Path) -> None:
 
 
 def test_window_does_not_match_expected(copy: Path) -> None:
-    msg = _load_error(copy, expect_window=WINDOW + 2)
-    assert msg == (f"{copy}: model was trained for window length {WINDOW}, "
-                   f"but window.length in the config is {WINDOW + 2}")
+    with pytest.raises(BundleError) as ei:
+        window_spec(WindowConfig(length=WINDOW + 2), ModelBundle.load(copy))
+    assert str(ei.value) == (f"{copy}: model was trained for window length {WINDOW}, "
+                             f"but window.length in the config is {WINDOW + 2}")
+
+
+def test_without_a_config_the_window_is_the_one_trained_with(copy: Path) -> None:
+    _edit_json(copy, lambda m: m["training"]["config"]["window"].update(hop=3, max_gap_seconds=4.5))
+    _edit_json(copy, lambda m: m["window"].update(hop=3))
+    assert window_spec(None, ModelBundle.load(copy)) == WindowSpec(WINDOW, 3, 4.5)
+    assert window_spec(None, ModelBundle.load(copy), hop=1) == WindowSpec(WINDOW, 1, 4.5)
 
 
 def test_bad_scaler_wrong_number_of_values(copy: Path) -> None:

@@ -362,6 +362,14 @@ def test_session_expiry_must_not_be_negative() -> None:
         "mqtt.session_expiry_seconds: must be an integer >= 0, got -1"]
 
 
+def test_reconnect_delays_are_whole_seconds() -> None:
+    """paho's reconnect delay counts whole seconds: a fraction is refused, not passed on as a float."""
+    cfg = config_from_dict({"mqtt": {"reconnect_min_seconds": 2, "reconnect_max_seconds": 60.0}})
+    assert (cfg.mqtt.reconnect_min_seconds, cfg.mqtt.reconnect_max_seconds) == (2.0, 60.0)
+    assert _errors({"mqtt": {"reconnect_min_seconds": 0.5}}) == [
+        "mqtt.reconnect_min_seconds: must be a whole number of seconds (paho's reconnect delay), got 0.5"]
+
+
 def test_restart_only_settings_come_from_the_schema_and_reload_compares_them() -> None:
     from sensord.config import restart_changes, restart_only_settings
     paths = restart_only_settings()

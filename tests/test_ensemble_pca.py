@@ -14,6 +14,8 @@ from sensord.scorer import Scorer
 from sensord.simulator import CHANNELS, PumpSimulator
 from sensord.training import split_windows, train_bundle
 
+pytestmark = pytest.mark.training  # trains a tiny TensorFlow model (make test-fast leaves it out)
+
 W = 8
 
 
@@ -35,8 +37,8 @@ def ensemble(series: Series, tmp_path_factory: pytest.TempPathFactory) -> ModelB
 
 
 def test_ensemble_tflite_scores_are_the_mean_of_its_keras_members(series: Series, ensemble: ModelBundle) -> None:
-    from sensord.training import _import_tensorflow
-    keras, _ = _import_tensorflow()
+    from sensord.tflib import import_tensorflow
+    keras, _ = import_tensorflow()
     model = keras.models.load_model(ensemble.keras_path, compile=False)
     members = [layer for layer in model.layers if layer.name.startswith("member") and hasattr(layer, "layers")]
     assert len(members) == 3

@@ -8,9 +8,11 @@ import pytest
 from sensord.bundle import ModelBundle
 from sensord.config import DetectorConfig, config_from_dict
 from sensord.dataio import Series
-from sensord.evaluation import Confusion, evaluate_series, predict_rows, segments_of
+from sensord.evaluation import Confusion, decide_rows, evaluate_series, score_series, segments_of
 from sensord.scorer import Scorer
 from sensord.windows import WindowSpec
+
+pytestmark = pytest.mark.training  # trains a tiny TensorFlow model (make test-fast leaves it out)
 
 # --- formulas ----------------------------------------------------------------------------------
 
@@ -116,7 +118,8 @@ def _expected_predicted() -> np.ndarray:
 
 def test_errors_are_separated_by_the_threshold(scorer: Scorer, labelled: Series) -> None:
     """Precondition of the exact-count tests: every window with a step row is over, every other under."""
-    _, errors, _, n_windows = predict_rows(labelled, scorer, SPEC, DET)
+    scored = score_series(labelled, scorer, SPEC)
+    errors, n_windows = scored.errors, len(scored.rows)
     assert n_windows == N - W + 1 == len(errors)
     end_rows = np.arange(W - 1, N)
     faulty = np.zeros(len(end_rows), dtype=bool)
@@ -128,7 +131,7 @@ def test_errors_are_separated_by_the_threshold(scorer: Scorer, labelled: Series)
 
 
 def test_predicted_rows(scorer: Scorer, labelled: Series) -> None:
-    predicted, _, alerts, _ = predict_rows(labelled, scorer, SPEC, DET)
+    predicted, alerts = decide_rows(score_series(labelled, scorer, SPEC), scorer.threshold, DET)
     np.testing.assert_array_equal(predicted, _expected_predicted())
     ts = labelled.timestamps
     assert [(a.state, a.window_end) for a in alerts] == [
@@ -225,7 +228,9 @@ def test_series_shorter_than_a_window(scorer: Scorer, labelled: Series) -> None:
 
 def test_hop_3_each_window_decides_rows_up_to_the_next(scorer: Scorer, labelled: Series) -> None:
     hop = 3
-    predicted, _, _, n_windows = predict_rows(labelled, scorer, WindowSpec(W, hop, 10.0), DET)
+    scored = score_series(labelled, scorer, WindowSpec(W, hop, 10.0))
+    predicted, _ = decide_rows(scored, scorer.threshold, DET)
+    n_windows = len(scored.rows)
     ends = list(range(W - 1, N, hop))
     assert n_windows == len(ends)
     expected = np.full(N, -1, dtype=np.int8)

@@ -48,6 +48,31 @@ class FakeSystemd:
         self.sock.close()
 
 
+class CountedCheck:
+    """A health check that counts its calls, so a test can wait for the pinger's ticks instead of sleeping.
+
+    The pinger sends a tick's ping before it starts the next tick's check, so once a check has been
+    counted every earlier tick's datagram is already in the socket's queue.
+    """
+
+    def __init__(self, answer: bool | Exception = True) -> None:
+        self.answer = answer
+        self.calls = 0
+        self._cond = threading.Condition()
+
+    def __call__(self) -> bool:
+        with self._cond:
+            self.calls += 1
+            self._cond.notify_all()
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+    def wait_calls(self, n: int, timeout: float = 10.0) -> None:
+        with self._cond:
+            assert self._cond.wait_for(lambda: self.calls >= n, timeout), f"{self.calls} checks, waited for {n}"
+
+
 @pytest.fixture
 def sock_dir() -> Iterator[str]:
     # Not tmp_path: AF_UNIX paths are limited to 107 bytes and pytest's
@@ -216,32 +241,22 @@ def test_pinger_pings_while_healthy_and_stops_when_unhealthy(
     systemd: tuple[str, FakeSystemd],
 ) -> None:
     path, fake = systemd
-    interval = 0.05
-    healthy = threading.Event()
-    healthy.set()
-    calls = 0
-
-    def check() -> bool:
-        nonlocal calls
-        calls += 1
-        return healthy.is_set()
-
-    pinger = WatchdogPinger(SystemdNotifier(path), interval, check)
+    check = CountedCheck(True)
+    pinger = WatchdogPinger(SystemdNotifier(path), 0.05, check)
     pinger.start()
     try:
         assert pinger.running
         pings = [fake.recv(), fake.recv(), fake.recv()]
         assert pings == [b"WATCHDOG=1\n"] * 3
 
-        healthy.clear()
-        # Let any tick that already passed the check finish, then drain.
-        time.sleep(interval * 3)
+        check.answer = False
+        unhealthy_from = check.calls + 1  # every check counted after this one answers False
+        check.wait_calls(unhealthy_from + 1)  # the ticks that were still healthy have sent their pings
         fake.recv_all()
-        calls_before = calls
-        assert fake.recv_all(quiet=interval * 8) == []
-        assert calls > calls_before  # still checking, just not pinging
+        check.wait_calls(check.calls + 3)  # three more ticks, each checked and none pinged
+        assert fake.recv_all() == []
 
-        healthy.set()  # recovery resumes pings
+        check.answer = True  # recovery resumes pings
         assert fake.recv() == b"WATCHDOG=1\n"
     finally:
         pinger.stop()
@@ -250,24 +265,24 @@ def test_pinger_pings_while_healthy_and_stops_when_unhealthy(
 
 def test_pinger_treats_exception_as_unhealthy(systemd: tuple[str, FakeSystemd]) -> None:
     path, fake = systemd
-
-    def boom() -> bool:
-        raise RuntimeError("scorer wedged")
-
+    boom = CountedCheck(RuntimeError("scorer wedged"))
     with WatchdogPinger(SystemdNotifier(path), 0.05, boom):
-        assert fake.recv_all(quiet=0.3) == []
+        boom.wait_calls(3)  # three ticks: the first ping would have been immediate
+        assert fake.recv_all() == []
 
 
 def test_pinger_stop_is_prompt_and_ends_pings(systemd: tuple[str, FakeSystemd]) -> None:
     path, fake = systemd
-    pinger = WatchdogPinger(SystemdNotifier(path), 30.0, lambda: True)
+    pinger = WatchdogPinger(SystemdNotifier(path), 3600.0, lambda: True)
     pinger.start()
     assert fake.recv() == b"WATCHDOG=1\n"  # first ping is immediate
-    t0 = time.monotonic()
-    pinger.stop()
-    assert time.monotonic() - t0 < 1.0
+    # Joined without a timeout: had stop() to wait out the interval, it would block for an hour.
+    stopper = threading.Thread(target=pinger.stop, kwargs={"timeout": None}, daemon=True)
+    stopper.start()
+    stopper.join(30)  # a liveness bound, not a speed test
+    assert not stopper.is_alive(), "stop() waits for the next tick instead of waking the thread"
     assert not pinger.running
-    assert fake.recv_all(quiet=0.1) == []
+    assert fake.recv_all() == []  # the thread has ended: nothing can follow
     pinger.stop()  # idempotent
 
 

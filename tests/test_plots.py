@@ -13,6 +13,8 @@ import pytest
 from sensord.evaluation import window_counts
 from sensord.plots import HISTOGRAM_PNG, LATENT_PNG, RECONSTRUCTION_PNG, make_plots, pca_2d
 
+pytestmark = pytest.mark.training  # trains a tiny TensorFlow model (make test-fast leaves it out)
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -93,6 +95,25 @@ def test_make_plots_requires_label_column(trained: tuple[Path, Path, Path]) -> N
     with pytest.raises(ValueError, match="label column") as exc:
         make_plots(bundle, healthy, root / "never")
     assert str(healthy) in str(exc.value)
+
+
+def test_make_plots_windows_come_from_the_shared_factory(trained: tuple[Path, Path, Path]) -> None:
+    """The config's window.length is checked against the bundle, and no window spans a gap the daemon
+    would restart at (plots used to cut windows straight across gaps)."""
+    from sensord.bundle import BundleError
+    from sensord.config import SensordConfig, WindowConfig
+
+    bundle, labelled, root = trained
+    with pytest.raises(BundleError, match="window.length in the config is 12"):
+        make_plots(bundle, labelled, root / "never", config=SensordConfig(window=WindowConfig(length=12)))
+    with labelled.open(newline="") as f:
+        rows = list(csv.reader(f))
+    sparse = root / "sparse.csv"  # one row every 20 s: each is a gap longer than max_gap_seconds (10 s)
+    with sparse.open("w", newline="") as f:
+        csv.writer(f).writerows([rows[0], *rows[1::20]])
+    with pytest.raises(ValueError, match=r"no complete window .*max_gap_seconds=10"):
+        make_plots(bundle, sparse, root / "never")
+    assert not (root / "never").exists()
 
 
 def test_window_counts_known_numbers() -> None:

@@ -28,11 +28,10 @@ from e2e_support import (
     TINY_WINDOW,
     DaemonProcess,
     QosPublisher,
+    TrainedBundle,
     daemon_config,
     free_port,
     stop_process,
-    tiny_train_config,
-    train_tiny_bundle,
     wait_until,
 )
 
@@ -41,7 +40,6 @@ from sensord.dataio import Series
 pytestmark = pytest.mark.e2e
 
 W = TINY_WINDOW
-TRAIN = tiny_train_config(epochs=15)
 DETECTOR = {"raise_after": 2, "clear_after": 500}  # the alert stays raised while Prometheus looks
 DEPLOY = ROOT / "deploy" / "prometheus"
 
@@ -68,8 +66,8 @@ def test_promtool_accepts_the_shipped_config_and_rules(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def stream(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Series]:
-    trained = train_tiny_bundle(tmp_path_factory.mktemp("prom-e2e"), TRAIN)
+def stream(tiny_bundle: TrainedBundle) -> tuple[Path, Series]:
+    trained = tiny_bundle
     s = trained.labelled.slice(0, 200)
     v = s.values.copy()
     v[150:200, s.channels.index("current")] += 0.5  # a step fault on the last 50 readings

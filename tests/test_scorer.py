@@ -18,6 +18,8 @@ from sensord.scorer import Scorer, reconstruction_errors
 from sensord.simulator import CHANNELS, PumpSimulator
 from sensord.windows import WindowSpec, windowize
 
+pytestmark = pytest.mark.training  # trains a tiny TensorFlow model (make test-fast leaves it out)
+
 WINDOW = 10
 C = len(CHANNELS)
 

@@ -1,4 +1,5 @@
-"""Unit tests of sensord.source.PayloadParser: topic + bytes -> readings, no broker involved."""
+"""Unit tests of sensord.payload.PayloadParser (topic + bytes -> readings, no broker involved), and of the
+connection's behaviour that needs no broker (sensord.source)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 
-from sensord.source import MessageRejected, PayloadParser, Reading
+from sensord.payload import MessageRejected, PayloadParser, Reading
 
 CHANNELS = ("a", "b", "c")
 TEMPLATE = "plant/{device}/telemetry"
@@ -292,7 +293,7 @@ def test_bad_device_id_from_the_topic_is_rejected() -> None:
 
 
 def test_escape_keeps_a_log_line_one_line() -> None:
-    from sensord.source import escape
+    from sensord.payload import escape
     assert escape("a\nb\r\x00\\n") == "a\\nb\\r\\x00\\\\n"
     assert escape("Pumpe Ä") == "Pumpe Ä"
     assert escape("x" * 500, limit=10) == "x" * 10 + "…"

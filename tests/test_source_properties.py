@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 from sensord.config import config_from_dict
 from sensord.metrics import MESSAGE_REJECT_REASONS, READING_REJECT_REASONS, DaemonMetrics
+from sensord.payload import MessageRejected, PayloadParser, device_id_problem
 from sensord.pipeline import Intake
-from sensord.source import MessageRejected, PayloadParser, device_id_problem
 from sensord.windows import WindowSpec
 
 CHANNELS = ("a", "b")

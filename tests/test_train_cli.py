@@ -15,6 +15,8 @@ import pytest
 
 from sensord.simulator import CHANNELS, FAULT_KINDS, FAULT_SECONDS, GAP_SECONDS, LEAD_SECONDS
 
+pytestmark = pytest.mark.training  # trains a tiny TensorFlow model (make test-fast leaves it out)
+
 EX_DATAERR, EX_CONFIG = 65, 78
 SECONDS = 900
 LABELLED_ROWS = LEAD_SECONDS + len(FAULT_KINDS) * (FAULT_SECONDS + GAP_SECONDS)
@@ -66,7 +68,8 @@ def test_simulate_writes_both_csvs(run: dict[str, Path]) -> None:
 def test_trained_bundle_loads(run: dict[str, Path]) -> None:
     from sensord.bundle import ModelBundle
 
-    b = ModelBundle.load(run["model"], expect_channels=list(CHANNELS), expect_window=10)
+    b = ModelBundle.load(run["model"], expect_channels=list(CHANNELS))
+    assert b.window_length == 10
     assert b.training["rows"] == SECONDS
     assert b.training["epochs_run"] <= 10
     assert b.model["encoder_units"] == [16] and b.model["latent_units"] == 4
@@ -108,7 +111,17 @@ def test_check_config_with_model_of_other_window_length_exits_78(run: dict[str, 
     cfg.write_text(TINY_YAML.replace("length: 10", "length: 12"))
     proc = sensord("check-config", "--config", str(cfg), "--model", str(run["model"]))
     assert proc.returncode == EX_CONFIG
-    assert "window length 10" in proc.stderr and "12" in proc.stderr
+    assert "window length 10" in proc.stderr and "window.length in the config is 12" in proc.stderr
+
+
+def test_evaluate_with_config_of_other_window_length_exits_78(run: dict[str, Path], tmp_path: Path) -> None:
+    """Not only the daemon: every path makes its windows through the one factory, which checks the key."""
+    cfg = tmp_path / "w12.yaml"
+    cfg.write_text(TINY_YAML.replace("length: 10", "length: 12"))
+    proc = sensord("evaluate", "--model", str(run["model"]), "--data", str(run["data"] / "labelled.csv"),
+                   "--config", str(cfg))
+    assert proc.returncode == EX_CONFIG
+    assert "window.length in the config is 12" in proc.stderr and "window length 10" in proc.stderr
 
 
 def test_bad_config_exits_78_with_key_path(tmp_path: Path) -> None:

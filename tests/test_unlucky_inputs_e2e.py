@@ -35,12 +35,11 @@ from e2e_support import (
     TINY_WINDOW,
     DaemonProcess,
     QosPublisher,
+    TrainedBundle,
     daemon_config,
     merge,
     stop_process,
     tamper_bundle,
-    tiny_train_config,
-    train_tiny_bundle,
     wait_until,
     write_yaml,
 )
@@ -68,9 +67,8 @@ class Models:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
-    trained = train_tiny_bundle(tmp_path_factory.mktemp("unlucky"), tiny_train_config(epochs=15))
-    return Models(trained.bundle, trained.labelled.slice(0, 500))
+def models(tiny_bundle: TrainedBundle) -> Models:
+    return Models(tiny_bundle.bundle, tiny_bundle.labelled.slice(0, 500))
 
 
 @dataclass
@@ -94,7 +92,7 @@ class Env:
         base = daemon_config(self.broker, self.models.bundle, window=W, detector=DETECTOR,
                              client_id=f"sensord-{uuid.uuid4().hex[:10]}",
                              subscriptions=[self.topic("+")], device_topic=self.topic("{device}"),
-                             topic_prefix=self.prefix, reconnect_min_seconds=0.2, reconnect_max_seconds=1.0)
+                             topic_prefix=self.prefix, reconnect_min_seconds=1, reconnect_max_seconds=1)
         return merge(base, over)
 
     def spawn(self, doc: dict[str, Any], name: str = "sensord") -> DaemonProcess:
@@ -366,7 +364,7 @@ def test_sighup_while_still_starting_does_not_kill_the_daemon(env: Env) -> None:
             time.sleep(0.05)
     server = threading.Thread(target=serve, daemon=True)
     server.start()
-    log = open(env.tmp / "early.log", "wb")
+    log = open(env.tmp / "early.log", "wb")  # noqa: SIM115 - closed in the finally below, after the daemon
     env_vars = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
     proc = subprocess.Popen([sys.executable, "-m", "sensord.cli", "run", "--config", str(fifo)], cwd=ROOT,
                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env_vars)
