@@ -216,6 +216,10 @@ class MqttConfig:
     protocol: Annotated[Literal["5", "3.1.1"], RESTART_ONLY] = "5"
     username: Annotated[StrictStr | None, RESTART_ONLY] = None
     password: Annotated[StrictStr | None, RESTART_ONLY] = None
+    # Or, to keep it out of this file: a file holding it (``${VAR}`` expanded, e.g.
+    # ``${CREDENTIALS_DIRECTORY}/mqtt-password`` with systemd's LoadCredential=), or an environment variable.
+    password_file: Annotated[StrictStr | None, RESTART_ONLY] = None
+    password_env: Annotated[StrictStr | None, RESTART_ONLY] = None
     tls: Annotated[TlsConfig | None, RESTART_ONLY] = None
     subscriptions: Annotated[list[StrictStr], RESTART_ONLY] = field(
         default_factory=lambda: ["sensors/+/telemetry"])
@@ -271,6 +275,11 @@ class MqttConfig:
             raise ValueError(
                 f"device_topic: must contain {{device}} exactly once, got {json.dumps(self.device_topic)}"
             )
+        given = [k for k in ("password", "password_file", "password_env") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"{given[1]}: give the password one way only, not both {given[0]} and {given[1]}")
+        if given and self.username is None:
+            raise ValueError(f"{given[0]}: a password needs mqtt.username")
         if self.reconnect_max_seconds < self.reconnect_min_seconds:
             raise ValueError("reconnect_max_seconds: must be >= reconnect_min_seconds")
         return self

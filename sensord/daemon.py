@@ -28,7 +28,7 @@ from .notify import SystemdNotifier, WatchdogPinger, watchdog_interval
 from .outbox import Outbox
 from .pipeline import Intake, ScoringLoop, ServingModel
 from .sinks import AlertPublisher
-from .source import MqttConnection, default_client_id, tls_file_problems
+from .source import MqttConnection, default_client_id, mqtt_password, tls_file_problems
 from .state import StateStore
 from .webconfig import WebConfig, metrics_web_config
 
@@ -42,7 +42,7 @@ def check_referenced_files(cfg: SensordConfig, config_path: str | Path) -> WebCo
     Returns the loaded web config (None without ``metrics.web_config_file``), so it is read only once.
     """
     web, web_problems = metrics_web_config(cfg.metrics)
-    problems = tls_file_problems(cfg.mqtt) + web_problems
+    problems = tls_file_problems(cfg.mqtt) + mqtt_password(cfg.mqtt)[1] + web_problems
     if problems:
         raise ConfigError(problems, str(config_path))
     return web

@@ -26,6 +26,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from .config import ConfigError, MqttConfig
+from .credentials import read_secret
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +56,21 @@ def tls_file_problems(cfg: MqttConfig) -> list[str]:
     return problems
 
 
+def mqtt_password(cfg: MqttConfig) -> tuple[str | None, list[str]]:
+    """The broker password from ``password``, ``password_file`` or ``password_env``, and the problems."""
+    if cfg.password is not None:
+        return cfg.password, []
+    if cfg.password_file is not None:
+        return read_secret("mqtt.password_file", file=cfg.password_file)
+    return read_secret("mqtt.password_env", env=cfg.password_env)
+
+
 def _refusal_hint(reason: Any) -> str:
     """What to check for a CONNACK refusal (MQTT 5 reason codes; paho maps MQTT 3.1.1 codes onto them)."""
     value = getattr(reason, "value", None)
     if value in (0x86, 0x87, 0x8C):  # bad user name or password, not authorized, bad authentication method
-        return "check mqtt.username and mqtt.password, and the broker's password file and ACL"
+        return ("check mqtt.username and the password (mqtt.password, password_file or password_env), and the "
+                "broker's password file and ACL")
     if value == 0x85:
         return "the broker refuses the client id: set mqtt.client_id"
     if value == 0x84:
@@ -105,7 +116,10 @@ class MqttConnection:
                                   manual_ack=self.persistent,
                                   clean_session=None if v5 else not self.persistent)  # (v5: clean_start)
         if cfg.username is not None:
-            self.client.username_pw_set(cfg.username, cfg.password)
+            password, problems = mqtt_password(cfg)
+            if problems:
+                raise ConfigError(problems)
+            self.client.username_pw_set(cfg.username, password)
         if cfg.tls is not None:
             t = cfg.tls
             problems = tls_file_problems(cfg)

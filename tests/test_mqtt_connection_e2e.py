@@ -125,12 +125,13 @@ def daemons(tmp_path: Path, models: Models) -> Iterator[Callable[..., DaemonProc
     """``spawn(broker, name, **config overrides)`` starts a daemon; all are stopped at the end."""
     started: list[DaemonProcess] = []
 
-    def spawn(broker: MosquittoBroker, name: str = "sensord", **over: Any) -> DaemonProcess:
+    def spawn(broker: MosquittoBroker, name: str = "sensord", env: dict[str, str] | None = None,
+              **over: Any) -> DaemonProcess:
         base = daemon_config(broker, models.bundle, window=W, detector=DETECTOR,
                              client_id=f"sensord-{name}-{uuid.uuid4().hex[:8]}",
                              subscriptions=[telemetry("+")], device_topic=telemetry("{device}"), topic_prefix=PREFIX,
                              reconnect_min_seconds=1, reconnect_max_seconds=1)
-        d = DaemonProcess(tmp_path, name, merge(base, over))
+        d = DaemonProcess(tmp_path, name, merge(base, over), extra_env=env)
         started.append(d)
         return d
 
@@ -282,6 +283,41 @@ def test_password_auth_right_credentials_score_wrong_ones_are_refused(
             assert "not authorised" in broker.log_text()
             # It stops cleanly although it never connected.
             assert bad.terminate() == 0, bad.log()
+        finally:
+            rec.stop()
+
+
+def test_password_from_a_credentials_file_or_the_environment_is_used_and_never_logged(
+        tmp_path: Path, daemons: Callable[..., DaemonProcess], models: Models) -> None:
+    """The systemd way (LoadCredential= puts the file under $CREDENTIALS_DIRECTORY) and the container way
+    (an environment variable): both log in to a broker that refuses anonymous clients, and score."""
+    secret = "Cr3dential-only-in-files"
+    passwd = tmp_path / "passwd"
+    tool = broker_tool("mosquitto_passwd")
+    subprocess.run([tool, "-b", "-c", str(passwd), "sensord", secret], check=True, capture_output=True)
+    subprocess.run([tool, "-b", str(passwd), "tester", "t3st"], check=True, capture_output=True)
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "mqtt-password").write_text(secret + "\n")
+    tester = Access("tester", "t3st")
+    with MosquittoBroker(password_file=passwd) as broker:
+        rec = recorder(broker, "#", tester)
+        from_file = daemons(broker, "from-file", env={"CREDENTIALS_DIRECTORY": str(creds)},
+                            mqtt={"username": "sensord",
+                                  "password_file": "${CREDENTIALS_DIRECTORY}/mqtt-password"},
+                            logging={"level": "DEBUG"})
+        from_env = daemons(broker, "from-env", env={"SENSORD_MQTT_PASSWORD": secret},
+                           mqtt={"username": "sensord", "password_env": "SENSORD_MQTT_PASSWORD",
+                                 "topic_prefix": "other"}, logging={"level": "DEBUG"})
+        try:
+            wait_online(from_file, rec)
+            wait_online(from_env, rec, "other/status")
+            stream_rows(broker, tester, telemetry("pump2"), models.stream, 0, 25)
+            for d in (from_file, from_env):
+                d.wait_metric("sensord_windows_scored_total", 25 - W + 1, device="pump2")
+                assert d.terminate() == 0, d.log()
+                assert secret not in d.log()
+            assert secret not in (tmp_path / "from-file.yaml").read_text()
         finally:
             rec.stop()
 
