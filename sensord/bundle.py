@@ -61,6 +61,8 @@ class ModelBundle:
     tflite_sha256: str = ""
     # A few raw windows and the errors the scorer gave them at training (see Scorer.self_check).
     reference: dict[str, Any] | None = None
+    # Earlier thresholds of this network, oldest first (``sensord calibrate`` appends), for the audit trail.
+    threshold_history: tuple[dict[str, Any], ...] = ()
 
     @property
     def tflite_path(self) -> Path:
@@ -84,6 +86,7 @@ class ModelBundle:
             "training": self.training,
             "tflite_sha256": self.tflite_sha256,
             **({"reference": self.reference} if self.reference is not None else {}),
+            **({"threshold_history": list(self.threshold_history)} if self.threshold_history else {}),
         }
 
     def with_threshold(self, threshold: ThresholdRecord) -> ModelBundle:
@@ -167,9 +170,12 @@ class ModelBundle:
         if reference is not None and not _valid_reference(reference, length, len(channels)):
             raise BundleError(f"{meta_path}: 'reference' must hold 'windows' of {length}x{len(channels)} finite "
                               "numbers and one finite 'errors' value per window")
+        history = meta.get("threshold_history", [])
+        if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+            raise BundleError(f"{meta_path}: 'threshold_history' must be a list of JSON objects")
         return cls(p, str(meta.get("model_id", p.name)), tuple(channels), length, hop, metric, scaler,
                    threshold, dict(meta.get("model", {})), dict(meta.get("training", {})),
-                   str(meta.get("created", "")), expected_sha, reference)
+                   str(meta.get("created", "")), expected_sha, reference, tuple(history))
 
 
 def _finite(x: Any) -> bool:

@@ -134,6 +134,34 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .bundle import ModelBundle
+    from .calibration import calibrate
+    from .config import SensordConfig, load_config
+    from .dataio import load_csv
+    cfg = load_config(args.config) if args.config else SensordConfig()
+    bundle = ModelBundle.load(args.model)
+    series = load_csv(args.data, cfg.data, channels=bundle.channels)
+    res = calibrate(bundle, series, cfg.threshold, cfg.window if args.config else None,
+                    Path(args.out) if args.out else None)
+    new, old = res.bundle.threshold, bundle.threshold
+    print(f"model {res.bundle.model_id} written to {res.bundle.path} (was {bundle.model_id})")
+    print(f"  threshold {new.value:.6g} ({new.method} {new.params}), was {old.value:.6g}: {res.ratio:.2f}x")
+    print(f"  {res.windows} healthy windows from {args.data}: error mean {float(res.errors.mean()):.4g}, "
+          f"p99 {float(np.quantile(res.errors, 0.99)):.4g}, max {float(res.errors.max()):.4g}")
+    if not 0.5 <= res.ratio <= 2.0:
+        log.warning("the new threshold is %.2fx the old one: make sure %s holds only healthy readings",
+                    res.ratio, args.data)
+    if res.bundle.path == bundle.path:
+        print("  a running daemon serving this bundle applies it on SIGHUP (systemctl reload sensord)")
+    _write_json(args.json, {"model_id": res.bundle.model_id, "previous_model_id": bundle.model_id,
+                            "path": str(res.bundle.path), "threshold": new.to_dict(),
+                            "previous_threshold": old.value, "ratio": res.ratio, "windows": res.windows})
+    return EX_OK
+
+
 def parse_seeds(text: str, base: int) -> list[int]:
     """``--seeds 5`` means five seeds from ``training.seed`` on; ``--seeds 42,1,7`` means exactly those
     (and ``--seeds 7,`` the one seed 7).
@@ -248,6 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help="CSV of healthy readings")
     s.add_argument("--out", required=True, help="bundle directory to write")
     s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("calibrate", help="refit a bundle's threshold on new healthy data, without retraining")
+    s.add_argument("--model", required=True, help="bundle directory (written in place unless --out is given)")
+    s.add_argument("--data", required=True, help="CSV of healthy readings with the model's channels")
+    s.add_argument("--config", help="data/window/threshold settings (when omitted: the bundle's own window "
+                                    "and the default threshold method)")
+    s.add_argument("--out", help="write the new version here (a copy) instead of replacing the bundle")
+    s.add_argument("--json", help="also write the result to this JSON file")
+    s.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("evaluate", help="score a labelled CSV causally and report F1/FAR/MAR")
     s.add_argument("--model", required=True)

@@ -79,6 +79,15 @@ def write_yaml(path: Path, doc: dict[str, Any]) -> None:
 
 # -- the tiny bundle ----------------------------------------------------------------------------
 
+def write_series_csv(path: Path, series: Series) -> Path:
+    """A wide CSV (timestamp, then the channels) that ``load_csv`` reads back as ``series``."""
+    rows = [",".join(["timestamp", *series.channels])]
+    rows += [",".join([f"{t:.3f}", *(repr(float(x)) for x in row)])
+             for t, row in zip(series.timestamps, series.values, strict=True)]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
 class TrainedBundle(NamedTuple):
     bundle: Path
     labelled_csv: Path

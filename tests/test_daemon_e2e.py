@@ -40,6 +40,7 @@ from e2e_support import (
     daemon_config,
     merge,
     wait_until,
+    write_series_csv,
     write_yaml,
 )
 
@@ -431,6 +432,36 @@ def test_sighup_reload_swaps_model_without_losing_readings(e2e: E2E, models: Mod
     d.wait_metric("sensord_messages_received_total", n + 50)
     d.wait_metric("sensord_windows_scored_total", n + 50 - W + 1, device="pump6")
     assert d.alive()
+
+
+def test_calibrate_then_sighup_serves_the_new_threshold_and_the_new_normal_stays_quiet(
+        e2e: E2E, models: Models) -> None:
+    """After maintenance 'current' runs 1.5 healthy spreads higher: the old threshold alarms on healthy
+    readings; `sensord calibrate` on a healthy stretch and a SIGHUP make the daemon serve the new version."""
+    shutil.copytree(models.bundle, e2e.tmp / "pump")
+    old = ModelBundle.load(e2e.tmp / "pump")
+    healthy = models.labelled.slice(0, 600)
+    v = healthy.values.copy()
+    v[:, healthy.channels.index("current")] += 0.15
+    after = Series(healthy.timestamps, v, healthy.channels, None, "after")
+    csv_path = write_series_csv(e2e.tmp / "after.csv", after)
+
+    d = e2e.start(daemon={"model": str(e2e.tmp / "pump")})
+    e2e.stream.send_rows("pump7", after, 300, 400)
+    d.wait_metric("sensord_windows_scored_total", 100 - W + 1, device="pump7")
+    assert (d.metric("sensord_alerts_raised_total", device="pump7") or 0) >= 1  # the old threshold: a false alarm
+
+    cal = run_cli("calibrate", "--model", str(e2e.tmp / "pump"), "--data", str(csv_path))
+    assert cal.returncode == 0, cal.stderr
+    d.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: d.model_info()["model_id"] == f"{old.model_id}.c1", 10, "the calibrated version served")
+    new = ModelBundle.load(e2e.tmp / "pump")
+    assert d.metric("sensord_threshold") == pytest.approx(new.threshold.value)
+    raised = d.metric("sensord_alerts_raised_total", device="pump7")
+    e2e.stream.send_rows("pump7", after, 400, 600)  # (the alert raised before clears on these)
+    d.wait_metric("sensord_windows_scored_total", 300 - W + 1, device="pump7")
+    assert d.metric("sensord_alerts_raised_total", device="pump7") == raised  # no new alarm on the new normal
+    assert d.metric("sensord_anomaly_state", device="pump7") == 0
 
 
 @pytest.mark.parametrize("case", ["config_type", "config_unknown_key", "missing_bundle", "corrupt_bundle",
