@@ -82,6 +82,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .dataio import load_csv
     from .training import train_bundle
+    if args.per_device or args.group:
+        return _train_many(args)
+    if Path(args.data).is_dir():
+        raise UsageError(f"--data {args.data} is a directory: give --per-device and/or --group NAME=GLOB to "
+                         "train a model per recording or per group of recordings")
     cfg = load_config(args.config)
     series = load_csv(args.data, cfg.data)
     show = _epoch_printer()
@@ -97,6 +102,43 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"  threshold {t.value:.6g} ({t.method} {t.params}); validation errors mean "
           f"{t.validation_stats['mean']:.4g}, p99 {t.validation_stats['p99']:.4g}, max {t.validation_stats['max']:.4g}")
     return EX_OK
+
+
+def _train_many(args: argparse.Namespace) -> int:
+    """``train --per-device`` / ``--group``: one bundle per device or group under ``--out``, and a table."""
+    import time
+
+    from .config import config_to_dict, load_config
+    from .errors import EX_DATAERR
+    from .fleet import parse_group, plan_models, recordings, train_fleet
+    if args.jobs < 1:
+        raise UsageError(f"--jobs: must be at least 1, got {args.jobs}")
+    groups = [parse_group(g) for g in args.group]
+    cfg = load_config(args.config)
+    plans, unused = plan_models(recordings(Path(args.data)), groups, args.per_device)
+    for f in unused:
+        log.warning("%s matches no --group and --per-device is not given: not used", f)
+    if not plans:
+        raise UsageError(f"--data {args.data}: no recording matches a --group (add --per-device?)")
+    print(f"training {len(plans)} models from {args.data} into {args.out} with {args.jobs} worker processes")
+    t0 = time.monotonic()
+    print(f"{'model':<20} {'files':>5} {'train/val windows':>13} {'threshold':>10} {'validation error range':>21} "
+          f"{'epochs':>6} {'s':>6}")
+
+    def row(r: Any) -> None:
+        if r.error:
+            print(f"{r.name:<20} {len(r.files):>5}  FAILED: {r.error}")
+        else:
+            print(f"{r.name:<20} {len(r.files):>5} {r.train_windows:>6}/{r.validation_windows:<6} "
+                  f"{r.threshold:>10.4g} {r.validation_error_min:>10.4g}-{r.validation_error_max:<10.4g} "
+                  f"{r.epochs:>6} {r.seconds:>6.1f}", flush=True)
+    results = train_fleet(plans, config_to_dict(cfg), Path(args.out), args.jobs, row)
+    failed = [r for r in results if r.error]
+    wall = time.monotonic() - t0
+    print(f"{len(results) - len(failed)} of {len(results)} models written to {args.out} in {wall:.1f} s")
+    _write_json(args.json, {"models": [dataclasses.asdict(r) for r in results], "unused": [str(f) for f in unused],
+                            "seconds": round(wall, 1), "jobs": args.jobs})
+    return EX_DATAERR if failed else EX_OK
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -273,8 +315,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train", help="train a model bundle on a CSV of healthy readings")
     s.add_argument("--config", help="YAML config (built-in defaults when omitted)")
-    s.add_argument("--data", required=True, help="CSV of healthy readings")
-    s.add_argument("--out", required=True, help="bundle directory to write")
+    s.add_argument("--data", required=True, help="CSV of healthy readings (a directory of <device>.csv "
+                                                 "recordings with --per-device / --group)")
+    s.add_argument("--out", required=True, help="bundle directory to write (with --per-device / --group: the "
+                                                "directory that gets one bundle per device or group)")
+    s.add_argument("--per-device", action="store_true",
+                   help="one model per recording in --data (a directory), named after the file")
+    s.add_argument("--group", action="append", default=[], metavar="NAME=GLOB",
+                   help="one model NAME for the recordings whose device name matches GLOB (repeatable; a file "
+                        "goes to the first group that matches)")
+    s.add_argument("--jobs", type=int, default=2, help="worker processes for --per-device / --group (default 2)")
+    s.add_argument("--json", help="with --per-device / --group: also write the summary to this JSON file")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("calibrate", help="refit a bundle's threshold on new healthy data, without retraining")

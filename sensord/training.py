@@ -15,7 +15,7 @@ import logging
 import math
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,15 +52,28 @@ class SplitWindows:
     validation: np.ndarray
     train_rows: int
     validation_rows: int
+    train_values: np.ndarray  # the training part's readings (rows, channels): what the scaler is fitted on
 
 
-def split_windows(series: Series, cfg: SensordConfig) -> SplitWindows:
+def split_windows(series: Series | Sequence[Series], cfg: SensordConfig) -> SplitWindows:
     """Chronological split, then windows of each part through the shared WindowBuffer.
 
     Training windows use hop 1 (every reading starts a new window) to make the
     most of a short healthy period; the two parts are windowed separately so
     no validation window contains a training reading.
+
+    Several series (a group of machines trained as one model) are each split
+    the same way and their windows pooled: no window spans two recordings, and
+    every machine has its share of the validation windows the threshold is
+    fitted on.
     """
+    if not isinstance(series, Series):
+        parts = [split_windows(s, cfg) for s in series]
+        if not parts:
+            raise TrainingError("no data to train on")
+        return SplitWindows(np.concatenate([p.train for p in parts]), np.concatenate([p.validation for p in parts]),
+                            sum(p.train_rows for p in parts), sum(p.validation_rows for p in parts),
+                            np.concatenate([p.train_values for p in parts]))
     n = len(series)
     length = cfg.window.length
     n_val = int(math.ceil(n * cfg.training.validation_fraction))
@@ -77,7 +90,7 @@ def split_windows(series: Series, cfg: SensordConfig) -> SplitWindows:
         raise TrainingError(f"{series.path or 'data'}: no complete windows in the "
                             f"{'training' if len(train) == 0 else 'validation'} part "
                             f"(gaps longer than window.max_gap_seconds={cfg.window.max_gap_seconds}?)")
-    return SplitWindows(train, val, n_train, n_val)
+    return SplitWindows(train, val, n_train, n_val, series.values[:n_train])
 
 
 def _versions() -> dict[str, str]:
@@ -153,15 +166,26 @@ def _fit_pca(keras: Any, cfg: SensordConfig, x_train: np.ndarray,
     return model, {"loss": [round(loss(x_train), 8)], "val_loss": [round(loss(x_val), 8)]}, 1
 
 
-def train_bundle(series: Series, cfg: SensordConfig, out_dir: str | Path,
+def train_bundle(data: Series | Sequence[Series], cfg: SensordConfig, out_dir: str | Path,
                  on_epoch: EpochCallback | None = None) -> ModelBundle:
-    """Train on a healthy series and write a complete, loadable bundle to ``out_dir``."""
+    """Train on a healthy series (or several with the same channels: one model for a group of machines)
+    and write a complete, loadable bundle to ``out_dir``."""
+    group = [data] if isinstance(data, Series) else list(data)
+    if not group:
+        raise TrainingError("no data to train on")
+    for other in group[1:]:
+        if other.channels != group[0].channels:
+            raise TrainingError(f"{other.path or 'data'}: channels {list(other.channels)} differ from "
+                                f"{group[0].path or 'the first file'}'s {list(group[0].channels)}: one model "
+                                "needs the same channels from every machine")
+    series = group[0]
+    source = ", ".join(s.path for s in group) if len(group) > 1 else series.path
     keras, tf = import_tensorflow()
     t0 = time.monotonic()
     out = Path(out_dir)
     tc = cfg.training
-    split = split_windows(series, cfg)
-    scaler = Scaler.fit(series.values[:split.train_rows], tc.scaler, tc.min_relative_scale)
+    split = split_windows(group if len(group) > 1 else series, cfg)
+    scaler = Scaler.fit(split.train_values, tc.scaler, tc.min_relative_scale)
     x_train = scaler.transform(split.train)
     x_val = scaler.transform(split.validation)
     log.info("training %s autoencoder: %d training windows, %d validation windows, %d channels, window %d",
@@ -185,10 +209,10 @@ def train_bundle(series: Series, cfg: SensordConfig, out_dir: str | Path,
     sha = sha256_of(out / TFLITE_FILE)
 
     training_meta: dict[str, Any] = {
-        "rows": len(series), "train_rows": split.train_rows, "validation_rows": split.validation_rows,
+        "rows": sum(len(g) for g in group), "train_rows": split.train_rows, "validation_rows": split.validation_rows,
         "train_windows": len(x_train), "validation_windows": len(x_val),
         "epochs_run": len(losses.get("loss", [])), "best_epoch": best_epoch, "members": members,
-        "loss": tc.loss, "loss_history": losses, "source": series.path,
+        "loss": tc.loss, "loss_history": losses, "source": source,
         "config": {"training": asdict(tc), "window": asdict(cfg.window)},
         "versions": _versions(),
     }
@@ -203,7 +227,7 @@ def train_bundle(series: Series, cfg: SensordConfig, out_dir: str | Path,
     try:
         threshold = ThresholdCalibrator(cfg.threshold).fit(val_errors)
     except ValueError as exc:  # no finite errors (training diverged), too few for a tail fit
-        raise TrainingError(f"{series.path or 'data'}: cannot fit threshold.method {cfg.threshold.method} on "
+        raise TrainingError(f"{source or 'data'}: cannot fit threshold.method {cfg.threshold.method} on "
                             f"{len(val_errors)} validation windows: {exc}") from None
     training_meta["duration_seconds"] = round(time.monotonic() - t0, 3)
     bundle = bundle.with_threshold(threshold)
