@@ -48,6 +48,14 @@ def check_referenced_files(cfg: SensordConfig, config_path: str | Path) -> WebCo
     return web
 
 
+def warn_restart_only(old: SensordConfig, new: SensordConfig) -> list[str]:
+    """Log each changed setting a reload cannot apply (the schema marks them: config.RESTART_ONLY)."""
+    changed = restart_changes(old, new)
+    for path in changed:
+        log.warning("reload: %s needs a restart; it is not applied", path)
+    return changed
+
+
 class Daemon:
     def __init__(self, config_path: str | Path, cfg: SensordConfig, model: ServingModel,
                  web: WebConfig | None = None) -> None:
@@ -137,8 +145,7 @@ class Daemon:
             log.error("reload refused, keeping model %s: %s", self.model.bundle.model_id, exc)
             self.notifier.ready(f"reload refused: {exc}"[:200])
             return False
-        for path in restart_changes(self.cfg, cfg):  # the schema marks them (config.RESTART_ONLY)
-            log.warning("reload: %s needs a restart; it is not applied", path)
+        warn_restart_only(self.cfg, cfg)
         logging.getLogger().setLevel(cfg.logging.level)
         self.intake.swap(cfg, model)
         self.alerts.publish_scores = cfg.mqtt.publish_scores

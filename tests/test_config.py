@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -382,3 +383,49 @@ def test_restart_only_settings_come_from_the_schema_and_reload_compares_them() -
                             "metrics": {"port": 9200}, "detector": {"clear_after": 3}})
     assert restart_changes(old, new) == ["mqtt.reconnect_max_seconds", "metrics"]
     assert restart_changes(old, config_from_dict({})) == []
+
+
+# Every restart-only setting, changed to another valid value (with what it needs to stay valid).
+RESTART_ONLY_CHANGES: dict[tuple[str, ...], dict[str, Any]] = {
+    ("scoring", "batch_max"): {"scoring": {"batch_max": 32}},
+    ("mqtt", "host"): {"mqtt": {"host": "broker.local"}},
+    ("mqtt", "port"): {"mqtt": {"port": 8883}},
+    ("mqtt", "client_id"): {"mqtt": {"client_id": "box-7"}},
+    ("mqtt", "keepalive"): {"mqtt": {"keepalive": 60}},
+    ("mqtt", "protocol"): {"mqtt": {"protocol": "3.1.1"}},
+    ("mqtt", "username"): {"mqtt": {"username": "sensord"}},
+    ("mqtt", "password"): {"mqtt": {"username": "u", "password": "p"}},
+    ("mqtt", "password_file"): {"mqtt": {"username": "u", "password_file": "/run/pw"}},
+    ("mqtt", "password_env"): {"mqtt": {"username": "u", "password_env": "PW"}},
+    ("mqtt", "tls"): {"mqtt": {"tls": {"ca_file": "/etc/ca.pem"}}},
+    ("mqtt", "subscriptions"): {"mqtt": {"subscriptions": ["plant/+/telemetry"]}},
+    ("mqtt", "qos"): {"mqtt": {"qos": 0}},
+    ("mqtt", "topic_prefix"): {"mqtt": {"topic_prefix": "box7"}},
+    ("mqtt", "reconnect_min_seconds"): {"mqtt": {"reconnect_min_seconds": 2}},
+    ("mqtt", "reconnect_max_seconds"): {"mqtt": {"reconnect_max_seconds": 60}},
+    ("mqtt", "session_expiry_seconds"): {"mqtt": {"session_expiry_seconds": 0}},
+    ("metrics",): {"metrics": {"port": 9200}},
+    ("daemon", "queue_size"): {"daemon": {"queue_size": 500}},
+    ("daemon", "batch_wait_seconds"): {"daemon": {"batch_wait_seconds": 0.1}},
+    ("daemon", "state_dir"): {"daemon": {"state_dir": "/tmp/state"}},
+    ("daemon", "state_save_interval_seconds"): {"daemon": {"state_save_interval_seconds": 30.0}},
+    ("daemon", "outbox_max_alerts"): {"daemon": {"outbox_max_alerts": 50}},
+}
+
+
+def test_changing_any_restart_only_setting_on_reload_logs_a_warning_naming_it(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Every field the schema marks RESTART_ONLY (the table must list each, so a new one gets tested too)."""
+    from sensord.config import restart_only_settings
+    from sensord.daemon import warn_restart_only
+    assert set(RESTART_ONLY_CHANGES) == set(restart_only_settings())
+    old = config_from_dict({})
+    for path, change in RESTART_ONLY_CHANGES.items():
+        name = ".".join(path)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="sensord.daemon"):
+            changed = warn_restart_only(old, config_from_dict(change))
+        # (a password also sets mqtt.username: both are named)
+        assert name in changed, (name, changed)
+        assert f"reload: {name} needs a restart; it is not applied" in caplog.text
+    assert warn_restart_only(old, config_from_dict({"detector": {"raise_after": 1}})) == []

@@ -405,9 +405,11 @@ def test_sighup_reload_swaps_model_without_losing_readings(e2e: E2E, models: Mod
         wait_until(lambda: sent[0] >= 100, 10, "100 readings sent")
         doc = yaml.safe_load(d.cfg_path.read_text())
         doc["daemon"]["model"] = str(e2e.tmp / "model-b")
+        doc["mqtt"]["keepalive"] = 7  # restart-only: named in a warning, not applied
         write_yaml(d.cfg_path, doc)
         d.proc.send_signal(signal.SIGHUP)
         wait_until(lambda: d.model_info()["model_id"] == "model-b", 10, "model-b served")
+        assert "reload: mqtt.keepalive needs a restart; it is not applied" in d.log()
         stop_at[0] = min(len(series), sent[0] + 100)  # keep streaming after the swap
     finally:
         t.join(30)
