@@ -392,7 +392,8 @@ def test_refused_login_logged_once_with_what_to_check(caplog: pytest.LogCaptureF
             conn._handle_connect(conn.client, None, None, refused, None)
             conn._handle_disconnect(conn.client, None, None, closed, None)
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert len(errors) == 1 and "mqtt.username and mqtt.password" in errors[0]
+    assert len(errors) == 1
+    assert "check mqtt.username and the password (mqtt.password, password_file or password_env)" in errors[0]
 
 
 def test_connection_closed_before_connack_logged_once_with_the_tls_hint(caplog: pytest.LogCaptureFixture) -> None:

@@ -407,7 +407,7 @@ def test_plain_client_on_a_tls_port_and_a_wrong_password_are_each_logged_once_cl
         line = plain.wait_log("without answering CONNECT")
         assert "ERROR" in line and f":{tls_broker.port}" in line and "mqtt.tls" in line, line
         line = wrong.wait_log("refused")
-        assert "ERROR" in line and "mqtt.username and mqtt.password" in line, line
+        assert "ERROR" in line and "check mqtt.username and the password (mqtt.password" in line, line
         for d in (plain, wrong):  # three retries later, still that one line each
             wait_until(lambda d=d: d.log().count("(again)") >= 3, 20, f"{d.name} to retry three times")
             assert d.alive()
