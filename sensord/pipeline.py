@@ -89,6 +89,7 @@ class ScoringLoop:
         self._model_id: str | None = None
         self._warn = RateLimitedLog(log, 10.0)
         self.sink = MetricsSink(metrics)
+        self._share_channels: tuple[str, ...] | None = None  # the channels sensord_channel_error_share has
         self.alerts = alerts
         self.queue: queue.Queue[QueueItem] = queue.Queue(maxsize=queue_size)
         self.batch_max = batch_max
@@ -283,7 +284,11 @@ class ScoringLoop:
         decision: Decision = det.update(error, win.start, win.end, top)
         self._dirty = True
         self._model_id = model_id
-        self.sink.window(win.device, error, decision)
+        if model.bundle.channels != self._share_channels:  # a reload to a model with other channels
+            if self._share_channels is not None:
+                self.sink.channels_changed()
+            self._share_channels = model.bundle.channels
+        self.sink.window(win.device, error, decision, model.bundle.channels, shares.tolist())
         self._publish(win.device, self.alerts.score, win.device, win.end, error, decision)
         if decision.event is not None:
             ev = decision.event

@@ -49,6 +49,7 @@ GAUGES = {
     "sensord_devices",
     "sensord_model_info",
     "sensord_outbox_depth",
+    "sensord_channel_error_share",
 }
 HISTOGRAMS = {
     "sensord_scoring_batch_size",
@@ -179,6 +180,7 @@ def test_dashboard_uses_known_metrics(dashboard: dict[str, Any]) -> None:
         "sensord_mqtt_connected",
         "sensord_mqtt_reconnects_total",
         "sensord_model_info",
+        "sensord_channel_error_share",
     }
     assert expected <= used, f"dashboard lacks: {sorted(expected - used)}"
 
@@ -229,6 +231,15 @@ def test_dashboard_structure(dashboard: dict[str, Any]) -> None:
     types = {p["title"]: p["type"] for p in _all_panels(dashboard)}
     assert types["Anomaly state"] == "state-timeline"
     assert types["Model info"] == "table"
+    # Why a device is anomalous: its top sensors now, and each sensor's share over time.
+    (top,) = [p for p in _all_panels(dashboard) if p["title"] == "Top sensors now"]
+    assert top["type"] == "bargauge" and top["targets"][0]["instant"]
+    assert re.fullmatch(r'topk by \(device\) \(3, sensord_channel_error_share\{device=~"\$device"\}\)',
+                        top["targets"][0]["expr"])
+    # Raise and clear as annotations, from the metrics (no annotation database).
+    (anomalies,) = [a for a in dashboard["annotations"]["list"] if a.get("expr")]
+    assert "sensord_anomaly_state" in anomalies["expr"] and anomalies["datasource"]["uid"] == "${DS_PROMETHEUS}"
+    assert anomalies["enable"] and "{{device}}" in anomalies["titleFormat"]
 
 
 def test_grafana_provisioning() -> None:

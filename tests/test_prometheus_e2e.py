@@ -75,6 +75,25 @@ def stream(tiny_bundle: TrainedBundle) -> tuple[Path, Series]:
     return trained.bundle, Series(s.timestamps, v, s.channels, None, "step")
 
 
+def dashboard_queries() -> list[str]:
+    """The PromQL of deploy/grafana's dashboard, with Grafana's variables put in as Grafana would."""
+    dash = json.loads((ROOT / "deploy" / "grafana" / "sensord-dashboard.json").read_text())
+    exprs = [a["expr"] for a in dash["annotations"]["list"] if a.get("expr")]
+    for panel in dash["panels"]:
+        exprs += [t["expr"] for t in panel.get("targets", [])]
+    for var in dash["templating"]["list"]:
+        if var["type"] == "query":  # label_values(metric, label) is Grafana's; the series query behind it
+            exprs.append(var["definition"].removeprefix("label_values(").rsplit(",", 1)[0])
+    subst = {"$device": ".*", "$__rate_interval": "1m", "$__range": "5m", "$__interval": "5s"}
+    out = []
+    for e in exprs:
+        for k, v in subst.items():
+            e = e.replace(k, v)
+        out.append(e)
+    assert len(out) > 20
+    return out
+
+
 def https_job() -> dict[str, Any]:
     """The commented-out scrape job of the shipped prometheus.yml (TLS and basic auth), uncommented."""
     lines = (DEPLOY / "prometheus.yml").read_text().splitlines()
@@ -194,6 +213,18 @@ def test_real_prometheus_scrapes_counts_and_fires_the_anomaly_rule(
     assert [a["labels"]["device"] for a in alerts] == ["pump9"]
     assert "pump9" in alerts[0]["annotations"]["summary"]
     assert not [a for a in prom.api("alerts")["alerts"] if a["labels"]["alertname"] != "SensordAnomaly"]
+
+    # Why: one share series per channel of the model, summing to 1; the channel shifted the most leads.
+    shares = {dict(k)["channel"]: v for k, v in prom.value('sensord_channel_error_share{device="pump9"}').items()}
+    assert set(shares) == set(info["metric"]["channels"].split(","))
+    assert sum(shares.values()) == pytest.approx(1.0, abs=1e-6)
+    top = prom.value('topk by (device) (1, sensord_channel_error_share{device="pump9"})')
+    assert [dict(k)["channel"] for k in top] == ["current"], shares
+
+    # Every query of the shipped dashboard (panels, annotations, the device variable) runs and has data.
+    # (A rate or an increase has data once two scrapes of a series are stored: waited for, not assumed.)
+    for expr in dashboard_queries():
+        wait_until(lambda e=expr: prom.api("query", query=e)["result"], 10, f"data for the dashboard query {expr}")
 
 
 
