@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,11 +25,11 @@ from e2e_support import (
     ROOT,
     TINY_WINDOW,
     DaemonProcess,
+    Prometheus,
     QosPublisher,
     TrainedBundle,
+    binary,
     daemon_config,
-    free_port,
-    stop_process,
     wait_until,
 )
 
@@ -44,15 +42,8 @@ DETECTOR = {"raise_after": 2, "clear_after": 500}  # the alert stays raised whil
 DEPLOY = ROOT / "deploy" / "prometheus"
 
 
-def _binary(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} not found: `make test` installs it (apt-get install -y prometheus)")
-    return path
-
-
 def test_promtool_accepts_the_shipped_config_and_rules(tmp_path: Path) -> None:
-    promtool = _binary("promtool")
+    promtool = binary("promtool")
     # The https job as a user enables it: uncommented, in place of the plain one.
     doc = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
     doc["rule_files"] = [str(DEPLOY / "alerts.yml")]
@@ -102,58 +93,6 @@ def https_job() -> dict[str, Any]:
             for ln in lines[start + 1:end]]
     (job,) = yaml.safe_load("\n".join(body))
     return job
-
-
-class Prometheus:
-    """A real Prometheus on a free port: the shipped config, pointed at the daemon, scraping every second.
-
-    ``jobs`` replace the shipped scrape jobs (their targets are set to the daemon's port).
-    """
-
-    def __init__(self, tmp: Path, target_port: int, jobs: list[dict[str, Any]] | None = None) -> None:
-        doc = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
-        doc["global"].update({"scrape_interval": "1s", "evaluation_interval": "1s"})
-        doc["rule_files"] = [str(DEPLOY / "alerts.yml")]
-        if jobs is not None:
-            doc["scrape_configs"] = jobs
-        for job in doc["scrape_configs"]:
-            job.update({"scrape_interval": "1s", "scrape_timeout": "1s"})
-            job["static_configs"][0]["targets"] = [f"127.0.0.1:{target_port}"]
-        (tmp / "prometheus.yml").write_text(yaml.safe_dump(doc))
-        self.port = free_port()
-        self.log_path = tmp / "prometheus.log"
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [_binary("prometheus"), f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{self.port}"],
-            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        wait_until(self._ready, 30, f"Prometheus ready on {self.port}; log:\n{self.log_path}")
-
-    def _ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=1) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
-    def api(self, path: str, **params: str) -> Any:
-        url = f"http://127.0.0.1:{self.port}/api/v1/{path}"
-        if params:
-            url += "?" + urllib.parse.urlencode(params)
-        with urllib.request.urlopen(url, timeout=5) as r:
-            body = json.loads(r.read())
-        assert body["status"] == "success", body
-        return body["data"]
-
-    def value(self, query: str) -> dict[tuple[tuple[str, str], ...], float]:
-        """Instant query -> {label set without __name__/job/instance/service: value}."""
-        drop = {"__name__", "job", "instance", "service"}
-        return {tuple(sorted((k, v) for k, v in r["metric"].items() if k not in drop)): float(r["value"][1])
-                for r in self.api("query", query=query)["result"]}
-
-    def stop(self) -> None:
-        stop_process(self.proc, 10)
-        self._log.close()
 
 
 @pytest.fixture
