@@ -23,8 +23,11 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
     Info,
+    PlatformCollector,
+    ProcessCollector,
     disable_created_metrics,
     make_wsgi_app,
 )
@@ -152,6 +155,13 @@ class DaemonMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
+        # The standard process_* (memory, CPU, file descriptors, start time) and python_* (version, GC) metrics
+        # every Prometheus client exposes, so the usual process dashboards and alerts (a leak, fds near
+        # LimitNOFILE) work on sensord too. A private registry does not get them by itself; the collectors
+        # read /proc and the gc module only when scraped.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         self.messages_received = Counter("sensord_messages_received", "MQTT messages received", registry=r)
         self.messages_rejected = Counter("sensord_messages_rejected", "MQTT messages rejected whole, by reason",
                                          ["reason"], registry=r)

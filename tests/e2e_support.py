@@ -160,7 +160,7 @@ def daemon_config(broker: MosquittoBroker, bundle: Path, *, window: int, detecto
 
 
 class DaemonProcess:
-    """``python -m sensord.cli run`` on ``doc``, written to ``{tmp}/{name}.yaml``; output in ``{tmp}/{name}.log``.
+    """``python -m sensord run`` on ``doc``, written to ``{tmp}/{name}.yaml``; output in ``{tmp}/{name}.log``.
 
     Started at once; the systemd variables of the test's own environment are not passed on, ``extra_env`` is.
     """
@@ -179,7 +179,7 @@ class DaemonProcess:
         env = {k: v for k, v in os.environ.items() if k not in _SYSTEMD_ENV}
         env.update(extra_env or {})
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", "sensord.cli", "run", "--config", str(self.cfg_path)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "sensord", "run", "--config", str(self.cfg_path)],
                                      stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
                                      cwd=ROOT, env=env)
 

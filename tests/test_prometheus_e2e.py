@@ -139,6 +139,11 @@ def test_real_prometheus_scrapes_counts_and_fires_the_anomaly_rule(
     assert prom.value("sensord_anomaly_state") == {(("device", "pump9"),): 1.0}
     assert prom.value("sensord_alerts_raised_total") == {(("device", "pump9"),): 1.0}
     assert prom.value("sensord_mqtt_connected") == {(): 1.0}
+    # The standard process and Python metrics, for the usual process dashboards and alerts.
+    assert prom.value('process_resident_memory_bytes{job="sensord"}')[()] > 10e6
+    assert prom.value('process_open_fds{job="sensord"}')[()] > 0
+    (py,) = prom.api("query", query='python_info{job="sensord"}')["result"]
+    assert py["metric"]["implementation"] == "CPython"
     (info,) = prom.api("query", query="sensord_model_info")["result"]
     assert info["metric"]["window"] == str(W) and "current" in info["metric"]["channels"].split(",")
     count = prom.value("sensord_scoring_batch_size_count")[()]
