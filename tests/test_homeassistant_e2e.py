@@ -108,6 +108,30 @@ def test_node_id_and_discovery_prefix_are_validated() -> None:
     assert not config_from_dict({}).homeassistant.enabled  # off unless asked for
 
 
+class _Recorder:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict[str, Any], int, bool]] = []
+
+    def publish(self, topic: str, payload: str | bytes, qos: int = 0, retain: bool = False) -> None:
+        self.sent.append((topic, json.loads(payload), qos, retain))
+
+
+def test_announced_once_per_device_and_again_when_the_score_topic_changes() -> None:
+    from sensord.homeassistant import HomeAssistantDiscovery
+    pub = _Recorder()
+    ha = HomeAssistantDiscovery(pub, "sensord", "homeassistant", None, publish_scores=False)
+    ha.announce("pump1")
+    ha.announce("pump1")
+    assert [t for t, _, _, _ in pub.sent] == ["homeassistant/binary_sensor/sensord/pump1/config",
+                                             "homeassistant/sensor/sensord/pump1_score/config"]
+    assert all(qos == 1 and retain for _, _, qos, retain in pub.sent)
+    assert pub.sent[1][1]["state_topic"] == "sensord/state/pump1"
+    ha.set_publish_scores(True)  # a reload turned per-window scores on: the score sensor follows them
+    ha.announce("pump1")
+    assert len(pub.sent) == 4 and pub.sent[3][1]["state_topic"] == "sensord/scores/pump1"
+    assert pub.sent[2][1] == pub.sent[0][1]  # the binary sensor's config is the same
+
+
 # -- sensord's configs, through a real broker ------------------------------------------------------
 
 @pytest.fixture(scope="module")
