@@ -33,12 +33,11 @@ from e2e_support import (
     DaemonProcess,
     Prometheus,
     QosPublisher,
+    TrainedBundle,
     binary,
     daemon_config,
     free_port,
     stop_process,
-    tiny_train_config,
-    train_tiny_bundle,
     wait_until,
 )
 
@@ -152,7 +151,7 @@ class WebhookReceiver:
         received = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            def do_POST(self) -> None:  # http.server's name for the POST handler
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 with received._lock:
                     received.notifications.append(json.loads(body))
@@ -236,9 +235,8 @@ def alertmanager(tmp_path: Path, webhook: WebhookReceiver) -> Iterator[Alertmana
 
 
 @pytest.fixture(scope="module")
-def bundle_and_rows(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Series]:
-    trained = train_tiny_bundle(tmp_path_factory.mktemp("am-e2e"), tiny_train_config(epochs=15))
-    return trained.bundle, trained.labelled.slice(0, 300)  # healthy: the simulator's faults start later
+def bundle_and_rows(tiny_bundle: TrainedBundle) -> tuple[Path, Series]:
+    return tiny_bundle.bundle, tiny_bundle.labelled.slice(0, 300)  # healthy: the simulator's faults start later
 
 
 def _send(pub: QosPublisher, topic: str, series: Series, values: np.ndarray, rows: range) -> None:

@@ -23,9 +23,8 @@ from e2e_support import (
     TINY_WINDOW,
     DaemonProcess,
     QosPublisher,
+    TrainedBundle,
     daemon_config,
-    tiny_train_config,
-    train_tiny_bundle,
     wait_until,
 )
 
@@ -135,9 +134,8 @@ def test_announced_once_per_device_and_again_when_the_score_topic_changes() -> N
 # -- sensord's configs, through a real broker ------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def bundle_and_rows(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Series]:
-    trained = train_tiny_bundle(tmp_path_factory.mktemp("ha-e2e"), tiny_train_config(epochs=5))
-    return trained.bundle, trained.labelled.slice(0, 2 * TINY_WINDOW)
+def bundle_and_rows(tiny_bundle: TrainedBundle) -> tuple[Path, Series]:
+    return tiny_bundle.bundle, tiny_bundle.labelled.slice(0, 2 * TINY_WINDOW)
 
 
 def test_each_device_appears_in_home_assistant_with_valid_retained_configs(
