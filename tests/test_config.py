@@ -411,6 +411,7 @@ RESTART_ONLY_CHANGES: dict[tuple[str, ...], dict[str, Any]] = {
     ("daemon", "state_dir"): {"daemon": {"state_dir": "/tmp/state"}},
     ("daemon", "state_save_interval_seconds"): {"daemon": {"state_save_interval_seconds": 30.0}},
     ("daemon", "outbox_max_alerts"): {"daemon": {"outbox_max_alerts": 50}},
+    ("homeassistant",): {"homeassistant": {"enabled": True}},
 }
 
 
