@@ -26,12 +26,16 @@ demo-deps:
 	  { $(APT) update -qq && $(APT) install -y -qq mosquitto mosquitto-clients; }
 
 # Also: systemd-analyze for the unit test, openssl for the TLS tests' throwaway certificates, and a
-# real Prometheus (with promtool) that scrapes the daemon and checks the shipped scrape config and rules.
+# real Prometheus (with promtool) that scrapes the daemon and checks the shipped scrape config and rules, and
+# a real Alertmanager (with amtool) that turns a fault into a notification. The tests start their own on free
+# loopback ports (clustering off), so a prometheus-alertmanager service the package starts holds nothing they need.
 test-deps: demo-deps
 	@command -v systemd-analyze >/dev/null 2>&1 || { $(APT) update -qq && $(APT) install -y -qq systemd; }
 	@command -v openssl >/dev/null 2>&1 || { $(APT) update -qq && $(APT) install -y -qq openssl; }
 	@command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || \
 	  { $(APT) update -qq && $(APT) install -y -qq prometheus; }
+	@{ command -v prometheus-alertmanager || command -v alertmanager; } >/dev/null 2>&1 && command -v amtool >/dev/null 2>&1 || \
+	  { $(APT) update -qq && $(APT) install -y -qq prometheus-alertmanager; }
 
 demo: install
 	$(VENV)/bin/sensord demo

@@ -5,8 +5,9 @@ Exit statuses follow sysexits and come from the error types in
 systemd's ``RestartPreventExitStatus=78`` does not restart-loop on a mistake
 only a person can fix; 65 (EX_DATAERR) for unusable data files; 64 (EX_USAGE)
 for an out-of-range argument; 69 (EX_UNAVAILABLE) when the machine lacks what
-is needed (the metrics port, mosquitto). Anything else is a bug in sensord:
-its traceback is printed and the status is 70 (EX_SOFTWARE), never "bad input".
+is needed (the metrics port, mosquitto, TensorFlow on a serving-only install).
+Anything else is a bug in sensord: its traceback is printed and the status is
+70 (EX_SOFTWARE), never "bad input".
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 # signal handlers before numpy, pydantic, LiteRT and the model are loaded (see ``main``); everything else
 # is imported where it is used.
 from . import __version__
-from .errors import EX_OK, EX_SOFTWARE, SensordError, UsageError
+from .errors import EX_OK, EX_SOFTWARE, SensordError, UnavailableError, UsageError
 
 log = logging.getLogger("sensord")
 
@@ -79,6 +80,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    require_train_extra("tensorflow")
     from .config import load_config
     from .dataio import load_csv
     from .training import train_bundle
@@ -227,6 +229,7 @@ def parse_seeds(text: str, base: int) -> list[int]:
 
 
 def cmd_bench_skab(args: argparse.Namespace) -> int:
+    require_train_extra("tensorflow")
     from .benchmark import run_skab
     from .config import SensordConfig, load_config
     cfg = load_config(args.config) if args.config else SensordConfig()
@@ -278,6 +281,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
+    require_train_extra("matplotlib", "tensorflow")
     from .config import load_config
     from .plots import make_plots
     cfg = load_config(args.config) if args.config else None
@@ -288,18 +292,30 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    require_train_extra("tensorflow")
     from .demo import run_demo
     return run_demo(Path(args.workdir), rate=args.rate, config=args.config)
 
 
+def require_train_extra(*modules: str) -> None:
+    """On a serving-only install (no ``train`` extra), say what to install, before any data is read: a large
+    CSV is not loaded only to fail at the first TensorFlow import, and no traceback stands in for a sentence."""
+    import importlib.util
+    for name in modules:
+        if importlib.util.find_spec(name) is None:
+            raise UnavailableError(f"needs the train extra: pip install 'sensord[train]' ({name} is not installed)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sensord", description="Streaming sensor-monitoring daemon.")
-    p.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="log level (default INFO; run switches to the config's logging.level once loaded)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                           help="what to do (COMMAND --help: its options)")
 
     s = sub.add_parser("run", help="run the daemon: MQTT in, alerts and metrics out")
-    s.add_argument("--config", required=True)
+    s.add_argument("--config", required=True, help="the daemon's YAML config (e.g. /etc/sensord/sensord.yaml)")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("demo", help="simulate, train, run the daemon against a private broker, show alerts")
@@ -309,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("check-config", help="validate a config file (and optionally a model bundle)")
-    s.add_argument("--config", required=True)
+    s.add_argument("--config", required=True, help="the YAML config to check, with the files it names")
     s.add_argument("--model", help="also load and validate this model bundle against the config")
     s.set_defaults(func=cmd_check_config)
 
@@ -338,9 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("evaluate", help="score a labelled CSV causally and report F1/FAR/MAR")
-    s.add_argument("--model", required=True)
-    s.add_argument("--data", required=True)
-    s.add_argument("--label-column", default="anomaly")
+    s.add_argument("--model", required=True, help="bundle directory written by train")
+    s.add_argument("--data", required=True, help="CSV of readings with a 0/1 label column")
+    s.add_argument("--label-column", default="anomaly", help="name of the label column (default: anomaly)")
     s.add_argument("--config", help="data/window/detector settings (when omitted: the bundle's own window, "
                                     "default detector)")
     s.add_argument("--hop", type=int, default=None, help="window hop (default: config, else the bundle's)")
@@ -348,15 +364,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("plot", help="PNG pictures: input vs reconstruction, error histograms, latent space")
-    s.add_argument("--model", required=True)
+    s.add_argument("--model", required=True, help="bundle directory written by train")
     s.add_argument("--data", required=True, help="labelled CSV")
-    s.add_argument("--label-column", default="anomaly")
+    s.add_argument("--label-column", default="anomaly", help="name of the label column (default: anomaly)")
     s.add_argument("--out", required=True, help="directory for the PNG files")
     s.add_argument("--config", help="data/window settings (the bundle's own window when omitted)")
     s.set_defaults(func=cmd_plot)
 
     s = sub.add_parser("bench", help="benchmarks")
-    bsub = s.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    bsub = s.add_subparsers(dest="bench", required=True, metavar="BENCH", help="which benchmark")
     b = bsub.add_parser("skab", help="SKAB outlier-detection protocol (fit on 400 rows per file)")
     b.add_argument("--data", required=True, help="SKAB data directory")
     b.add_argument("--config", help="YAML config (built-in defaults when omitted)")
@@ -370,11 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench_skab)
 
     s = sub.add_parser("simulate", help="write a healthy and a labelled CSV from the built-in pump simulator")
-    s.add_argument("--out", required=True)
+    s.add_argument("--out", required=True, help="directory for healthy.csv and labelled.csv")
     s.add_argument("--seconds", type=int, default=3600, help="length of the healthy run")
     s.add_argument("--faults", nargs="*", default=["step", "drift", "spikes", "stuck"],
                    help="faults to inject: step drift spikes stuck")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same files")
     s.set_defaults(func=cmd_simulate)
     return p
 

@@ -334,6 +334,33 @@ class DaemonConfig:
 
 
 @dataclass(config=_STRICT)
+class HomeAssistantConfig:
+    """Home Assistant MQTT discovery (sensord/homeassistant.py): per device, an alert binary sensor and a
+    score sensor appear in Home Assistant without any YAML there. Off by default."""
+
+    enabled: StrictBool = False
+    # Home Assistant's discovery prefix (its MQTT integration's setting; "homeassistant" unless changed).
+    discovery_prefix: StrictStr = "homeassistant"
+    # The node level of the discovery topics and unique ids; null: mqtt.topic_prefix, made topic-safe.
+    # Two sensord instances on one broker need two (they have two topic prefixes already).
+    node_id: StrictStr | None = None
+
+    @field_validator("node_id")
+    @classmethod
+    def _node_id(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9_-]+", v):
+            raise ValueError(f"must be letters, digits, _ and - only (Home Assistant's rule), got {json.dumps(v)}")
+        return v
+
+    @field_validator("discovery_prefix")
+    @classmethod
+    def _discovery_prefix(cls, v: str) -> str:
+        if not v or v.startswith("/") or v.endswith("/") or any(c in v for c in "#+"):
+            raise ValueError(f"must be an MQTT topic without wildcards or a leading/trailing /, got {json.dumps(v)}")
+        return v
+
+
+@dataclass(config=_STRICT)
 class LoggingConfig:
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     rate_limit_seconds: Annotated[StrictFloat, Field(ge=0.0)] = 10.0
@@ -351,6 +378,8 @@ class SensordConfig:
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     metrics: Annotated[MetricsConfig, RESTART_ONLY] = field(default_factory=MetricsConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    # Retained configs name topics and ids; changing them on a reload would leave the old ones behind.
+    homeassistant: Annotated[HomeAssistantConfig, RESTART_ONLY] = field(default_factory=HomeAssistantConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 

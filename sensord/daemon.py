@@ -23,6 +23,7 @@ from types import FrameType
 from . import signals
 from .config import ConfigError, SensordConfig, load_config, restart_changes
 from .errors import UnavailableError
+from .homeassistant import HomeAssistantDiscovery
 from .metrics import DaemonMetrics, MetricsUnavailable
 from .notify import SystemdNotifier, WatchdogPinger, watchdog_interval
 from .outbox import Outbox
@@ -84,9 +85,12 @@ class Daemon:
         store = self.store = None
         if cfg.daemon.state_dir is not None:
             store = self.store = StateStore(cfg.daemon.state_dir, lambda exc: self.metrics.state_save_failures.inc())
+        ha = cfg.homeassistant
+        self.discovery = None if not ha.enabled else HomeAssistantDiscovery(
+            self.mqtt, cfg.mqtt.topic_prefix, ha.discovery_prefix, ha.node_id, cfg.mqtt.publish_scores)
         self.scoring = ScoringLoop(self.metrics, self.alerts, cfg.daemon.queue_size, cfg.scoring.batch_max,
                                    cfg.daemon.batch_wait_seconds, state=store,
-                                   save_interval=cfg.daemon.state_save_interval_seconds)
+                                   save_interval=cfg.daemon.state_save_interval_seconds, discovery=self.discovery)
         self.scoring.restore(model, cfg.daemon.max_devices)
         self.intake = Intake(cfg, model, self.scoring, self.metrics)
         if store is not None:
@@ -149,6 +153,8 @@ class Daemon:
         logging.getLogger().setLevel(cfg.logging.level)
         self.intake.swap(cfg, model)
         self.alerts.publish_scores = cfg.mqtt.publish_scores
+        if self.discovery is not None:
+            self.discovery.set_publish_scores(cfg.mqtt.publish_scores)
         self.cfg, self.model = cfg, model
         b = model.bundle
         self.metrics.set_model(b.model_id, b.created, b.window_length, model.spec.hop, b.channels,

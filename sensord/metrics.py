@@ -3,7 +3,9 @@
 Names follow the client conventions (``_total`` counters, ``_seconds`` base
 units). The only per-device label is ``device``, and devices are capped by
 ``daemon.max_devices``, so the number of series stays bounded whatever
-arrives on the broker. ``reason`` labels take values from fixed enums.
+arrives on the broker. ``reason`` labels take values from fixed enums, and
+``channel`` (``sensord_channel_error_share``) the channels of the model being
+served: at most max_devices x channels series, whatever the payloads carry.
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
     Info,
+    PlatformCollector,
+    ProcessCollector,
     disable_created_metrics,
     make_wsgi_app,
 )
@@ -150,6 +155,13 @@ class DaemonMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
+        # The standard process_* (memory, CPU, file descriptors, start time) and python_* (version, GC) metrics
+        # every Prometheus client exposes, so the usual process dashboards and alerts (a leak, fds near
+        # LimitNOFILE) work on sensord too. A private registry does not get them by itself; the collectors
+        # read /proc and the gc module only when scraped.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         self.messages_received = Counter("sensord_messages_received", "MQTT messages received", registry=r)
         self.messages_rejected = Counter("sensord_messages_rejected", "MQTT messages rejected whole, by reason",
                                          ["reason"], registry=r)
@@ -161,6 +173,10 @@ class DaemonMetrics:
                                           ["device"], registry=r)
         self.anomaly_score = Gauge("sensord_anomaly_score", "Last window's error divided by the threshold",
                                    ["device"], registry=r)
+        self.channel_error_share = Gauge("sensord_channel_error_share",
+                                         "Share of the device's last window error due to each channel "
+                                         "(0-1; a device's channels sum to 1): which sensors drive the score",
+                                         ["device", "channel"], registry=r)
         self.threshold = Gauge("sensord_threshold", "Alert threshold on the reconstruction error", registry=r)
         self.anomaly_state = Gauge("sensord_anomaly_state", "1 while an alert is raised for the device",
                                    ["device"], registry=r)

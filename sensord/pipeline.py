@@ -26,6 +26,7 @@ import numpy as np
 from .bundle import ModelBundle
 from .config import DetectorConfig, SensordConfig
 from .detector import AlertDetector, AlertEvent, Decision
+from .homeassistant import HomeAssistantDiscovery
 from .metrics import DaemonMetrics
 from .payload import MessageRejected, PayloadParser, escape
 from .ratelimit import RateLimitedLog
@@ -80,8 +81,10 @@ class ScoringLoop:
     def __init__(self, metrics: DaemonMetrics, alerts: AlertPublisher, queue_size: int,
                  batch_max: int, batch_wait: float,
                  on_event: Callable[[AlertEvent, str], None] | None = None,
-                 state: StateStore | None = None, save_interval: float = 10.0) -> None:
+                 state: StateStore | None = None, save_interval: float = 10.0,
+                 discovery: HomeAssistantDiscovery | None = None) -> None:
         self.metrics = metrics
+        self.discovery = discovery
         self.state = state
         self.save_interval = save_interval
         self._dirty = False
@@ -89,6 +92,7 @@ class ScoringLoop:
         self._model_id: str | None = None
         self._warn = RateLimitedLog(log, 10.0)
         self.sink = MetricsSink(metrics)
+        self._share_channels: tuple[str, ...] | None = None  # the channels sensord_channel_error_share has
         self.alerts = alerts
         self.queue: queue.Queue[QueueItem] = queue.Queue(maxsize=queue_size)
         self.batch_max = batch_max
@@ -269,6 +273,8 @@ class ScoringLoop:
             self._window_error("publishing", device)
 
     def _decide(self, model: ServingModel, win: Window, error: float, shares: np.ndarray) -> None:
+        if self.discovery is not None:  # once per device and process; before its state, for Home Assistant
+            self._publish(win.device, self.discovery.announce, win.device)
         det = self.detectors.get(win.device)
         cfg = model.detector
         threshold = model.bundle.threshold.value
@@ -283,7 +289,11 @@ class ScoringLoop:
         decision: Decision = det.update(error, win.start, win.end, top)
         self._dirty = True
         self._model_id = model_id
-        self.sink.window(win.device, error, decision)
+        if model.bundle.channels != self._share_channels:  # a reload to a model with other channels
+            if self._share_channels is not None:
+                self.sink.channels_changed()
+            self._share_channels = model.bundle.channels
+        self.sink.window(win.device, error, decision, model.bundle.channels, shares.tolist())
         self._publish(win.device, self.alerts.score, win.device, win.end, error, decision)
         if decision.event is not None:
             ev = decision.event

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -97,10 +97,20 @@ class MetricsSink:
     def __init__(self, metrics: DaemonMetrics) -> None:
         self.m = metrics
 
-    def window(self, device: str, error: float, decision: Decision) -> None:
+    def window(self, device: str, error: float, decision: Decision, channels: tuple[str, ...] = (),
+               shares: Sequence[float] = ()) -> None:
+        """One scored window: its error, score and state, and each channel's share of its error (the "why"
+        an operator and an alert's text need: which sensors drive the score)."""
         self.m.windows_scored.labels(device).inc()
+        for channel, share in zip(channels, shares, strict=True):
+            self.m.channel_error_share.labels(device, channel).set(float(share))
         self.m.reconstruction_error.labels(device).set(error)
         self.m.anomaly_score.labels(device).set(decision.score)
         self.m.anomaly_state.labels(device).set(1 if decision.active else 0)
         if decision.event is not None and decision.event.state == "raised":
             self.m.alerts_raised.labels(device).inc()
+
+    def channels_changed(self) -> None:
+        """The model now has other channels: the old channels' shares would be stale forever, so every
+        share series goes; each device's come back with its next window."""
+        self.m.channel_error_share.clear()

@@ -9,6 +9,7 @@ Imported as a top-level module (``from e2e_support import DaemonProcess``), like
   file and metrics port, its Prometheus metrics scraped over HTTP;
 - :class:`QosPublisher`: a paho client publishing QoS 1, waiting for each PUBACK;
 - :func:`daemon_config`: the config document a test daemon starts from;
+- :class:`Prometheus`: a real Prometheus with the shipped config and rules, on a free port;
 - small things: :func:`free_port`, :func:`wait_until`, :func:`merge`, :func:`write_yaml`.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,6 +25,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable
@@ -30,6 +33,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import paho.mqtt.client as mqtt
+import pytest
 import yaml
 from broker import MosquittoBroker
 from prometheus_client.parser import text_string_to_metric_families
@@ -156,7 +160,7 @@ def daemon_config(broker: MosquittoBroker, bundle: Path, *, window: int, detecto
 
 
 class DaemonProcess:
-    """``python -m sensord.cli run`` on ``doc``, written to ``{tmp}/{name}.yaml``; output in ``{tmp}/{name}.log``.
+    """``python -m sensord run`` on ``doc``, written to ``{tmp}/{name}.yaml``; output in ``{tmp}/{name}.log``.
 
     Started at once; the systemd variables of the test's own environment are not passed on, ``extra_env`` is.
     """
@@ -175,7 +179,7 @@ class DaemonProcess:
         env = {k: v for k, v in os.environ.items() if k not in _SYSTEMD_ENV}
         env.update(extra_env or {})
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", "sensord.cli", "run", "--config", str(self.cfg_path)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "sensord", "run", "--config", str(self.cfg_path)],
                                      stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
                                      cwd=ROOT, env=env)
 
@@ -242,6 +246,78 @@ class DaemonProcess:
 
     def stop(self) -> None:
         stop_process(self.proc)
+        self._log.close()
+
+
+# -- Prometheus ------------------------------------------------------------------------------------
+
+PROMETHEUS_DEPLOY = ROOT / "deploy" / "prometheus"
+
+
+def binary(name: str, package: str = "prometheus") -> str:
+    """The path of an apt-installed tool; the test fails (never skips) without it."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} not found: `make test` installs it (apt-get install -y {package})")
+    return path
+
+
+class Prometheus:
+    """A real Prometheus on a free port: the shipped config, pointed at the daemon, scraping every second.
+
+    ``jobs`` replace the shipped scrape jobs (their targets are set to the daemon's port). Alerts go to the
+    Alertmanager on ``alertmanager_port``, or nowhere: never to whatever listens on the shipped 9093.
+    """
+
+    def __init__(self, tmp: Path, target_port: int, jobs: list[dict[str, Any]] | None = None,
+                 alertmanager_port: int | None = None) -> None:
+        doc = yaml.safe_load((PROMETHEUS_DEPLOY / "prometheus.yml").read_text())
+        doc["global"].update({"scrape_interval": "1s", "evaluation_interval": "1s"})
+        doc["rule_files"] = [str(PROMETHEUS_DEPLOY / "alerts.yml")]
+        if alertmanager_port is None:
+            del doc["alerting"]
+        else:
+            (am,) = doc["alerting"]["alertmanagers"]
+            am["static_configs"][0]["targets"] = [f"127.0.0.1:{alertmanager_port}"]
+        if jobs is not None:
+            doc["scrape_configs"] = jobs
+        for job in doc["scrape_configs"]:
+            job.update({"scrape_interval": "1s", "scrape_timeout": "1s"})
+            job["static_configs"][0]["targets"] = [f"127.0.0.1:{target_port}"]
+        (tmp / "prometheus.yml").write_text(yaml.safe_dump(doc))
+        self.port = free_port()
+        self.log_path = tmp / "prometheus.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [binary("prometheus"), f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{self.port}"],
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        wait_until(self._ready, 30, f"Prometheus ready on {self.port}; log:\n{self.log_path}")
+
+    def _ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def api(self, path: str, **params: str) -> Any:
+        url = f"http://127.0.0.1:{self.port}/api/v1/{path}"
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        with urllib.request.urlopen(url, timeout=5) as r:
+            body = json.loads(r.read())
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def value(self, query: str) -> dict[tuple[tuple[str, str], ...], float]:
+        """Instant query -> {label set without __name__/job/instance/service: value}."""
+        drop = {"__name__", "job", "instance", "service"}
+        return {tuple(sorted((k, v) for k, v in r["metric"].items() if k not in drop)): float(r["value"][1])
+                for r in self.api("query", query=query)["result"]}
+
+    def stop(self) -> None:
+        stop_process(self.proc, 10)
         self._log.close()
 
 

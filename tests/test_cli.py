@@ -1,9 +1,19 @@
-"""``sensord``'s exit statuses, in-process: the project's own errors map to sysexits, anything else is a bug (70)."""
+"""The command line: exit statuses (in-process: the project's own errors map to sysexits, anything else is a
+bug, 70), help on every option, ``python -m sensord``, and a serving-only install.
+
+An edge box that only serves installs ``sensord`` without the ``train`` extra (no TensorFlow, no
+matplotlib). There, ``train``, ``plot``, ``bench`` and ``demo`` must say what to install, with exit status
+69, instead of a traceback. Those tests run the real command line in a fresh interpreter where those
+packages cannot be imported (the import fails exactly as it does when they are absent).
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -90,3 +100,94 @@ def test_programming_error_exits_70_with_its_traceback(monkeypatch: pytest.Monke
     assert f"{type(exc).__name__}: " in err and "in command" in err  # the frame that raised
     assert "data error" not in err
     assert err.rstrip().splitlines()[-1].startswith(f"sensord: internal error ({type(exc).__name__})")
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- help, python -m sensord, the train extra ---------------------------------------------------------
+
+def _parsers(parser: argparse.ArgumentParser) -> list[tuple[str, argparse.ArgumentParser]]:
+    out = [(parser.prog, parser)]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                out += _parsers(sub)
+    return out
+
+
+def test_every_command_and_option_has_help() -> None:
+    missing = []
+    for prog, parser in _parsers(cli.build_parser()):
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):  # each command's one-line help
+                missing += [f"{prog} {c.dest}" for c in a._choices_actions if not (c.help or "").strip()]
+            elif not isinstance(a, argparse._HelpAction) and not (a.help or "").strip():
+                missing.append(f"{prog} {'/'.join(a.option_strings) or a.dest}")
+    assert missing == []
+    commands = {prog.split()[-1] for prog, _ in _parsers(cli.build_parser())}
+    assert {"run", "check-config", "train", "evaluate", "plot", "simulate", "demo", "skab"} <= commands
+
+
+def test_python_m_sensord_is_the_command_line() -> None:
+    res = subprocess.run([sys.executable, "-m", "sensord", "--help"], capture_output=True, text=True, timeout=60,
+                         cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    assert "check-config" in res.stdout and "train" in res.stdout
+    res = subprocess.run([sys.executable, "-m", "sensord", "train", "--help"], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT)
+    assert res.returncode == 0 and "CSV of healthy readings" in res.stdout
+
+
+TRAIN_EXTRA = ("tensorflow", "tf_keras", "keras", "matplotlib", "tensorboard")
+
+
+@pytest.fixture(scope="module")
+def serving_only_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A site-packages like this environment's, without the train extra's packages: everything else linked
+    in, TensorFlow, Keras and matplotlib (and their dist-info) simply absent, as on a serving-only box."""
+    import sysconfig
+    real = Path(sysconfig.get_paths()["purelib"])
+    site = tmp_path_factory.mktemp("serving-only-site")
+    for entry in real.iterdir():
+        if not entry.name.lower().startswith(TRAIN_EXTRA):
+            (site / entry.name).symlink_to(entry)
+    return site
+
+
+def _serving_only(site: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m sensord ARGS`` with ``site`` as the only site-packages (-S: not the real one)."""
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{site}{os.pathsep}{ROOT}"}
+    return subprocess.run([sys.executable, "-S", "-m", "sensord", *args], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, env=env)
+
+
+def test_the_serving_only_site_lacks_the_train_extra(serving_only_site: Path) -> None:
+    res = subprocess.run([sys.executable, "-S", "-c", "import numpy, paho, ai_edge_litert; import tensorflow"],
+                         capture_output=True, text=True, env={"PYTHONPATH": str(serving_only_site)}, timeout=60)
+    assert res.returncode == 1 and "No module named 'tensorflow'" in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("command", ["train", "plot", "bench", "demo"])
+def test_training_commands_without_the_train_extra_say_what_to_install(serving_only_site: Path, tmp_path: Path,
+                                                                       command: str) -> None:
+    """Said before any data is read: a large CSV is not loaded only to fail at the first TensorFlow import."""
+    from sensord.simulator import simulate
+    healthy, labelled = simulate(tmp_path / "sim", seconds=120)
+    args = {"train": ["train", "--data", str(healthy), "--out", str(tmp_path / "model")],
+            "plot": ["plot", "--model", str(tmp_path / "no-model-needed"), "--data", str(labelled), "--out",
+                     str(tmp_path / "plots")],
+            "bench": ["bench", "skab", "--data", str(tmp_path / "sim")],
+            "demo": ["demo", "--workdir", str(tmp_path / "demo")]}[command]
+    res = _serving_only(serving_only_site, *args)
+    missing = "matplotlib" if command == "plot" else "tensorflow"  # the first one each command needs
+    assert res.returncode == 69, res.stderr
+    assert res.stderr.splitlines()[-1] == \
+        f"sensord: unavailable: needs the train extra: pip install 'sensord[train]' ({missing} is not installed)"
+    assert "Traceback" not in res.stderr
+
+
+def test_serving_commands_work_without_the_train_extra(serving_only_site: Path) -> None:
+    res = _serving_only(serving_only_site, "check-config", "--config", str(ROOT / "config" / "sensord.yaml"))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("OK ")

@@ -344,8 +344,9 @@ def test_example_config_documents_the_defaults() -> None:
 
 
 def test_example_config_passes_check_config() -> None:
+    """Through ``python -m sensord``, the entry point for a venv whose bin/ is not on PATH."""
     assert EXAMPLE.is_file(), f"{EXAMPLE} is missing"
-    proc = subprocess.run([sys.executable, "-m", "sensord.cli", "check-config", "--config", str(EXAMPLE)],
+    proc = subprocess.run([sys.executable, "-m", "sensord", "check-config", "--config", str(EXAMPLE)],
                           capture_output=True, text=True, timeout=60, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("OK ")
@@ -410,6 +411,7 @@ RESTART_ONLY_CHANGES: dict[tuple[str, ...], dict[str, Any]] = {
     ("daemon", "state_dir"): {"daemon": {"state_dir": "/tmp/state"}},
     ("daemon", "state_save_interval_seconds"): {"daemon": {"state_save_interval_seconds": 30.0}},
     ("daemon", "outbox_max_alerts"): {"daemon": {"outbox_max_alerts": 50}},
+    ("homeassistant",): {"homeassistant": {"enabled": True}},
 }
 
 

@@ -49,6 +49,7 @@ GAUGES = {
     "sensord_devices",
     "sensord_model_info",
     "sensord_outbox_depth",
+    "sensord_channel_error_share",
 }
 HISTOGRAMS = {
     "sensord_scoring_batch_size",
@@ -118,6 +119,9 @@ def test_prometheus_scrapes_sensord_on_localhost_9108() -> None:
     assert job["scrape_interval"] == "5s"
     # The rule file it loads is the one checked below.
     assert "alerts.yml" in doc["rule_files"]
+    # And its alerts go to the Alertmanager of deploy/alertmanager/ on the same box.
+    (am,) = doc["alerting"]["alertmanagers"]
+    assert am["static_configs"][0]["targets"] == ["127.0.0.1:9093"]
 
 
 def test_alert_rules(alert_rules: list[dict[str, Any]]) -> None:
@@ -130,11 +134,15 @@ def test_alert_rules(alert_rules: list[dict[str, Any]]) -> None:
         "SensordStateNotSaved",
         "SensordAlertsUndelivered",
         "SensordWindowErrors",
+        "SensordNoReadings",
     }
     squash = lambda s: re.sub(r"\s+", "", s)  # noqa: E731
     assert re.fullmatch(r'up(\{job="sensord"\})?==0', squash(by_name["SensordDown"]["expr"]))
     assert by_name["SensordDown"]["for"] == "1m"
-    assert squash(by_name["SensordAnomaly"]["expr"]) == "sensord_anomaly_state==1"
+    # The value is the score, for the notification; it fires exactly while the state is 1.
+    assert squash(by_name["SensordAnomaly"]["expr"]) == \
+        "sensord_anomaly_scoreandon(job,instance,device)sensord_anomaly_state==1"
+    assert "sensord_messages_received_total" in by_name["SensordNoReadings"]["expr"]
     assert squash(by_name["SensordMqttDisconnected"]["expr"]) == "sensord_mqtt_connected==0"
     assert by_name["SensordMqttDisconnected"]["for"] == "1m"
     assert (
@@ -146,6 +154,8 @@ def test_alert_rules(alert_rules: list[dict[str, Any]]) -> None:
     for rule in alert_rules:
         assert rule.get("labels", {}).get("severity"), f"{rule['alert']} has no severity"
         assert rule.get("annotations", {}).get("summary"), f"{rule['alert']} has no summary"
+        assert rule["annotations"].get("runbook_url"), f"{rule['alert']} has no runbook_url"
+        assert rule["annotations"].get("dashboard"), f"{rule['alert']} has no dashboard link"
 
 
 def test_alert_rules_use_known_metrics(alert_rules: list[dict[str, Any]]) -> None:
@@ -179,6 +189,7 @@ def test_dashboard_uses_known_metrics(dashboard: dict[str, Any]) -> None:
         "sensord_mqtt_connected",
         "sensord_mqtt_reconnects_total",
         "sensord_model_info",
+        "sensord_channel_error_share",
     }
     assert expected <= used, f"dashboard lacks: {sorted(expected - used)}"
 
@@ -229,6 +240,15 @@ def test_dashboard_structure(dashboard: dict[str, Any]) -> None:
     types = {p["title"]: p["type"] for p in _all_panels(dashboard)}
     assert types["Anomaly state"] == "state-timeline"
     assert types["Model info"] == "table"
+    # Why a device is anomalous: its top sensors now, and each sensor's share over time.
+    (top,) = [p for p in _all_panels(dashboard) if p["title"] == "Top sensors now"]
+    assert top["type"] == "bargauge" and top["targets"][0]["instant"]
+    assert re.fullmatch(r'topk by \(device\) \(3, sensord_channel_error_share\{device=~"\$device"\}\)',
+                        top["targets"][0]["expr"])
+    # Raise and clear as annotations, from the metrics (no annotation database).
+    (anomalies,) = [a for a in dashboard["annotations"]["list"] if a.get("expr")]
+    assert "sensord_anomaly_state" in anomalies["expr"] and anomalies["datasource"]["uid"] == "${DS_PROMETHEUS}"
+    assert anomalies["enable"] and "{{device}}" in anomalies["titleFormat"]
 
 
 def test_grafana_provisioning() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -274,6 +275,54 @@ def test_alerts_match_offline_detector(data: tuple[Path, Series], rigs: list[Rig
     assert states[-1] == "normal"
     assert r.value("sensord_alerts_raised_total", device="p1") == len(raised)
     assert r.value("sensord_anomaly_state", device="p1") == 0
+
+
+def _shares(r: Rig, device: str) -> dict[str, float]:
+    """The sensord_channel_error_share series of ``device`` in the registry, by channel."""
+    out = {}
+    for fam in r.metrics.registry.collect():
+        for s in fam.samples:
+            if s.name == "sensord_channel_error_share" and s.labels["device"] == device:
+                out[s.labels["channel"]] = s.value
+    return out
+
+
+def test_channel_error_shares_say_which_sensor_drives_the_score(data: tuple[Path, Series], rigs: list[Rig]) -> None:
+    """One channel far off: its share of the last window's error is the largest, a device's shares sum to 1,
+    and they are the shares the alert names as top_channels."""
+    series = data[1]
+    values = series.values[:40].copy()
+    values[20:, CHANNELS.index("pressure")] += 10.0 * np.std(series.values[:, CHANNELS.index("pressure")])
+    r = Rig(make_cfg(data[0], {"raise_after": 1, "clear_after": 5}))
+    rigs.append(r)
+    r.send_rows("p1", Series(series.timestamps[:40], values, CHANNELS, None))
+    r.send_rows("p2", series, 0, W)  # a healthy neighbour: one window
+    r.scoring.process(r.queued())
+    p1, p2 = _shares(r, "p1"), _shares(r, "p2")
+    assert set(p1) == set(p2) == set(CHANNELS)  # one series per channel of the model, per device
+    assert sum(p1.values()) == pytest.approx(1.0) and sum(p2.values()) == pytest.approx(1.0)
+    assert max(p1, key=p1.__getitem__) == "pressure" and p1["pressure"] > 0.5
+    (raised,) = [b for _, b, _, _ in r.pub.on(f"{PREFIX}/alerts/p1") if b["state"] == "raised"]
+    assert raised["top_channels"][0]["channel"] == "pressure"
+
+
+def test_a_model_with_other_channels_drops_the_old_channels_share_series(data: tuple[Path, Series],
+                                                                      rigs: list[Rig]) -> None:
+    """After a reload to a model whose channels differ, no series is left for a channel the model lacks."""
+    r = Rig(make_cfg(data[0]))
+    rigs.append(r)
+    r.send_rows("p1", data[1], 0, W)
+    r.send_rows("p2", data[1], 0, W)
+    items = r.queued()
+    r.scoring.process(items)
+    assert set(_shares(r, "p2")) == set(CHANNELS)
+    renamed = tuple(f"new_{c}" for c in CHANNELS)
+    other = dataclasses.replace(r.model, bundle=dataclasses.replace(r.model.bundle, channels=renamed))
+    r.scoring.process([(other, items[0][1])])  # only p1 scored with the new model so far
+    assert set(_shares(r, "p1")) == set(renamed)
+    assert _shares(r, "p2") == {}  # p2's shares were for channels the model no longer has
+    r.scoring.process([(other, items[1][1])])
+    assert set(_shares(r, "p2")) == set(renamed)
 
 
 def _iso(ts: float) -> str:

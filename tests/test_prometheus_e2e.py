@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,11 +25,11 @@ from e2e_support import (
     ROOT,
     TINY_WINDOW,
     DaemonProcess,
+    Prometheus,
     QosPublisher,
     TrainedBundle,
+    binary,
     daemon_config,
-    free_port,
-    stop_process,
     wait_until,
 )
 
@@ -44,15 +42,8 @@ DETECTOR = {"raise_after": 2, "clear_after": 500}  # the alert stays raised whil
 DEPLOY = ROOT / "deploy" / "prometheus"
 
 
-def _binary(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} not found: `make test` installs it (apt-get install -y prometheus)")
-    return path
-
-
 def test_promtool_accepts_the_shipped_config_and_rules(tmp_path: Path) -> None:
-    promtool = _binary("promtool")
+    promtool = binary("promtool")
     # The https job as a user enables it: uncommented, in place of the plain one.
     doc = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
     doc["rule_files"] = [str(DEPLOY / "alerts.yml")]
@@ -75,6 +66,25 @@ def stream(tiny_bundle: TrainedBundle) -> tuple[Path, Series]:
     return trained.bundle, Series(s.timestamps, v, s.channels, None, "step")
 
 
+def dashboard_queries() -> list[str]:
+    """The PromQL of deploy/grafana's dashboard, with Grafana's variables put in as Grafana would."""
+    dash = json.loads((ROOT / "deploy" / "grafana" / "sensord-dashboard.json").read_text())
+    exprs = [a["expr"] for a in dash["annotations"]["list"] if a.get("expr")]
+    for panel in dash["panels"]:
+        exprs += [t["expr"] for t in panel.get("targets", [])]
+    for var in dash["templating"]["list"]:
+        if var["type"] == "query":  # label_values(metric, label) is Grafana's; the series query behind it
+            exprs.append(var["definition"].removeprefix("label_values(").rsplit(",", 1)[0])
+    subst = {"$device": ".*", "$__rate_interval": "1m", "$__range": "5m", "$__interval": "5s"}
+    out = []
+    for e in exprs:
+        for k, v in subst.items():
+            e = e.replace(k, v)
+        out.append(e)
+    assert len(out) > 20
+    return out
+
+
 def https_job() -> dict[str, Any]:
     """The commented-out scrape job of the shipped prometheus.yml (TLS and basic auth), uncommented."""
     lines = (DEPLOY / "prometheus.yml").read_text().splitlines()
@@ -83,58 +93,6 @@ def https_job() -> dict[str, Any]:
             for ln in lines[start + 1:end]]
     (job,) = yaml.safe_load("\n".join(body))
     return job
-
-
-class Prometheus:
-    """A real Prometheus on a free port: the shipped config, pointed at the daemon, scraping every second.
-
-    ``jobs`` replace the shipped scrape jobs (their targets are set to the daemon's port).
-    """
-
-    def __init__(self, tmp: Path, target_port: int, jobs: list[dict[str, Any]] | None = None) -> None:
-        doc = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
-        doc["global"].update({"scrape_interval": "1s", "evaluation_interval": "1s"})
-        doc["rule_files"] = [str(DEPLOY / "alerts.yml")]
-        if jobs is not None:
-            doc["scrape_configs"] = jobs
-        for job in doc["scrape_configs"]:
-            job.update({"scrape_interval": "1s", "scrape_timeout": "1s"})
-            job["static_configs"][0]["targets"] = [f"127.0.0.1:{target_port}"]
-        (tmp / "prometheus.yml").write_text(yaml.safe_dump(doc))
-        self.port = free_port()
-        self.log_path = tmp / "prometheus.log"
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [_binary("prometheus"), f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{self.port}"],
-            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        wait_until(self._ready, 30, f"Prometheus ready on {self.port}; log:\n{self.log_path}")
-
-    def _ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=1) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
-    def api(self, path: str, **params: str) -> Any:
-        url = f"http://127.0.0.1:{self.port}/api/v1/{path}"
-        if params:
-            url += "?" + urllib.parse.urlencode(params)
-        with urllib.request.urlopen(url, timeout=5) as r:
-            body = json.loads(r.read())
-        assert body["status"] == "success", body
-        return body["data"]
-
-    def value(self, query: str) -> dict[tuple[tuple[str, str], ...], float]:
-        """Instant query -> {label set without __name__/job/instance/service: value}."""
-        drop = {"__name__", "job", "instance", "service"}
-        return {tuple(sorted((k, v) for k, v in r["metric"].items() if k not in drop)): float(r["value"][1])
-                for r in self.api("query", query=query)["result"]}
-
-    def stop(self) -> None:
-        stop_process(self.proc, 10)
-        self._log.close()
 
 
 @pytest.fixture
@@ -181,6 +139,11 @@ def test_real_prometheus_scrapes_counts_and_fires_the_anomaly_rule(
     assert prom.value("sensord_anomaly_state") == {(("device", "pump9"),): 1.0}
     assert prom.value("sensord_alerts_raised_total") == {(("device", "pump9"),): 1.0}
     assert prom.value("sensord_mqtt_connected") == {(): 1.0}
+    # The standard process and Python metrics, for the usual process dashboards and alerts.
+    assert prom.value('process_resident_memory_bytes{job="sensord"}')[()] > 10e6
+    assert prom.value('process_open_fds{job="sensord"}')[()] > 0
+    (py,) = prom.api("query", query='python_info{job="sensord"}')["result"]
+    assert py["metric"]["implementation"] == "CPython"
     (info,) = prom.api("query", query="sensord_model_info")["result"]
     assert info["metric"]["window"] == str(W) and "current" in info["metric"]["channels"].split(",")
     count = prom.value("sensord_scoring_batch_size_count")[()]
@@ -194,6 +157,18 @@ def test_real_prometheus_scrapes_counts_and_fires_the_anomaly_rule(
     assert [a["labels"]["device"] for a in alerts] == ["pump9"]
     assert "pump9" in alerts[0]["annotations"]["summary"]
     assert not [a for a in prom.api("alerts")["alerts"] if a["labels"]["alertname"] != "SensordAnomaly"]
+
+    # Why: one share series per channel of the model, summing to 1; the channel shifted the most leads.
+    shares = {dict(k)["channel"]: v for k, v in prom.value('sensord_channel_error_share{device="pump9"}').items()}
+    assert set(shares) == set(info["metric"]["channels"].split(","))
+    assert sum(shares.values()) == pytest.approx(1.0, abs=1e-6)
+    top = prom.value('topk by (device) (1, sensord_channel_error_share{device="pump9"})')
+    assert [dict(k)["channel"] for k in top] == ["current"], shares
+
+    # Every query of the shipped dashboard (panels, annotations, the device variable) runs and has data.
+    # (A rate or an increase has data once two scrapes of a series are stored: waited for, not assumed.)
+    for expr in dashboard_queries():
+        wait_until(lambda e=expr: prom.api("query", query=e)["result"], 10, f"data for the dashboard query {expr}")
 
 
 
