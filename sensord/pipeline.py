@@ -23,12 +23,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .assembly import Assembler
 from .bundle import ModelBundle
 from .config import DetectorConfig, SensordConfig
 from .detector import AlertDetector, AlertEvent, Decision
+from .formats.base import ChannelUpdate, MessageRejected, Parser, escape, topic_matches
+from .formats.build import build_parser
 from .homeassistant import HomeAssistantDiscovery
 from .metrics import DaemonMetrics
-from .payload import MessageRejected, PayloadParser, escape
 from .ratelimit import RateLimitedLog
 from .scorer import Scorer
 from .sinks import AlertPublisher, MetricsSink
@@ -340,14 +342,34 @@ class Intake:
         self._lock = threading.Lock()
         self._warn = RateLimitedLog(log, cfg.logging.rate_limit_seconds)
         self._resync_logged: set[str] = set()
-        self.parser = self._parser(cfg, model)
+        self.parsers = self._parsers(cfg, model)
+        self.assembler = self._assembler(cfg, model)
 
     @staticmethod
-    def _parser(cfg: SensordConfig, model: ServingModel) -> PayloadParser:
-        m = cfg.mqtt
-        return PayloadParser(model.bundle.channels, m.device_topic, m.device_field, m.timestamp_field,
-                             m.values_field, max_clock_skew=cfg.daemon.max_clock_skew_seconds,
-                             bounds=(model.low, model.high))
+    def _parsers(cfg: SensordConfig, model: ServingModel) -> list[tuple[str, Parser]]:
+        """``(topic filter, parser)`` per subscription, in the configured order (the first match wins)."""
+        return [(sub.topic, build_parser(sub, cfg.mqtt, model.bundle.channels,
+                                         cfg.daemon.max_clock_skew_seconds, (model.low, model.high)))
+                for sub in cfg.mqtt.subscription_list()]
+
+    @staticmethod
+    def _assembler(cfg: SensordConfig, model: ServingModel) -> Assembler | None:
+        a = cfg.assembly
+        if a.sample_period_seconds is None:
+            return None
+        return Assembler(model.bundle.channels, a.sample_period_seconds, a.staleness(), a.late_tolerance_seconds)
+
+    @property
+    def parser(self) -> Parser:
+        """The first subscription's parser (what a single-subscription config uses)."""
+        return self.parsers[0][1]
+
+    def parser_for(self, topic: str) -> Parser:
+        """The parser of the first subscription whose filter matches ``topic`` (else the first one's)."""
+        for topic_filter, parser in self.parsers:
+            if topic_matches(topic_filter, topic):
+                return parser
+        return self.parsers[0][1]
 
     def _reject(self, reason: str, device: str, detail: str) -> None:
         self.metrics.readings_rejected.labels(reason).inc()
@@ -388,56 +410,85 @@ class Intake:
                                    "mqtt.max_payload_bytes is %d", escape(topic), len(payload), limit)
                 return True
             try:
-                readings = self.parser.parse(topic, payload)
+                readings = self.parser_for(topic).parse(topic, payload)
             except MessageRejected as exc:
                 self.metrics.messages_rejected.labels(exc.reason).inc()
                 self._warn.warning(f"message:{exc.reason}", "message rejected reason=%s topic=%s: %s",
                                    exc.reason, escape(topic), escape(exc))
                 return True
             for r in readings:
-                if r.problem is not None:
+                if isinstance(r, ChannelUpdate):
+                    self._assemble(r)
+                elif r.problem is not None:
                     self._reject(r.problem[0], r.device, r.problem[1])
-                    continue
-                buf = self.buffers.get(r.device)
-                if buf is None:
-                    if len(self.buffers) >= self.cfg.daemon.max_devices:
-                        self.metrics.devices_rejected.inc()
-                        self._reject("device_limit", r.device,
-                                     f"max_devices={self.cfg.daemon.max_devices} already tracked")
-                        continue
-                    buf = self.buffers[r.device] = WindowBuffer(self.model.spec, len(self.model.bundle.channels),
-                                                                r.device, self.cfg.daemon.clock_resync_after)
-                    self.metrics.devices.set(len(self.buffers))
-                    log.info("new device=%s (%d tracked)", r.device, len(self.buffers))
-                if r.clipped:
-                    self.metrics.values_clipped.inc()
-                    self._warn.warning("clipped", "reading of device=%s outside the healthy range by more than "
-                                       "scoring.clip_spreads=%g spreads: clipped", r.device,
-                                       self.cfg.scoring.clip_spreads)
-                resyncs = buf.resyncs
-                try:
-                    window = buf.push(r.timestamp, r.values)  # type: ignore[arg-type]
-                except ReadingRejected as exc:
-                    self._reject(exc.reason.value, r.device, str(exc))
-                    continue
-                if buf.resyncs != resyncs:
-                    self.metrics.clock_resyncs.inc()
-                    if r.device not in self._resync_logged:  # once per device; the counter has the rest
-                        self._resync_logged.add(r.device)
-                        log.warning("device=%s clock jumped back: %d readings in a row older than its last "
-                                    "one; window restarted at %.3f", r.device, buf.resync_after, r.timestamp)
-                if window is None:
-                    continue
-                dropped = self.scoring.submit(self.model, window, len(self.buffers))
-                if dropped == "queue_full":
-                    self._warn.warning("queue_full", "scoring queue full (%d): window of device=%s dropped",
-                                       self.scoring.queue.maxsize, r.device)
-                elif dropped == "throttled":
-                    self._warn.warning("throttled", "device=%s has its share of the scoring queue (%d of %d "
-                                       "windows, %d devices) waiting: window dropped", r.device,
-                                       max(1, self.scoring.queue.maxsize // len(self.buffers)),
-                                       self.scoring.queue.maxsize, len(self.buffers))
+                else:
+                    assert r.values is not None
+                    self._take(r.device, r.timestamp, r.values, r.clipped)
         return True
+
+    def _tracked(self, device: str) -> bool:
+        """Whether ``device`` is, or may become, a tracked device (``daemon.max_devices``); counted if not."""
+        if device in self.buffers or (self.assembler is not None and device in self.assembler):
+            return True
+        tracked = len(self.buffers) + (sum(d not in self.buffers for d in self.assembler.devices)
+                                       if self.assembler is not None else 0)
+        if tracked >= self.cfg.daemon.max_devices:
+            self.metrics.devices_rejected.inc()
+            self._reject("device_limit", device, f"max_devices={self.cfg.daemon.max_devices} already tracked")
+            return False
+        return True
+
+    def _assemble(self, update: ChannelUpdate) -> None:
+        """Single channels -> rows on the assembly clock -> the device's window buffer."""
+        if self.assembler is None:  # (the config requires the period for every format that sends these)
+            self._reject("missing_channel", update.device, "channels arrive separately but "
+                         "assembly.sample_period_seconds is not set")
+            return
+        if not self._tracked(update.device):
+            return
+        done = self.assembler.add(update.device, update.timestamp, update.values)
+        for reason, detail in done.problems:
+            self._reject(reason, update.device, detail)
+        for ts, values in done.rows:
+            self._take(update.device, ts, values, update.clipped)
+
+    def _take(self, device: str, timestamp: float, values: np.ndarray, clipped: bool) -> None:
+        """One whole row into the device's window buffer; a complete window goes to the scoring queue."""
+        buf = self.buffers.get(device)
+        if buf is None:
+            if not self._tracked(device):
+                return
+            buf = self.buffers[device] = WindowBuffer(self.model.spec, len(self.model.bundle.channels),
+                                                      device, self.cfg.daemon.clock_resync_after)
+            self.metrics.devices.set(len(self.buffers))
+            log.info("new device=%s (%d tracked)", device, len(self.buffers))
+        if clipped:
+            self.metrics.values_clipped.inc()
+            self._warn.warning("clipped", "reading of device=%s outside the healthy range by more than "
+                               "scoring.clip_spreads=%g spreads: clipped", device, self.cfg.scoring.clip_spreads)
+        resyncs = buf.resyncs
+        try:
+            window = buf.push(timestamp, values)
+        except ReadingRejected as exc:
+            self._reject(exc.reason.value, device, str(exc))
+            return
+        if buf.resyncs != resyncs:
+            self.metrics.clock_resyncs.inc()
+            if device not in self._resync_logged:  # once per device; the counter has the rest
+                self._resync_logged.add(device)
+                log.warning("device=%s clock jumped back: %d readings in a row older than its last "
+                            "one; window restarted at %.3f", device, buf.resync_after, timestamp)
+        if window is None:
+            return
+        dropped = self.scoring.submit(self.model, window, len(self.buffers))
+        if dropped == "queue_full":
+            self._warn.warning("queue_full", "scoring queue full (%d): window of device=%s dropped",
+                               self.scoring.queue.maxsize, device)
+        elif dropped == "throttled":
+            self._warn.warning("throttled", "device=%s has its share of the scoring queue (%d of %d "
+                               "windows, %d devices) waiting: window dropped", device,
+                               max(1, self.scoring.queue.maxsize // len(self.buffers)),
+                               self.scoring.queue.maxsize, len(self.buffers))
 
     def swap(self, cfg: SensordConfig, model: ServingModel) -> None:
         """Switch to a new config/model between two messages; nothing queued is lost."""
@@ -450,8 +501,11 @@ class Intake:
                 log.warning("new model has a different window/channels: device windows restart")
                 self.buffers.clear()
                 self.metrics.devices.set(0)
+            if (self.assembler is None or cfg.assembly != self.cfg.assembly
+                    or model.bundle.channels != self.model.bundle.channels):
+                self.assembler = self._assembler(cfg, model)
             self.cfg, self.model = cfg, model
-            self.parser = self._parser(cfg, model)
+            self.parsers = self._parsers(cfg, model)
             self._warn.interval = cfg.logging.rate_limit_seconds
 
     def stop(self) -> None:
