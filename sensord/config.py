@@ -204,7 +204,6 @@ class TlsConfig:
         return self
 
 
-FORMATS = ("json", "topic_per_channel")
 
 
 @dataclass(config=_STRICT)
@@ -215,16 +214,20 @@ class SubscriptionConfig:
     """
 
     topic: StrictStr
-    format: Literal["json", "topic_per_channel"] = "json"
+    format: Literal["json", "topic_per_channel", "influx_line", "sparkplug_b"] = "json"
     # json: where the device id is (a topic template with {device}); topic_per_channel: the topic
     # template with {device} and {channel}, e.g. "plant/line1/{device}/{channel}".
     device_topic: StrictStr | None = None
     device_field: StrictStr | None = None  # json: dotted paths allowed, e.g. tags.host
     timestamp_field: StrictStr | None = None
     values_field: StrictStr | None = None
-    # json: a reading may carry only the channels that changed (report by exception); rows are then
-    # built on the assembly clock.
+    # json, influx_line: a reading may carry only the channels that changed (report by exception); rows are
+    # then built on the assembly clock.
     partial: StrictBool = False
+    # influx_line: the tag that names the device, the timestamp unit, and (optional) the one measurement read.
+    device_tag: StrictStr = "host"
+    precision: Literal["ns", "us", "ms", "s"] = "ns"
+    measurement: StrictStr | None = None
 
     @model_validator(mode="after")
     def _template(self) -> SubscriptionConfig:
@@ -243,7 +246,7 @@ class SubscriptionConfig:
     @property
     def assembled(self) -> bool:
         """Whether its readings are single channels that the assembler turns into rows."""
-        return self.format == "topic_per_channel" or self.partial
+        return self.format in ("topic_per_channel", "sparkplug_b") or self.partial
 
 
 @dataclass(config=_STRICT)

@@ -44,7 +44,8 @@ MESSAGE_REJECT_REASONS = ("malformed_json", "too_large", "bad_payload", "no_devi
                           "internal_error")
 READING_REJECT_REASONS = ("bad_device_id", "missing_channel", "bad_value", "bad_timestamp", "future_timestamp",
                           "out_of_order", "non_finite", "wrong_shape", "device_limit",
-                          "unknown_channel", "late_value", "incomplete_row")
+                          "unknown_channel", "late_value", "incomplete_row", "malformed_line",
+                          "unknown_alias")
 WINDOW_ERROR_STAGES = ("scoring", "detection", "publishing")
 # One line a minute is enough to show a misconfigured scraper; the counters have the full count.
 _PEER_WARNING_INTERVAL = 60.0

@@ -27,7 +27,7 @@ from .assembly import Assembler
 from .bundle import ModelBundle
 from .config import DetectorConfig, SensordConfig
 from .detector import AlertDetector, AlertEvent, Decision
-from .formats.base import ChannelUpdate, MessageRejected, Parser, escape, topic_matches
+from .formats.base import ChannelUpdate, DeviceDeath, MessageRejected, Parser, escape, topic_matches
 from .formats.build import build_parser
 from .homeassistant import HomeAssistantDiscovery
 from .metrics import DaemonMetrics
@@ -419,6 +419,8 @@ class Intake:
             for r in readings:
                 if isinstance(r, ChannelUpdate):
                     self._assemble(r)
+                elif isinstance(r, DeviceDeath):
+                    self._died(r.device)
                 elif r.problem is not None:
                     self._reject(r.problem[0], r.device, r.problem[1])
                 else:
@@ -437,6 +439,15 @@ class Intake:
             self._reject("device_limit", device, f"max_devices={self.cfg.daemon.max_devices} already tracked")
             return False
         return True
+
+    def _died(self, device: str) -> None:
+        """The device announced its death: its window and held values go (a restart must not bridge the
+        outage); its detector, and so its alert state, stays."""
+        if self.assembler is not None:
+            self.assembler.forget(device)
+        if self.buffers.pop(device, None) is not None:
+            self.metrics.devices.set(len(self.buffers))
+            log.info("device=%s announced its death: its window restarts with its next reading", escape(device))
 
     def _assemble(self, update: ChannelUpdate) -> None:
         """Single channels -> rows on the assembly clock -> the device's window buffer."""

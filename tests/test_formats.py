@@ -5,6 +5,7 @@ counted rejection, never another exception."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,8 +14,10 @@ from hypothesis import strategies as st
 
 from sensord.assembly import Assembler
 from sensord.config import ConfigError, config_from_dict
-from sensord.formats.base import ChannelUpdate, MessageRejected, Reading, device_id_problem
+from sensord.formats.base import ChannelUpdate, DeviceDeath, MessageRejected, Reading, device_id_problem
+from sensord.formats.influx_line import InfluxLineParser
 from sensord.formats.json import JsonParser
+from sensord.formats.sparkplug_b import Payload, SparkplugParser
 from sensord.formats.topic_per_channel import TopicPerChannelParser
 from sensord.metrics import MESSAGE_REJECT_REASONS, READING_REJECT_REASONS
 
@@ -192,7 +195,10 @@ def check(out_or_exc: object) -> None:
             assert device_id_problem(r.device) is None and r.values is not None and r.values.shape == (2,)
 
 
-def run(parser: JsonParser | TopicPerChannelParser, topic: str, payload: bytes) -> object:
+AnyParser = JsonParser | TopicPerChannelParser | InfluxLineParser | SparkplugParser
+
+
+def run(parser: AnyParser, topic: str, payload: bytes) -> object:
     try:
         return parser.parse(topic, payload)
     except MessageRejected as exc:
@@ -237,3 +243,130 @@ def test_assembler_rows_are_on_the_grid_in_order_and_whole(
             assert abs(t / period - round(t / period)) < 1e-6 and v.shape == (2,)
             assert t > last.get(device, -np.inf)
             last[device] = t
+
+
+# -- influx_line ----------------------------------------------------------------------------------
+
+def influx(**kw: Any) -> InfluxLineParser:
+    return InfluxLineParser(CHANNELS, clock=lambda: 2e9, **kw)
+
+
+def test_influx_line_telegraf_capture_with_escapes_types_and_precision() -> None:
+    """Lines as Telegraf's MQTT output writes them (influx serializer, ns timestamps), several per message."""
+    payload = (b'pump,host=pump\\ 1,site=a\\,b temp=21.5,flow=3i,status="run, ok",alarm=false 1700000000000000000\n'
+               b'# a comment\n'
+               b'pump,host=pump2 flow=4u,temp=-1e1 1700000001000000000\n')
+    out = influx().parse("telegraf/pumps", payload)
+    assert [(r.device, r.timestamp, r.values.tolist()) for r in out  # type: ignore[union-attr]
+            ] == [("pump 1", 1.7e9, [21.5, 3.0]), ("pump2", 1700000001.0, [-10.0, 4.0])]
+    (r,) = influx(precision="ms").parse("t", b"m,host=p temp=1,flow=2 1700000000000")
+    assert isinstance(r, Reading) and r.timestamp == 1.7e9
+    (r,) = influx().parse("t", b"m,host=p temp=1,flow=2")
+    assert isinstance(r, Reading) and r.timestamp == 2e9  # no timestamp: the arrival time
+
+
+@pytest.mark.parametrize(("line", "reason"), [
+    (b"m,host=p temp=1", "missing_channel"),
+    (b'm,host=p temp="1",flow=2', "bad_value"),
+    (b"m,host=p temp=t,flow=2", "bad_value"),
+    (b"m,site=x temp=1,flow=2", "bad_device_id"),
+    (b"m,host=a#b temp=1,flow=2", "bad_device_id"),
+    (b"m,host=p temp=1,flow=2 12:00", "bad_timestamp"),
+    (b"m,host=p temp=1,flow=2 1 2", "malformed_line"),
+    (b"m,host=p temp", "malformed_line"),
+    (b"m,host=p temp=1x,flow=2", "malformed_line"),
+    (b"m,host temp=1,flow=2", "malformed_line"),
+])
+def test_influx_line_rejections(line: bytes, reason: str) -> None:
+    (r,) = influx().parse("t", line)
+    assert isinstance(r, Reading) and r.problem is not None and r.problem[0] == reason, r
+
+
+def test_influx_line_measurement_filter_partial_and_device_from_topic() -> None:
+    p = influx(measurement="pump", partial=True, device_topic="t/{device}", device_tag="id")
+    (u,) = p.parse("t/p7", b"cpu,host=x usage=3\npump flow=2 1700000000000000000")
+    assert u == ChannelUpdate("p7", 1.7e9, {"flow": 2.0})
+    with pytest.raises(MessageRejected) as ei:
+        p.parse("t/p7", b"cpu usage=3")
+    assert ei.value.reason == "bad_payload"
+
+
+# -- sparkplug_b -----------------------------------------------------------------------------------
+
+def spb_payload(metrics: list[dict[str, Any]], ts: int | None = 1700000000000, seq: int = 0) -> bytes:
+    msg = Payload()
+    if ts is not None:
+        msg.timestamp = ts
+    msg.seq = seq
+    for m in metrics:
+        met = msg.metrics.add()
+        for k, v in m.items():
+            setattr(met, k, v)
+    return bytes(msg.SerializeToString())
+
+
+def test_sparkplug_births_name_aliases_and_data_uses_them() -> None:
+    p = SparkplugParser(CHANNELS, clock=lambda: 2e9)
+    nbirth = spb_payload([{"name": "bdSeq", "alias": 0, "long_value": 1}])
+    assert p.parse("spBv1.0/plant/NBIRTH/edge1", nbirth) == []
+    dbirth = spb_payload([{"name": "Sensors/temp", "alias": 1, "datatype": 10, "double_value": 20.0},
+                          {"name": "flow", "alias": 2, "datatype": 9, "float_value": 3.0},
+                          {"name": "Device Control/Rebirth", "alias": 3, "boolean_value": False}])
+    assert p.parse("spBv1.0/plant/DBIRTH/edge1/pump1", dbirth) == [
+        ChannelUpdate("pump1", 1.7e9, {"temp": 20.0, "flow": 3.0})]
+    ddata = spb_payload([{"alias": 1, "timestamp": 1700000001000, "double_value": 21.5},
+                         {"alias": 2, "timestamp": 1700000002000, "int_value": 4}])
+    assert p.parse("spBv1.0/plant/DDATA/edge1/pump1", ddata) == [
+        ChannelUpdate("pump1", 1700000001.0, {"temp": 21.5}), ChannelUpdate("pump1", 1700000002.0, {"flow": 4.0})]
+
+
+def test_sparkplug_unknown_alias_is_counted_and_death_forgets() -> None:
+    p = SparkplugParser(CHANNELS, clock=lambda: 2e9)
+    data = spb_payload([{"alias": 1, "double_value": 21.5}])
+    (r,) = p.parse("spBv1.0/plant/DDATA/edge1/pump1", data)
+    assert isinstance(r, Reading) and r.problem is not None and r.problem[0] == "unknown_alias"
+    p.parse("spBv1.0/plant/DBIRTH/edge1/pump1", spb_payload([{"name": "temp", "alias": 1, "double_value": 1.0}]))
+    assert p.parse("spBv1.0/plant/DDATA/edge1/pump1", data) == [ChannelUpdate("pump1", 1.7e9, {"temp": 21.5})]
+    assert p.parse("spBv1.0/plant/NDEATH/edge1", spb_payload([{"name": "bdSeq", "long_value": 1}])) == [
+        DeviceDeath("edge1"), DeviceDeath("pump1")]
+    (r,) = p.parse("spBv1.0/plant/DDATA/edge1/pump1", data)  # aliases died with the node
+    assert isinstance(r, Reading) and r.problem is not None and r.problem[0] == "unknown_alias"
+    assert p.parse("spBv1.0/plant/DDEATH/edge1/pump1", spb_payload([])) == [DeviceDeath("pump1")]
+
+
+@pytest.mark.parametrize(("topic", "payload", "reason"), [
+    ("spBv1.0/plant/DDATA/edge1", b"", "no_device"), ("spBv1.0/plant/STATE/edge1/x", b"", "no_device"),
+    ("plant/DDATA/edge1/x", b"", "no_device"), ("spBv1.0/plant/DDATA/edge1/pump1", b"\xff\xff\xff", "bad_payload")])
+def test_sparkplug_rejections(topic: str, payload: bytes, reason: str) -> None:
+    with pytest.raises(MessageRejected) as ei:
+        SparkplugParser(CHANNELS).parse(topic, payload)
+    assert ei.value.reason == reason
+
+
+@SETTINGS
+@given(topic=st.one_of(topics, st.builds(lambda k, d: f"spBv1.0/g/{k}/e1{d}",
+                                         st.sampled_from(["NBIRTH", "NDATA", "DBIRTH", "DDATA", "DDEATH", "NDEATH"]),
+                                         st.sampled_from(["", "/pump1", "/a+b"]))),
+       payloads=st.lists(st.one_of(st.binary(max_size=200), st.builds(
+           lambda ms: spb_payload(ms, None), st.lists(st.fixed_dictionaries({}, optional={
+               "name": st.sampled_from([*CHANNELS, "x/temp", "z"]), "alias": st.integers(0, 5),
+               "double_value": st.floats(), "string_value": st.text(max_size=4),
+               "long_value": st.integers(0, 2**64 - 1), "timestamp": st.integers(0, 2**64 - 1)}), max_size=4))),
+           min_size=1, max_size=4))
+def test_sparkplug_any_bytes_give_readings_or_a_counted_rejection(topic: str, payloads: list[bytes]) -> None:
+    p = SparkplugParser(CHANNELS, clock=lambda: 2e9)
+    for payload in payloads:
+        got = run(p, topic, payload)
+        if isinstance(got, list):
+            got = [r for r in got if not isinstance(r, DeviceDeath)] or [Reading("x", 0.0, None, ("bad_value", ""))]
+        check(got)
+
+
+@SETTINGS
+@given(topic=topics, payload=st.one_of(st.binary(max_size=200), st.text(max_size=120).map(str.encode),
+                                       st.lists(st.sampled_from(["m", ",", "host=", "p", " ", "temp=", "flow=", "1",
+                                                                 "2i", '"', "\\", "\n", "t", "1e400", "9" * 30]),
+                                                max_size=30).map(lambda x: "".join(x).encode())))
+def test_influx_line_any_bytes_give_readings_or_a_counted_rejection(topic: str, payload: bytes) -> None:
+    for p in (influx(), influx(partial=True, precision="s")):
+        check(run(p, topic, payload))

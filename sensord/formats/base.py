@@ -89,7 +89,14 @@ class ChannelUpdate:
     clipped: bool = False
 
 
-Item = Reading | ChannelUpdate
+@dataclass(frozen=True)
+class DeviceDeath:
+    """The device said it went away (Sparkplug NDEATH/DDEATH): its window restarts, its alert state stays."""
+
+    device: str
+
+
+Item = Reading | ChannelUpdate | DeviceDeath
 
 
 class Parser(Protocol):
