@@ -728,3 +728,54 @@ def test_restore_ignores_another_models_state(data: tuple[Path, Series], rigs: l
     rig.scoring.state = StateStore(tmp_path)
     assert rig.scoring.restore(rig.model, 100) == 0
     assert rig.scoring.detectors == {}
+
+
+# -- intake: formats that send channels separately -----------------------------------------------
+
+def test_assembled_formats_route_by_subscription_and_death_restarts_the_window(
+        data: tuple[Path, Series], rigs: list[Rig]) -> None:
+    """Per-channel topics and Sparkplug B go through the assembler into the same window buffers; a DDEATH
+    restarts the device's window; a late value and a DATA alias before its BIRTH are counted."""
+    from test_formats import spb_payload
+
+    path, series = data
+    cfg = config_from_dict({
+        "window": {"length": W}, "daemon": {"model": str(path), "max_devices": 2},
+        "assembly": {"sample_period_seconds": 1.0},
+        "mqtt": {"subscriptions": [
+            {"topic": "c/+/+", "format": "topic_per_channel", "device_topic": "c/{device}/{channel}"},
+            {"topic": "spBv1.0/g/#", "format": "sparkplug_b"}]}})
+    rig = Rig(cfg)
+    rigs.append(rig)
+    for i in range(W + 2):
+        ts = float(series.timestamps[i])
+        for ch, v in zip(CHANNELS, series.values[i], strict=True):
+            rig.intake.on_message(f"c/tpc/{ch}", json.dumps({"value": float(v), "ts": ts}).encode())
+    tpc = [w for _, w in rig.queued()]
+    assert len(tpc) == 3 and tpc[-1].end == float(series.timestamps[W + 1])
+    np.testing.assert_allclose(tpc[0].values, series.values[:W], rtol=1e-6)
+    rig.intake.on_message(f"c/tpc/{CHANNELS[0]}", json.dumps({"value": 1.0, "ts": ts - 3}).encode())
+    assert rig.value("sensord_readings_rejected_total", reason="late_value") == 1
+
+    def ddata(i: int) -> bytes:
+        return spb_payload([{"alias": j, "timestamp": round(float(series.timestamps[i]) * 1000),
+                             "double_value": float(v)} for j, v in enumerate(series.values[i])])
+    rig.intake.on_message("spBv1.0/g/DDATA/e1/spb", ddata(0))
+    assert rig.value("sensord_readings_rejected_total", reason="unknown_alias") == len(CHANNELS)
+    rig.intake.on_message("spBv1.0/g/DBIRTH/e1/spb", spb_payload(
+        [{"name": f"pump/{ch}", "alias": j, "is_null": True} for j, ch in enumerate(CHANNELS)]))
+    for i in range(W):
+        rig.intake.on_message("spBv1.0/g/DDATA/e1/spb", ddata(i))
+    assert len(rig.queued()) == 1
+    rig.intake.on_message("spBv1.0/g/DDEATH/e1/spb", spb_payload([]))
+    assert "spb" not in rig.intake.buffers
+    rig.intake.on_message("spBv1.0/g/DBIRTH/e1/spb", spb_payload(
+        [{"name": ch, "alias": j, "is_null": True} for j, ch in enumerate(CHANNELS)]))
+    for i in range(W, 2 * W - 1):
+        rig.intake.on_message("spBv1.0/g/DDATA/e1/spb", ddata(i))
+    assert rig.queued() == []  # the window restarted at the death: one reading short of a new one
+    rig.intake.on_message("spBv1.0/g/DDATA/e1/spb", ddata(2 * W - 1))
+    assert [w.start for _, w in rig.queued()] == [float(series.timestamps[W])]
+    # max_devices counts devices the assembler holds too
+    rig.intake.on_message(f"c/third/{CHANNELS[0]}", b"1.0")
+    assert rig.value("sensord_readings_rejected_total", reason="device_limit") == 1
