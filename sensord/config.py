@@ -400,6 +400,19 @@ class DaemonConfig:
     # Alerts not yet acknowledged by the broker, kept in {state_dir}/outbox/ (in memory if state_dir is null).
     outbox_max_alerts: Annotated[StrictInt, Field(ge=1, le=100_000), RESTART_ONLY] = 1000
 
+    # A device silent this long (by this host's clock) gets state "stale" on its retained state topic and
+    # "offline" on its availability topic; its alert state is kept.
+    device_timeout_seconds: PositiveFloat = 300.0
+    # ... and after this long its window, detector and metric labels go, so max_devices counts live devices.
+    device_forget_seconds: PositiveFloat = 86_400.0
+
+    @model_validator(mode="after")
+    def _forget_after_timeout(self) -> DaemonConfig:
+        if self.device_forget_seconds < self.device_timeout_seconds:
+            raise ValueError("device_forget_seconds: must be >= device_timeout_seconds "
+                             f"({self.device_timeout_seconds:g}), got {self.device_forget_seconds:g}")
+        return self
+
     @field_validator("state_dir")
     @classmethod
     def _state_dir_not_empty(cls, v: str | None) -> str | None:

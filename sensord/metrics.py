@@ -199,6 +199,8 @@ class DaemonMetrics:
         self.mqtt_session_takeovers = Counter("sensord_mqtt_session_takeovers", "Disconnections because another "
                                               "client connected with our client id", registry=r)
         self.devices = Gauge("sensord_devices", "Devices currently tracked", registry=r)
+        self.last_reading = Gauge("sensord_last_reading_timestamp_seconds", "When (this host's clock, Unix "
+                                  "seconds) the device's last reading was accepted", ["device"], registry=r)
         self.devices_rejected = Counter("sensord_devices_rejected",
                                         "Readings refused because max_devices was reached", registry=r)
         self.values_clipped = Counter("sensord_values_clipped", "Readings clipped to the healthy range +- "
@@ -289,3 +291,12 @@ class DaemonMetrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+    def forget_device(self, device: str) -> None:
+        """Drop every series labelled with ``device`` (a forgotten device must not linger in /metrics)."""
+        for metric in (self.windows_scored, self.reconstruction_error, self.anomaly_score, self.anomaly_state,
+                       self.alerts_raised, self.windows_throttled, self.last_reading):
+            try:
+                metric.remove(device)
+            except KeyError:  # never had that label
+                pass

@@ -101,6 +101,9 @@ class ScoringLoop:
         self.batch_wait = batch_wait
         self.on_event = on_event
         self.detectors: dict[str, AlertDetector] = {}
+        self.stale: set[str] = set()  # devices announced stale; the next window of one announces it back
+        self._liveness: list[tuple[str, str, float]] = []  # (what, device, last reading) from the main thread
+        self._liveness_lock = threading.Lock()
         self._pending: dict[str, int] = {}  # queued windows per device (fairness)
         self._pending_lock = threading.Lock()
         self.heartbeat = time.monotonic()
@@ -209,10 +212,36 @@ class ScoringLoop:
                     continue
         return batch
 
+    def liveness(self, stale: list[tuple[str, float]], forget: list[str]) -> None:
+        """Ask the scoring thread (which owns the detectors) to announce ``stale`` devices ``(device, last
+        reading)`` and to forget ``forget`` ones; applied within one batch wait."""
+        with self._liveness_lock:
+            self._liveness += [("stale", d, ts) for d, ts in stale] + [("forget", d, 0.0) for d in forget]
+
+    def _apply_liveness(self) -> None:
+        with self._liveness_lock:
+            todo, self._liveness = self._liveness, []
+        for what, device, ts in todo:
+            det = self.detectors.get(device)
+            if what == "stale":
+                self.stale.add(device)
+                log.warning("device=%s silent: state stale (alert %s)", escape(device),
+                            "still raised" if det is not None and det.active else "not raised")
+                model_id = self._model_id or ""
+                self._publish(device, self.alerts.stale, device, ts, det is not None and det.active, model_id)
+            else:
+                self.stale.discard(device)
+                if self.detectors.pop(device, None) is not None:
+                    self._dirty = True
+                self.metrics.forget_device(device)
+                log.info("device=%s forgotten after its silence: window, detector and metrics dropped",
+                         escape(device))
+
     def _run(self) -> None:
         while True:
             self.heartbeat = time.monotonic()
             batch = self._take_batch()
+            self._apply_liveness()
             self._maybe_save()
             if not batch:
                 self._idle.set()
@@ -285,8 +314,15 @@ class ScoringLoop:
             det = self.detectors[win.device] = AlertDetector(win.device, threshold, cfg.raise_after,
                                                              cfg.clear_after)
             self._publish(win.device, self.alerts.state, win.device, False, win.end, error / threshold, model_id)
+            self._publish(win.device, self.alerts.availability, win.device, True)
+            self.stale.discard(win.device)
         else:  # a reload may have changed these; the alert state itself carries over
             det.threshold, det.raise_after, det.clear_after = threshold, cfg.raise_after, cfg.clear_after
+            if win.device in self.stale:  # back from its silence: its state is what it was before
+                self.stale.discard(win.device)
+                self._publish(win.device, self.alerts.state, win.device, det.active, win.end,
+                              error / threshold, model_id)
+                self._publish(win.device, self.alerts.availability, win.device, True)
         top = model.scorer.top_channels(shares, model.top_k)
         decision: Decision = det.update(error, win.start, win.end, top)
         self._dirty = True
@@ -342,6 +378,8 @@ class Intake:
         self._lock = threading.Lock()
         self._warn = RateLimitedLog(log, cfg.logging.rate_limit_seconds)
         self._resync_logged: set[str] = set()
+        self.last_seen: dict[str, tuple[float, float]] = {}  # device -> (host monotonic, reading timestamp)
+        self.silent: set[str] = set()  # announced stale, not yet forgotten
         self.parsers = self._parsers(cfg, model)
         self.assembler = self._assembler(cfg, model)
 
@@ -440,6 +478,41 @@ class Intake:
             return False
         return True
 
+    def touch(self, device: str, timestamp: float | None = None) -> None:
+        """``device`` is alive now (a reading was taken, or its state was restored at start-up)."""
+        last = self.last_seen.get(device)
+        ts = timestamp if timestamp is not None else (last[1] if last is not None else time.time())
+        self.last_seen[device] = (time.monotonic(), ts)
+        self.silent.discard(device)
+
+    def sweep(self, now: float) -> tuple[list[tuple[str, float]], list[str]]:
+        """Devices that went silent (``(device, last reading)``, newly past ``daemon.device_timeout_seconds``)
+        and those to forget (past ``device_forget_seconds``), by the host's monotonic clock ``now``.
+
+        Forgotten devices leave the window buffers and the assembler here; the caller hands both lists to
+        :meth:`ScoringLoop.liveness`, which owns the detectors and the published state.
+        """
+        d = self.cfg.daemon
+        stale: list[tuple[str, float]] = []
+        forget: list[str] = []
+        with self._lock:
+            for device, (seen, ts) in list(self.last_seen.items()):
+                silence = now - seen
+                if silence >= d.device_forget_seconds:
+                    forget.append(device)
+                    del self.last_seen[device]
+                    self.silent.discard(device)
+                    self.buffers.pop(device, None)
+                    self._resync_logged.discard(device)
+                    if self.assembler is not None:
+                        self.assembler.forget(device)
+                elif silence >= d.device_timeout_seconds and device not in self.silent:
+                    self.silent.add(device)
+                    stale.append((device, ts))
+            if forget:
+                self.metrics.devices.set(len(self.buffers))
+        return stale, forget
+
     def _died(self, device: str) -> None:
         """The device announced its death: its window and held values go (a restart must not bridge the
         outage); its detector, and so its alert state, stays."""
@@ -458,6 +531,8 @@ class Intake:
         if not self._tracked(update.device):
             return
         done = self.assembler.add(update.device, update.timestamp, update.values)
+        if not done.problems or done.rows:
+            self.touch(update.device, update.timestamp)
         for reason, detail in done.problems:
             self._reject(reason, update.device, detail)
         for ts, values in done.rows:
@@ -483,6 +558,9 @@ class Intake:
         except ReadingRejected as exc:
             self._reject(exc.reason.value, device, str(exc))
             return
+        self.touch(device, timestamp)
+        # The host's time, not the reading's: a replayed or skewed device clock must not look silent.
+        self.metrics.last_reading.labels(device).set(time.time())
         if buf.resyncs != resyncs:
             self.metrics.clock_resyncs.inc()
             if device not in self._resync_logged:  # once per device; the counter has the rest
@@ -540,6 +618,7 @@ class Intake:
                     log.warning("saved window buffer of device=%s ignored: %s", escape(device), exc)
                     continue
                 self.buffers[device] = buf
+                self.touch(device)
             self.metrics.devices.set(len(self.buffers))
             if self.buffers:
                 log.info("window buffers of %d devices continued from the last shutdown", len(self.buffers))

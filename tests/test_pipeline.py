@@ -665,7 +665,7 @@ def test_a_publishing_error_costs_only_its_own_window(data: tuple[Path, Series],
     assert rig.value("sensord_windows_scored_total", device="good") == n
     assert rig.value("sensord_windows_scored_total", device="bad") == n  # scored; only its publishing failed
     assert len(rig.pub.on(f"{PREFIX}/scores/good")) == n
-    assert rig.value("sensord_window_errors_total", stage="publishing") == n + 1  # its scores and first state
+    assert rig.value("sensord_window_errors_total", stage="publishing") == n + 2  # scores, first state, availability
 
 
 def test_a_scoring_error_costs_only_its_own_window(data: tuple[Path, Series], rigs: list[Rig]) -> None:
@@ -779,3 +779,36 @@ def test_assembled_formats_route_by_subscription_and_death_restarts_the_window(
     # max_devices counts devices the assembler holds too
     rig.intake.on_message(f"c/third/{CHANNELS[0]}", b"1.0")
     assert rig.value("sensord_readings_rejected_total", reason="device_limit") == 1
+
+
+def test_silent_device_goes_stale_comes_back_then_is_forgotten(data: tuple[Path, Series], rigs: list[Rig]) -> None:
+    path, series = data
+    rig = Rig(make_cfg(path, device_timeout_seconds=10.0, device_forget_seconds=100.0))
+    rigs.append(rig)
+    rig.send_rows("p1", series, 0, W)
+    rig.scoring.process(rig.queued())
+    assert rig.pub.on(f"{PREFIX}/availability/p1")[-1][1] == {"state": "online"}
+    now = time.monotonic()
+    assert rig.intake.sweep(now) == ([], [])
+    stale, forget = rig.intake.sweep(now + 11)
+    assert stale == [("p1", float(series.timestamps[W - 1]))] and forget == []
+    assert rig.intake.sweep(now + 12) == ([], [])  # announced once
+    rig.scoring.liveness(stale, forget)
+    rig.scoring._apply_liveness()
+    state = rig.pub.on(f"{PREFIX}/state/p1")[-1]
+    assert state[1]["state"] == "stale" and state[1]["alert"] is False and state[2:] == (1, True)
+    assert rig.pub.on(f"{PREFIX}/availability/p1")[-1][1] == {"state": "offline"}
+
+    rig.send_rows("p1", series, W, W + 1)  # back: its next window announces its state again
+    rig.scoring.process(rig.queued())
+    assert rig.pub.on(f"{PREFIX}/state/p1")[-1][1]["state"] == "normal"
+    assert rig.pub.on(f"{PREFIX}/availability/p1")[-1][1] == {"state": "online"}
+
+    stale, forget = rig.intake.sweep(time.monotonic() + 101)
+    assert forget == ["p1"] and "p1" not in rig.intake.buffers
+    rig.scoring.liveness(stale, forget)
+    rig.scoring._apply_liveness()
+    assert rig.scoring.detectors == {}
+    assert rig.metrics.registry.get_sample_value("sensord_last_reading_timestamp_seconds", {"device": "p1"}) is None
+    assert rig.metrics.registry.get_sample_value("sensord_windows_scored_total", {"device": "p1"}) is None
+    assert rig.value("sensord_devices") == 0
