@@ -33,7 +33,7 @@ from pydantic.dataclasses import dataclass
 from pydantic_core import ErrorDetails
 
 from .errors import EX_CONFIG, SensordError
-from .formats.base import topic_filter_problem
+from .formats.base import filter_meets_template, topic_filter_problem
 
 _STRICT = ConfigDict(extra="forbid")
 
@@ -400,6 +400,8 @@ class DaemonConfig:
     # Alerts not yet acknowledged by the broker, kept in {state_dir}/outbox/ (in memory if state_dir is null).
     outbox_max_alerts: Annotated[StrictInt, Field(ge=1, le=100_000), RESTART_ONLY] = 1000
 
+    # Device ids longer than this (UTF-8 bytes) are rejected (bad_device_id); 128 is also the hard ceiling.
+    max_device_id_bytes: Annotated[StrictInt, Field(ge=1, le=128)] = 128
     # A device silent this long (by this host's clock) gets state "stale" on its retained state topic and
     # "offline" on its availability topic; its alert state is kept.
     device_timeout_seconds: PositiveFloat = 300.0
@@ -470,6 +472,26 @@ class SensordConfig:
     # Retained configs name topics and ids; changing them on a reload would leave the old ones behind.
     homeassistant: Annotated[HomeAssistantConfig, RESTART_ONLY] = field(default_factory=HomeAssistantConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _subscriptions_find_devices(self) -> SensordConfig:
+        """A subscription whose filter never meets its device template would reject every message (no_device)."""
+        m = self.mqtt
+        for i, sub in enumerate(m.subscription_list()):
+            template = sub.device_topic if sub.device_topic is not None else m.device_topic
+            if sub.format == "json" and (sub.device_field or m.device_field) is None and template is not None:
+                if not filter_meets_template(sub.topic, template):
+                    raise ValueError(f"mqtt.subscriptions.{i}: topic filter {json.dumps(sub.topic)} never matches the "
+                                     f"device template {json.dumps(template)}: no message on it would have a device id")
+            elif sub.format == "topic_per_channel" and sub.device_topic is not None:
+                if not filter_meets_template(sub.topic, sub.device_topic):
+                    raise ValueError(f"mqtt.subscriptions.{i}: topic filter {json.dumps(sub.topic)} never matches "
+                                     f"device_topic {json.dumps(sub.device_topic)}")
+            elif sub.format == "sparkplug_b" and not filter_meets_template(sub.topic, "spBv1.0/{g}/{t}/{e}/{d}") \
+                    and not filter_meets_template(sub.topic, "spBv1.0/{g}/{t}/{e}"):
+                raise ValueError(f"mqtt.subscriptions.{i}: topic filter {json.dumps(sub.topic)} never matches a "
+                                 "Sparkplug B topic (spBv1.0/group/type/edge[/device])")
+        return self
 
     @model_validator(mode="after")
     def _assembly_period(self) -> SensordConfig:

@@ -470,6 +470,10 @@ class Intake:
         """Whether ``device`` is, or may become, a tracked device (``daemon.max_devices``); counted if not."""
         if device in self.buffers or (self.assembler is not None and device in self.assembler):
             return True
+        limit = self.cfg.daemon.max_device_id_bytes
+        if len(device.encode("utf-8", "surrogatepass")) > limit:
+            self._reject("bad_device_id", device, f"device id is longer than daemon.max_device_id_bytes={limit}")
+            return False
         tracked = len(self.buffers) + (sum(d not in self.buffers for d in self.assembler.devices)
                                        if self.assembler is not None else 0)
         if tracked >= self.cfg.daemon.max_devices:

@@ -153,6 +153,14 @@ def test_assembler_rows_equal_the_whole_rows_they_came_from() -> None:
 
 # -- config -------------------------------------------------------------------------------------
 
+def test_subscriptions_that_meet_their_template_or_carry_the_device_in_the_payload_pass() -> None:
+    for mqtt in ({"subscriptions": ["sensors/#"]}, {"subscriptions": ["x/y"], "device_field": "id"},
+                 {"subscriptions": [{"topic": "x/y", "device_field": "tags.host"}]},
+                 {"subscriptions": [{"topic": "pump-7/t", "device_topic": "pump-{device}/t"}]},
+                 {"subscriptions": [{"topic": "spBv1.0/plant/#", "format": "sparkplug_b"}]}):
+        config_from_dict({"mqtt": mqtt, "assembly": {"sample_period_seconds": 1.0}})
+
+
 def test_subscriptions_plain_strings_stay_json_and_mappings_pick_a_format() -> None:
     cfg = config_from_dict({"assembly": {"sample_period_seconds": 1.0}, "mqtt": {"subscriptions": [
         "sensors/+/telemetry",
@@ -171,6 +179,16 @@ def test_subscriptions_plain_strings_stay_json_and_mappings_pick_a_format() -> N
     ({"subscriptions": ["a/#/b"]}, {}, "mqtt.subscriptions.0: not a valid MQTT topic filter"),
     ({"subscriptions": [{"topic": "a/b+"}]}, {}, "mqtt.subscriptions.0.topic: not a valid MQTT topic filter"),
     ({"subscriptions": [{"topic": "a/#", "fromat": "json"}]}, {}, "mqtt.subscriptions.0.fromat: unknown key"),
+    # check-config catches subscriptions that would reject every message as no_device
+    ({"subscriptions": ["plant/+/telemetry"]}, {},
+     'mqtt.subscriptions.0: topic filter "plant/+/telemetry" never matches the device template '
+     '"sensors/{device}/telemetry"'),
+    ({"subscriptions": ["sensors/+/telemetry", {"topic": "plant/+", "device_topic": "plant/{device}/x"}]}, {},
+     "mqtt.subscriptions.1: topic filter"),
+    ({"subscriptions": [{"topic": "p/+", "format": "topic_per_channel", "device_topic": "p/{device}/{channel}"}]},
+     {"sample_period_seconds": 1.0}, "mqtt.subscriptions.0: topic filter \"p/+\" never matches device_topic"),
+    ({"subscriptions": [{"topic": "spBv2.0/#", "format": "sparkplug_b"}]}, {"sample_period_seconds": 1.0},
+     "mqtt.subscriptions.0: topic filter \"spBv2.0/#\" never matches a Sparkplug B topic"),
 ])
 def test_bad_subscriptions_name_their_key(mqtt: dict[str, object], assembly: dict[str, object], error: str) -> None:
     with pytest.raises(ConfigError) as ei:

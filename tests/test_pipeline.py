@@ -625,7 +625,7 @@ def test_throttled_device_gets_room_again_once_its_windows_are_scored(data: tupl
 
 def test_payload_over_the_size_limit_is_rejected_unparsed(data: tuple[Path, Series]) -> None:
     cfg = config_from_dict({"window": {"length": W}, "daemon": {"model": str(data[0])},
-                            "mqtt": {"device_topic": "s/{device}/t", "max_payload_bytes": 1024}})
+                            "mqtt": {"device_topic": "s/{device}/t", "subscriptions": ["s/+/t"], "max_payload_bytes": 1024}})
     r = Rig(cfg)
     r.intake.on_message("s/p1/t", b"[" + b"1," * 2000 + b"1]")
     assert r.value("sensord_messages_rejected_total", reason="too_large") == 1
@@ -812,3 +812,12 @@ def test_silent_device_goes_stale_comes_back_then_is_forgotten(data: tuple[Path,
     assert rig.metrics.registry.get_sample_value("sensord_last_reading_timestamp_seconds", {"device": "p1"}) is None
     assert rig.metrics.registry.get_sample_value("sensord_windows_scored_total", {"device": "p1"}) is None
     assert rig.value("sensord_devices") == 0
+
+
+def test_device_ids_longer_than_the_configured_limit_are_rejected(data: tuple[Path, Series], rigs: list[Rig]) -> None:
+    rig = Rig(make_cfg(data[0], max_device_id_bytes=8))
+    rigs.append(rig)
+    rig.send("pump-123", 1.0, data[1].values[0])  # 8 bytes: fine
+    rig.send("pump-1234", 1.0, data[1].values[0])
+    assert list(rig.intake.buffers) == ["pump-123"]
+    assert rig.value("sensord_readings_rejected_total", reason="bad_device_id") == 1

@@ -165,6 +165,29 @@ def topic_filter_problem(topic_filter: str) -> str | None:
     return None
 
 
+def filter_meets_template(topic_filter: str, template: str) -> bool:
+    """Whether some topic matches both ``topic_filter`` and the topic ``template`` (``{name}`` = one level,
+    or part of one): a subscription whose filter never meets the device template cannot find a device id.
+
+    >>> [filter_meets_template(f, "plant/{device}/telemetry") for f in ("plant/+/telemetry", "plant/#", "plant/+")]
+    [True, True, False]
+    >>> filter_meets_template("plant/pump-7/+", "plant/pump-{device}/{channel}")
+    True
+    """
+    f_levels, t_levels = topic_filter.split("/"), template.split("/")
+    for i, level in enumerate(f_levels):
+        if level == "#":
+            return True
+        if i >= len(t_levels):
+            return False
+        if level == "+":
+            continue
+        names = re.findall(r"\{(\w+)\}", t_levels[i])
+        if not topic_pattern(t_levels[i], names).match(level):
+            return False
+    return len(f_levels) == len(t_levels)
+
+
 class Bounds:
     """Per-channel clip bounds: finite values outside [low, high] are clipped; NaN/inf are left for the
     window buffer to reject. Plain lists: one comparison per value costs less than numpy on 8 numbers."""
