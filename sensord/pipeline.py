@@ -29,6 +29,7 @@ from .config import DetectorConfig, SensordConfig
 from .detector import AlertDetector, AlertEvent, Decision
 from .formats.base import ChannelUpdate, DeviceDeath, MessageRejected, Parser, escape, topic_matches
 from .formats.build import build_parser
+from .formats.sparkplug_b import SparkplugParser
 from .homeassistant import HomeAssistantDiscovery
 from .metrics import DaemonMetrics
 from .ratelimit import RateLimitedLog
@@ -598,7 +599,12 @@ class Intake:
                     or model.bundle.channels != self.model.bundle.channels):
                 self.assembler = self._assembler(cfg, model)
             self.cfg, self.model = cfg, model
-            self.parsers = self._parsers(cfg, model)
+            old, self.parsers = self.parsers, self._parsers(cfg, model)
+            for (topic, parser), (old_topic, old_parser) in zip(self.parsers, old, strict=False):
+                # Sparkplug aliases are named only at BIRTH: a reload must not forget them.
+                if (topic == old_topic and isinstance(parser, SparkplugParser)
+                        and isinstance(old_parser, SparkplugParser)):
+                    parser.aliases = old_parser.aliases
             self._warn.interval = cfg.logging.rate_limit_seconds
 
     def stop(self) -> None:

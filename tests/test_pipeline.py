@@ -625,7 +625,8 @@ def test_throttled_device_gets_room_again_once_its_windows_are_scored(data: tupl
 
 def test_payload_over_the_size_limit_is_rejected_unparsed(data: tuple[Path, Series]) -> None:
     cfg = config_from_dict({"window": {"length": W}, "daemon": {"model": str(data[0])},
-                            "mqtt": {"device_topic": "s/{device}/t", "subscriptions": ["s/+/t"], "max_payload_bytes": 1024}})
+                            "mqtt": {"device_topic": "s/{device}/t", "subscriptions": ["s/+/t"],
+                                     "max_payload_bytes": 1024}})
     r = Rig(cfg)
     r.intake.on_message("s/p1/t", b"[" + b"1," * 2000 + b"1]")
     assert r.value("sensord_messages_rejected_total", reason="too_large") == 1
@@ -764,6 +765,7 @@ def test_assembled_formats_route_by_subscription_and_death_restarts_the_window(
     assert rig.value("sensord_readings_rejected_total", reason="unknown_alias") == len(CHANNELS)
     rig.intake.on_message("spBv1.0/g/DBIRTH/e1/spb", spb_payload(
         [{"name": f"pump/{ch}", "alias": j, "is_null": True} for j, ch in enumerate(CHANNELS)]))
+    rig.intake.swap(cfg, rig.model)  # a reload keeps the aliases the BIRTH named
     for i in range(W):
         rig.intake.on_message("spBv1.0/g/DDATA/e1/spb", ddata(i))
     assert len(rig.queued()) == 1
