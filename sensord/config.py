@@ -33,6 +33,7 @@ from pydantic.dataclasses import dataclass
 from pydantic_core import ErrorDetails
 
 from .errors import EX_CONFIG, SensordError
+from .formats.base import filter_meets_template, topic_filter_problem
 
 _STRICT = ConfigDict(extra="forbid")
 
@@ -203,6 +204,67 @@ class TlsConfig:
         return self
 
 
+
+
+@dataclass(config=_STRICT)
+class SubscriptionConfig:
+    """One topic filter and the wire format of what arrives on it (see README, "Input formats").
+
+    Options left unset fall back to the ``mqtt`` section's (``device_topic``, ``device_field``, ...).
+    """
+
+    topic: StrictStr
+    format: Literal["json", "topic_per_channel", "influx_line", "sparkplug_b"] = "json"
+    # json: where the device id is (a topic template with {device}); topic_per_channel: the topic
+    # template with {device} and {channel}, e.g. "plant/line1/{device}/{channel}".
+    device_topic: StrictStr | None = None
+    device_field: StrictStr | None = None  # json: dotted paths allowed, e.g. tags.host
+    timestamp_field: StrictStr | None = None
+    values_field: StrictStr | None = None
+    # json, influx_line: a reading may carry only the channels that changed (report by exception); rows are
+    # then built on the assembly clock.
+    partial: StrictBool = False
+    # influx_line: the tag that names the device, the timestamp unit, and (optional) the one measurement read.
+    device_tag: StrictStr = "host"
+    precision: Literal["ns", "us", "ms", "s"] = "ns"
+    measurement: StrictStr | None = None
+
+    @model_validator(mode="after")
+    def _template(self) -> SubscriptionConfig:
+        problem = topic_filter_problem(self.topic)
+        if problem is not None:
+            raise ValueError(f"topic: not a valid MQTT topic filter ({problem}): {json.dumps(self.topic)}")
+        if self.format == "topic_per_channel":
+            t = self.device_topic
+            if t is None or t.count("{device}") != 1 or t.count("{channel}") != 1:
+                raise ValueError("device_topic: format topic_per_channel needs a topic template with {device} and "
+                                 f"{{channel}} once each, got {json.dumps(t)}")
+        elif self.device_topic is not None and self.device_topic.count("{device}") != 1:
+            raise ValueError(f"device_topic: must contain {{device}} exactly once, got {json.dumps(self.device_topic)}")
+        return self
+
+    @property
+    def assembled(self) -> bool:
+        """Whether its readings are single channels that the assembler turns into rows."""
+        return self.format in ("topic_per_channel", "sparkplug_b") or self.partial
+
+
+@dataclass(config=_STRICT)
+class AssemblyConfig:
+    """Rows on a fixed clock for channels that arrive separately (sensord/assembly.py has the policy)."""
+
+    # The model's sampling period; required when a subscription is topic_per_channel or json with partial.
+    sample_period_seconds: PositiveFloat | None = None
+    # A channel's last value is held this long at most (null: three sampling periods).
+    max_staleness_seconds: PositiveFloat | None = None
+    # A value up to this much older than the device's newest is still folded into its row.
+    late_tolerance_seconds: Annotated[StrictFloat, Field(ge=0.0, le=3600.0)] = 0.0
+
+    def staleness(self) -> float:
+        period = self.sample_period_seconds or 1.0
+        return self.max_staleness_seconds if self.max_staleness_seconds is not None else 3 * period
+
+
 @dataclass(config=_STRICT)
 class MqttConfig:
     """Broker connection, subscriptions and how a device id and a reading are found."""
@@ -221,7 +283,8 @@ class MqttConfig:
     password_file: Annotated[StrictStr | None, RESTART_ONLY] = None
     password_env: Annotated[StrictStr | None, RESTART_ONLY] = None
     tls: Annotated[TlsConfig | None, RESTART_ONLY] = None
-    subscriptions: Annotated[list[StrictStr], RESTART_ONLY] = field(
+    # Topic filters: a plain string reads today's JSON; {topic: ..., format: ..., ...} picks a format.
+    subscriptions: Annotated[list[StrictStr | SubscriptionConfig], RESTART_ONLY] = field(
         default_factory=lambda: ["sensors/+/telemetry"])
     qos: Annotated[StrictInt, Field(ge=0, le=2), RESTART_ONLY] = 1
     device_topic: StrictStr | None = "sensors/{device}/telemetry"
@@ -262,10 +325,22 @@ class MqttConfig:
 
     @field_validator("subscriptions")
     @classmethod
-    def _non_empty(cls, v: list[StrictStr]) -> list[StrictStr]:
+    def _non_empty(cls, v: list[StrictStr | SubscriptionConfig]) -> list[StrictStr | SubscriptionConfig]:
         if not v:
             raise ValueError("must list at least one topic filter")
+        for i, sub in enumerate(v):
+            problem = topic_filter_problem(sub) if isinstance(sub, str) else None
+            if problem is not None:
+                raise ValueError(f"{i}: not a valid MQTT topic filter ({problem}): {json.dumps(sub)}")
         return v
+
+    def topic_filters(self) -> list[str]:
+        """The topic filters to subscribe to, in order."""
+        return [s if isinstance(s, str) else s.topic for s in self.subscriptions]
+
+    def subscription_list(self) -> list[SubscriptionConfig]:
+        """Every subscription as a :class:`SubscriptionConfig` (a plain string is ``format: json``)."""
+        return [SubscriptionConfig(topic=s) if isinstance(s, str) else s for s in self.subscriptions]
 
     @model_validator(mode="after")
     def _device_source(self) -> MqttConfig:
@@ -325,6 +400,21 @@ class DaemonConfig:
     # Alerts not yet acknowledged by the broker, kept in {state_dir}/outbox/ (in memory if state_dir is null).
     outbox_max_alerts: Annotated[StrictInt, Field(ge=1, le=100_000), RESTART_ONLY] = 1000
 
+    # Device ids longer than this (UTF-8 bytes) are rejected (bad_device_id); 128 is also the hard ceiling.
+    max_device_id_bytes: Annotated[StrictInt, Field(ge=1, le=128)] = 128
+    # A device silent this long (by this host's clock) gets state "stale" on its retained state topic and
+    # "offline" on its availability topic; its alert state is kept.
+    device_timeout_seconds: PositiveFloat = 300.0
+    # ... and after this long its window, detector and metric labels go, so max_devices counts live devices.
+    device_forget_seconds: PositiveFloat = 86_400.0
+
+    @model_validator(mode="after")
+    def _forget_after_timeout(self) -> DaemonConfig:
+        if self.device_forget_seconds < self.device_timeout_seconds:
+            raise ValueError("device_forget_seconds: must be >= device_timeout_seconds "
+                             f"({self.device_timeout_seconds:g}), got {self.device_forget_seconds:g}")
+        return self
+
     @field_validator("state_dir")
     @classmethod
     def _state_dir_not_empty(cls, v: str | None) -> str | None:
@@ -376,11 +466,41 @@ class SensordConfig:
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    assembly: AssemblyConfig = field(default_factory=AssemblyConfig)
     metrics: Annotated[MetricsConfig, RESTART_ONLY] = field(default_factory=MetricsConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     # Retained configs name topics and ids; changing them on a reload would leave the old ones behind.
     homeassistant: Annotated[HomeAssistantConfig, RESTART_ONLY] = field(default_factory=HomeAssistantConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _subscriptions_find_devices(self) -> SensordConfig:
+        """A subscription whose filter never meets its device template would reject every message (no_device)."""
+        m = self.mqtt
+        for i, sub in enumerate(m.subscription_list()):
+            template = sub.device_topic if sub.device_topic is not None else m.device_topic
+            if sub.format == "json" and (sub.device_field or m.device_field) is None and template is not None:
+                if not filter_meets_template(sub.topic, template):
+                    raise ValueError(f"mqtt.subscriptions.{i}: topic filter {json.dumps(sub.topic)} never matches the "
+                                     f"device template {json.dumps(template)}: no message on it would have a device id")
+            elif sub.format == "topic_per_channel" and sub.device_topic is not None:
+                if not filter_meets_template(sub.topic, sub.device_topic):
+                    raise ValueError(f"mqtt.subscriptions.{i}: topic filter {json.dumps(sub.topic)} never matches "
+                                     f"device_topic {json.dumps(sub.device_topic)}")
+            elif sub.format == "sparkplug_b" and not filter_meets_template(sub.topic, "spBv1.0/{g}/{t}/{e}/{d}") \
+                    and not filter_meets_template(sub.topic, "spBv1.0/{g}/{t}/{e}"):
+                raise ValueError(f"mqtt.subscriptions.{i}: topic filter {json.dumps(sub.topic)} never matches a "
+                                 "Sparkplug B topic (spBv1.0/group/type/edge[/device])")
+        return self
+
+    @model_validator(mode="after")
+    def _assembly_period(self) -> SensordConfig:
+        if self.assembly.sample_period_seconds is None:
+            for i, sub in enumerate(self.mqtt.subscription_list()):
+                if sub.assembled:
+                    raise ValueError(f"assembly.sample_period_seconds: is required: mqtt.subscriptions.{i} "
+                                     "sends channels separately and rows are built on that clock")
+        return self
 
 
 _MESSAGES = {
@@ -420,13 +540,14 @@ def _known_keys(path: tuple[Any, ...]) -> list[StrictStr]:
 
 
 def _describe(err: ErrorDetails, raw: dict[str, Any]) -> str:
-    loc = tuple(p for p in err["loc"] if p not in ("function-after",))
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and (
+        p.startswith("function-after") or p in ("str", "SubscriptionConfig"))))  # union branches
     path = ".".join(str(p) for p in loc)
     kind = err["type"]
     ctx = err.get("ctx") or {}
     if kind == "value_error":
         msg = str(ctx.get("error", err["msg"]))
-        m = re.match(r"^(\w+): (.*)$", msg)
+        m = re.match(r"^([\w.]+): (.*)$", msg)
         if m:  # cross-field validators name the key they complain about
             path = f"{path}.{m.group(1)}" if path else m.group(1)
             msg = m.group(2)
@@ -457,7 +578,9 @@ def config_from_dict(raw: Any, source: StrictStr | None = None) -> SensordConfig
     try:
         return SensordConfig(**raw)
     except ValidationError as exc:
-        raise ConfigError([_describe(e, raw) for e in exc.errors()], source) from None
+        # A subscription given as a mapping fails the plain-string branch too: only its mapping errors count.
+        errors = [e for e in exc.errors() if not ("str" in e["loc"] and isinstance(e.get("input"), dict))]
+        raise ConfigError([_describe(e, raw) for e in errors or exc.errors()], source) from None
     except TypeError as exc:  # unknown top-level section
         m = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
         key = m.group(1) if m else "?"

@@ -93,6 +93,9 @@ class Daemon:
                                    save_interval=cfg.daemon.state_save_interval_seconds, discovery=self.discovery)
         self.scoring.restore(model, cfg.daemon.max_devices)
         self.intake = Intake(cfg, model, self.scoring, self.metrics)
+        for device in self.scoring.detectors:  # restored: silent from now on unless they send again
+            self.intake.touch(device)
+        self._last_sweep = 0.0
         if store is not None:
             self.intake.restore_buffers(store.take_windows(model.bundle.model_id))
 
@@ -191,10 +194,20 @@ class Daemon:
                     self._reload.clear()
                     self.reload()
                 self.outbox.sweep()
+                self._sweep_devices()
                 self._stop.wait(0.1)
         finally:
             self.shutdown(pinger)
         return 0
+
+    def _sweep_devices(self) -> None:
+        """Once a second: devices gone silent become stale, long-silent ones are forgotten."""
+        now = time.monotonic()
+        if now - self._last_sweep >= 1.0:
+            self._last_sweep = now
+            stale, forget = self.intake.sweep(now)
+            if stale or forget:
+                self.scoring.liveness(stale, forget)
 
     def shutdown(self, pinger: WatchdogPinger | None) -> None:
         t0 = time.monotonic()

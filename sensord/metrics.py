@@ -43,7 +43,9 @@ disable_created_metrics()
 MESSAGE_REJECT_REASONS = ("malformed_json", "too_large", "bad_payload", "no_device", "retained", "stopping",
                           "internal_error")
 READING_REJECT_REASONS = ("bad_device_id", "missing_channel", "bad_value", "bad_timestamp", "future_timestamp",
-                          "out_of_order", "non_finite", "wrong_shape", "device_limit")
+                          "out_of_order", "non_finite", "wrong_shape", "device_limit",
+                          "unknown_channel", "late_value", "incomplete_row", "malformed_line",
+                          "unknown_alias")
 WINDOW_ERROR_STAGES = ("scoring", "detection", "publishing")
 # One line a minute is enough to show a misconfigured scraper; the counters have the full count.
 _PEER_WARNING_INTERVAL = 60.0
@@ -197,6 +199,8 @@ class DaemonMetrics:
         self.mqtt_session_takeovers = Counter("sensord_mqtt_session_takeovers", "Disconnections because another "
                                               "client connected with our client id", registry=r)
         self.devices = Gauge("sensord_devices", "Devices currently tracked", registry=r)
+        self.last_reading = Gauge("sensord_last_reading_timestamp_seconds", "When (this host's clock, Unix "
+                                  "seconds) the device's last reading was accepted", ["device"], registry=r)
         self.devices_rejected = Counter("sensord_devices_rejected",
                                         "Readings refused because max_devices was reached", registry=r)
         self.values_clipped = Counter("sensord_values_clipped", "Readings clipped to the healthy range +- "
@@ -287,3 +291,12 @@ class DaemonMetrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+    def forget_device(self, device: str) -> None:
+        """Drop every series labelled with ``device`` (a forgotten device must not linger in /metrics)."""
+        for metric in (self.windows_scored, self.reconstruction_error, self.anomaly_score, self.anomaly_state,
+                       self.alerts_raised, self.windows_throttled, self.last_reading):
+            try:
+                metric.remove(device)
+            except KeyError:  # never had that label
+                pass

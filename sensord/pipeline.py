@@ -23,12 +23,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .assembly import Assembler
 from .bundle import ModelBundle
 from .config import DetectorConfig, SensordConfig
 from .detector import AlertDetector, AlertEvent, Decision
+from .formats.base import ChannelUpdate, DeviceDeath, MessageRejected, Parser, escape, topic_matches
+from .formats.build import build_parser
+from .formats.sparkplug_b import SparkplugParser
 from .homeassistant import HomeAssistantDiscovery
 from .metrics import DaemonMetrics
-from .payload import MessageRejected, PayloadParser, escape
 from .ratelimit import RateLimitedLog
 from .scorer import Scorer
 from .sinks import AlertPublisher, MetricsSink
@@ -99,6 +102,9 @@ class ScoringLoop:
         self.batch_wait = batch_wait
         self.on_event = on_event
         self.detectors: dict[str, AlertDetector] = {}
+        self.stale: set[str] = set()  # devices announced stale; the next window of one announces it back
+        self._liveness: list[tuple[str, str, float]] = []  # (what, device, last reading) from the main thread
+        self._liveness_lock = threading.Lock()
         self._pending: dict[str, int] = {}  # queued windows per device (fairness)
         self._pending_lock = threading.Lock()
         self.heartbeat = time.monotonic()
@@ -207,10 +213,36 @@ class ScoringLoop:
                     continue
         return batch
 
+    def liveness(self, stale: list[tuple[str, float]], forget: list[str]) -> None:
+        """Ask the scoring thread (which owns the detectors) to announce ``stale`` devices ``(device, last
+        reading)`` and to forget ``forget`` ones; applied within one batch wait."""
+        with self._liveness_lock:
+            self._liveness += [("stale", d, ts) for d, ts in stale] + [("forget", d, 0.0) for d in forget]
+
+    def _apply_liveness(self) -> None:
+        with self._liveness_lock:
+            todo, self._liveness = self._liveness, []
+        for what, device, ts in todo:
+            det = self.detectors.get(device)
+            if what == "stale":
+                self.stale.add(device)
+                log.warning("device=%s silent: state stale (alert %s)", escape(device),
+                            "still raised" if det is not None and det.active else "not raised")
+                model_id = self._model_id or ""
+                self._publish(device, self.alerts.stale, device, ts, det is not None and det.active, model_id)
+            else:
+                self.stale.discard(device)
+                if self.detectors.pop(device, None) is not None:
+                    self._dirty = True
+                self.metrics.forget_device(device)
+                log.info("device=%s forgotten after its silence: window, detector and metrics dropped",
+                         escape(device))
+
     def _run(self) -> None:
         while True:
             self.heartbeat = time.monotonic()
             batch = self._take_batch()
+            self._apply_liveness()
             self._maybe_save()
             if not batch:
                 self._idle.set()
@@ -283,8 +315,15 @@ class ScoringLoop:
             det = self.detectors[win.device] = AlertDetector(win.device, threshold, cfg.raise_after,
                                                              cfg.clear_after)
             self._publish(win.device, self.alerts.state, win.device, False, win.end, error / threshold, model_id)
+            self._publish(win.device, self.alerts.availability, win.device, True)
+            self.stale.discard(win.device)
         else:  # a reload may have changed these; the alert state itself carries over
             det.threshold, det.raise_after, det.clear_after = threshold, cfg.raise_after, cfg.clear_after
+            if win.device in self.stale:  # back from its silence: its state is what it was before
+                self.stale.discard(win.device)
+                self._publish(win.device, self.alerts.state, win.device, det.active, win.end,
+                              error / threshold, model_id)
+                self._publish(win.device, self.alerts.availability, win.device, True)
         top = model.scorer.top_channels(shares, model.top_k)
         decision: Decision = det.update(error, win.start, win.end, top)
         self._dirty = True
@@ -340,14 +379,36 @@ class Intake:
         self._lock = threading.Lock()
         self._warn = RateLimitedLog(log, cfg.logging.rate_limit_seconds)
         self._resync_logged: set[str] = set()
-        self.parser = self._parser(cfg, model)
+        self.last_seen: dict[str, tuple[float, float]] = {}  # device -> (host monotonic, reading timestamp)
+        self.silent: set[str] = set()  # announced stale, not yet forgotten
+        self.parsers = self._parsers(cfg, model)
+        self.assembler = self._assembler(cfg, model)
 
     @staticmethod
-    def _parser(cfg: SensordConfig, model: ServingModel) -> PayloadParser:
-        m = cfg.mqtt
-        return PayloadParser(model.bundle.channels, m.device_topic, m.device_field, m.timestamp_field,
-                             m.values_field, max_clock_skew=cfg.daemon.max_clock_skew_seconds,
-                             bounds=(model.low, model.high))
+    def _parsers(cfg: SensordConfig, model: ServingModel) -> list[tuple[str, Parser]]:
+        """``(topic filter, parser)`` per subscription, in the configured order (the first match wins)."""
+        return [(sub.topic, build_parser(sub, cfg.mqtt, model.bundle.channels,
+                                         cfg.daemon.max_clock_skew_seconds, (model.low, model.high)))
+                for sub in cfg.mqtt.subscription_list()]
+
+    @staticmethod
+    def _assembler(cfg: SensordConfig, model: ServingModel) -> Assembler | None:
+        a = cfg.assembly
+        if a.sample_period_seconds is None:
+            return None
+        return Assembler(model.bundle.channels, a.sample_period_seconds, a.staleness(), a.late_tolerance_seconds)
+
+    @property
+    def parser(self) -> Parser:
+        """The first subscription's parser (what a single-subscription config uses)."""
+        return self.parsers[0][1]
+
+    def parser_for(self, topic: str) -> Parser:
+        """The parser of the first subscription whose filter matches ``topic`` (else the first one's)."""
+        for topic_filter, parser in self.parsers:
+            if topic_matches(topic_filter, topic):
+                return parser
+        return self.parsers[0][1]
 
     def _reject(self, reason: str, device: str, detail: str) -> None:
         self.metrics.readings_rejected.labels(reason).inc()
@@ -388,56 +449,140 @@ class Intake:
                                    "mqtt.max_payload_bytes is %d", escape(topic), len(payload), limit)
                 return True
             try:
-                readings = self.parser.parse(topic, payload)
+                readings = self.parser_for(topic).parse(topic, payload)
             except MessageRejected as exc:
                 self.metrics.messages_rejected.labels(exc.reason).inc()
                 self._warn.warning(f"message:{exc.reason}", "message rejected reason=%s topic=%s: %s",
                                    exc.reason, escape(topic), escape(exc))
                 return True
             for r in readings:
-                if r.problem is not None:
+                if isinstance(r, ChannelUpdate):
+                    self._assemble(r)
+                elif isinstance(r, DeviceDeath):
+                    self._died(r.device)
+                elif r.problem is not None:
                     self._reject(r.problem[0], r.device, r.problem[1])
-                    continue
-                buf = self.buffers.get(r.device)
-                if buf is None:
-                    if len(self.buffers) >= self.cfg.daemon.max_devices:
-                        self.metrics.devices_rejected.inc()
-                        self._reject("device_limit", r.device,
-                                     f"max_devices={self.cfg.daemon.max_devices} already tracked")
-                        continue
-                    buf = self.buffers[r.device] = WindowBuffer(self.model.spec, len(self.model.bundle.channels),
-                                                                r.device, self.cfg.daemon.clock_resync_after)
-                    self.metrics.devices.set(len(self.buffers))
-                    log.info("new device=%s (%d tracked)", r.device, len(self.buffers))
-                if r.clipped:
-                    self.metrics.values_clipped.inc()
-                    self._warn.warning("clipped", "reading of device=%s outside the healthy range by more than "
-                                       "scoring.clip_spreads=%g spreads: clipped", r.device,
-                                       self.cfg.scoring.clip_spreads)
-                resyncs = buf.resyncs
-                try:
-                    window = buf.push(r.timestamp, r.values)  # type: ignore[arg-type]
-                except ReadingRejected as exc:
-                    self._reject(exc.reason.value, r.device, str(exc))
-                    continue
-                if buf.resyncs != resyncs:
-                    self.metrics.clock_resyncs.inc()
-                    if r.device not in self._resync_logged:  # once per device; the counter has the rest
-                        self._resync_logged.add(r.device)
-                        log.warning("device=%s clock jumped back: %d readings in a row older than its last "
-                                    "one; window restarted at %.3f", r.device, buf.resync_after, r.timestamp)
-                if window is None:
-                    continue
-                dropped = self.scoring.submit(self.model, window, len(self.buffers))
-                if dropped == "queue_full":
-                    self._warn.warning("queue_full", "scoring queue full (%d): window of device=%s dropped",
-                                       self.scoring.queue.maxsize, r.device)
-                elif dropped == "throttled":
-                    self._warn.warning("throttled", "device=%s has its share of the scoring queue (%d of %d "
-                                       "windows, %d devices) waiting: window dropped", r.device,
-                                       max(1, self.scoring.queue.maxsize // len(self.buffers)),
-                                       self.scoring.queue.maxsize, len(self.buffers))
+                else:
+                    assert r.values is not None
+                    self._take(r.device, r.timestamp, r.values, r.clipped)
         return True
+
+    def _tracked(self, device: str) -> bool:
+        """Whether ``device`` is, or may become, a tracked device (``daemon.max_devices``); counted if not."""
+        if device in self.buffers or (self.assembler is not None and device in self.assembler):
+            return True
+        limit = self.cfg.daemon.max_device_id_bytes
+        if len(device.encode("utf-8", "surrogatepass")) > limit:
+            self._reject("bad_device_id", device, f"device id is longer than daemon.max_device_id_bytes={limit}")
+            return False
+        tracked = len(self.buffers) + (sum(d not in self.buffers for d in self.assembler.devices)
+                                       if self.assembler is not None else 0)
+        if tracked >= self.cfg.daemon.max_devices:
+            self.metrics.devices_rejected.inc()
+            self._reject("device_limit", device, f"max_devices={self.cfg.daemon.max_devices} already tracked")
+            return False
+        return True
+
+    def touch(self, device: str, timestamp: float | None = None) -> None:
+        """``device`` is alive now (a reading was taken, or its state was restored at start-up)."""
+        last = self.last_seen.get(device)
+        ts = timestamp if timestamp is not None else (last[1] if last is not None else time.time())
+        self.last_seen[device] = (time.monotonic(), ts)
+        self.silent.discard(device)
+
+    def sweep(self, now: float) -> tuple[list[tuple[str, float]], list[str]]:
+        """Devices that went silent (``(device, last reading)``, newly past ``daemon.device_timeout_seconds``)
+        and those to forget (past ``device_forget_seconds``), by the host's monotonic clock ``now``.
+
+        Forgotten devices leave the window buffers and the assembler here; the caller hands both lists to
+        :meth:`ScoringLoop.liveness`, which owns the detectors and the published state.
+        """
+        d = self.cfg.daemon
+        stale: list[tuple[str, float]] = []
+        forget: list[str] = []
+        with self._lock:
+            for device, (seen, ts) in list(self.last_seen.items()):
+                silence = now - seen
+                if silence >= d.device_forget_seconds:
+                    forget.append(device)
+                    del self.last_seen[device]
+                    self.silent.discard(device)
+                    self.buffers.pop(device, None)
+                    self._resync_logged.discard(device)
+                    if self.assembler is not None:
+                        self.assembler.forget(device)
+                elif silence >= d.device_timeout_seconds and device not in self.silent:
+                    self.silent.add(device)
+                    stale.append((device, ts))
+            if forget:
+                self.metrics.devices.set(len(self.buffers))
+        return stale, forget
+
+    def _died(self, device: str) -> None:
+        """The device announced its death: its window and held values go (a restart must not bridge the
+        outage); its detector, and so its alert state, stays."""
+        if self.assembler is not None:
+            self.assembler.forget(device)
+        if self.buffers.pop(device, None) is not None:
+            self.metrics.devices.set(len(self.buffers))
+            log.info("device=%s announced its death: its window restarts with its next reading", escape(device))
+
+    def _assemble(self, update: ChannelUpdate) -> None:
+        """Single channels -> rows on the assembly clock -> the device's window buffer."""
+        if self.assembler is None:  # (the config requires the period for every format that sends these)
+            self._reject("missing_channel", update.device, "channels arrive separately but "
+                         "assembly.sample_period_seconds is not set")
+            return
+        if not self._tracked(update.device):
+            return
+        done = self.assembler.add(update.device, update.timestamp, update.values)
+        if not done.problems or done.rows:
+            self.touch(update.device, update.timestamp)
+        for reason, detail in done.problems:
+            self._reject(reason, update.device, detail)
+        for ts, values in done.rows:
+            self._take(update.device, ts, values, update.clipped)
+
+    def _take(self, device: str, timestamp: float, values: np.ndarray, clipped: bool) -> None:
+        """One whole row into the device's window buffer; a complete window goes to the scoring queue."""
+        buf = self.buffers.get(device)
+        if buf is None:
+            if not self._tracked(device):
+                return
+            buf = self.buffers[device] = WindowBuffer(self.model.spec, len(self.model.bundle.channels),
+                                                      device, self.cfg.daemon.clock_resync_after)
+            self.metrics.devices.set(len(self.buffers))
+            log.info("new device=%s (%d tracked)", device, len(self.buffers))
+        if clipped:
+            self.metrics.values_clipped.inc()
+            self._warn.warning("clipped", "reading of device=%s outside the healthy range by more than "
+                               "scoring.clip_spreads=%g spreads: clipped", device, self.cfg.scoring.clip_spreads)
+        resyncs = buf.resyncs
+        try:
+            window = buf.push(timestamp, values)
+        except ReadingRejected as exc:
+            self._reject(exc.reason.value, device, str(exc))
+            return
+        self.touch(device, timestamp)
+        # The host's time, not the reading's: a replayed or skewed device clock must not look silent.
+        self.metrics.last_reading.labels(device).set(time.time())
+        if buf.resyncs != resyncs:
+            self.metrics.clock_resyncs.inc()
+            if device not in self._resync_logged:  # once per device; the counter has the rest
+                self._resync_logged.add(device)
+                log.warning("device=%s clock jumped back: %d readings in a row older than its last "
+                            "one; window restarted at %.3f", device, buf.resync_after, timestamp)
+        if window is None:
+            return
+        dropped = self.scoring.submit(self.model, window, len(self.buffers))
+        if dropped == "queue_full":
+            self._warn.warning("queue_full", "scoring queue full (%d): window of device=%s dropped",
+                               self.scoring.queue.maxsize, device)
+        elif dropped == "throttled":
+            self._warn.warning("throttled", "device=%s has its share of the scoring queue (%d of %d "
+                               "windows, %d devices) waiting: window dropped", device,
+                               max(1, self.scoring.queue.maxsize // len(self.buffers)),
+                               self.scoring.queue.maxsize, len(self.buffers))
 
     def swap(self, cfg: SensordConfig, model: ServingModel) -> None:
         """Switch to a new config/model between two messages; nothing queued is lost."""
@@ -450,8 +595,16 @@ class Intake:
                 log.warning("new model has a different window/channels: device windows restart")
                 self.buffers.clear()
                 self.metrics.devices.set(0)
+            if (self.assembler is None or cfg.assembly != self.cfg.assembly
+                    or model.bundle.channels != self.model.bundle.channels):
+                self.assembler = self._assembler(cfg, model)
             self.cfg, self.model = cfg, model
-            self.parser = self._parser(cfg, model)
+            old, self.parsers = self.parsers, self._parsers(cfg, model)
+            for (topic, parser), (old_topic, old_parser) in zip(self.parsers, old, strict=False):
+                # Sparkplug aliases are named only at BIRTH: a reload must not forget them.
+                if (topic == old_topic and isinstance(parser, SparkplugParser)
+                        and isinstance(old_parser, SparkplugParser)):
+                    parser.aliases = old_parser.aliases
             self._warn.interval = cfg.logging.rate_limit_seconds
 
     def stop(self) -> None:
@@ -475,6 +628,7 @@ class Intake:
                     log.warning("saved window buffer of device=%s ignored: %s", escape(device), exc)
                     continue
                 self.buffers[device] = buf
+                self.touch(device)
             self.metrics.devices.set(len(self.buffers))
             if self.buffers:
                 log.info("window buffers of %d devices continued from the last shutdown", len(self.buffers))

@@ -84,6 +84,17 @@ class AlertPublisher:
                 "score": number(score, 6), "model_id": model_id}
         self.publisher.publish(f"{self.prefix}/state/{device}", dumps(body), qos=1, retain=True)
 
+    def stale(self, device: str, since: float, alert: bool, model_id: str) -> None:
+        """The device went silent: retained state ``stale`` (``alert`` keeps its alert state) and availability
+        ``offline``, Zigbee2MQTT style."""
+        body = {"device": device, "state": "stale", "since": iso(since), "alert": alert, "model_id": model_id}
+        self.publisher.publish(f"{self.prefix}/state/{device}", dumps(body), qos=1, retain=True)
+        self.availability(device, False)
+
+    def availability(self, device: str, online: bool) -> None:
+        self.publisher.publish(f"{self.prefix}/availability/{device}",
+                               dumps({"state": "online" if online else "offline"}), qos=1, retain=True)
+
     def score(self, device: str, window_end: float, error: float, decision: Decision) -> None:
         if self.publish_scores:
             body = {"device": device, "window_end": iso(window_end), "error": number(error, 8),

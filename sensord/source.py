@@ -169,7 +169,7 @@ class MqttConnection:
         # Subscribe before announcing "online": the broker handles one client's packets in order, so
         # whoever sees "online" can publish readings and be sure the subscription is already in place.
         if self._subscribed:
-            for topic in self.cfg.subscriptions:
+            for topic in self.cfg.topic_filters():
                 client.subscribe(topic, qos=self.cfg.qos)
         client.publish(self.status_topic, "online", qos=1, retain=True)
         self.ever_connected = True
@@ -268,7 +268,7 @@ class MqttConnection:
         """
         self._subscribed = False
         if self.connected.is_set() and not self.persistent:
-            self.client.unsubscribe(list(self.cfg.subscriptions))
+            self.client.unsubscribe(self.cfg.topic_filters())
 
     def close(self, timeout: float = 2.0) -> None:
         """Publish ``offline`` (the clean-shutdown counterpart of the last will) and disconnect."""

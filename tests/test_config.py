@@ -399,7 +399,7 @@ RESTART_ONLY_CHANGES: dict[tuple[str, ...], dict[str, Any]] = {
     ("mqtt", "password_file"): {"mqtt": {"username": "u", "password_file": "/run/pw"}},
     ("mqtt", "password_env"): {"mqtt": {"username": "u", "password_env": "PW"}},
     ("mqtt", "tls"): {"mqtt": {"tls": {"ca_file": "/etc/ca.pem"}}},
-    ("mqtt", "subscriptions"): {"mqtt": {"subscriptions": ["plant/+/telemetry"]}},
+    ("mqtt", "subscriptions"): {"mqtt": {"subscriptions": ["sensors/pump1/telemetry"]}},
     ("mqtt", "qos"): {"mqtt": {"qos": 0}},
     ("mqtt", "topic_prefix"): {"mqtt": {"topic_prefix": "box7"}},
     ("mqtt", "reconnect_min_seconds"): {"mqtt": {"reconnect_min_seconds": 2}},

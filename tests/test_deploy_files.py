@@ -50,6 +50,7 @@ GAUGES = {
     "sensord_model_info",
     "sensord_outbox_depth",
     "sensord_channel_error_share",
+    "sensord_last_reading_timestamp_seconds",
 }
 HISTOGRAMS = {
     "sensord_scoring_batch_size",
@@ -135,6 +136,8 @@ def test_alert_rules(alert_rules: list[dict[str, Any]]) -> None:
         "SensordAlertsUndelivered",
         "SensordWindowErrors",
         "SensordNoReadings",
+        "SensordDeviceSilent",
+        "SensordReadingsRejected",
     }
     squash = lambda s: re.sub(r"\s+", "", s)  # noqa: E731
     assert re.fullmatch(r'up(\{job="sensord"\})?==0', squash(by_name["SensordDown"]["expr"]))
@@ -151,6 +154,10 @@ def test_alert_rules(alert_rules: list[dict[str, Any]]) -> None:
     )
     assert squash(by_name["SensordStateNotSaved"]["expr"]) == "increase(sensord_state_save_failures_total[15m])>0"
     assert squash(by_name["SensordAlertsUndelivered"]["expr"]) == "sensord_outbox_depth>0"
+    assert squash(by_name["SensordDeviceSilent"]["expr"]) == "time()-sensord_last_reading_timestamp_seconds>300"
+    rejected = squash(by_name["SensordReadingsRejected"]["expr"])
+    assert rejected.endswith("/sumby(instance)(rate(sensord_messages_received_total[5m]))>0.5"), rejected
+    assert by_name["SensordReadingsRejected"]["for"] == "5m"
     for rule in alert_rules:
         assert rule.get("labels", {}).get("severity"), f"{rule['alert']} has no severity"
         assert rule.get("annotations", {}).get("summary"), f"{rule['alert']} has no summary"

@@ -114,7 +114,7 @@ class Fuzz:
         wrong: list[tuple[Any, str, str]] = [
             ({"ts": 1, "values": "x"}, "reading", "bad_value"),
             ({"ts": 1, "values": [1, 2, 3]}, "reading", "bad_value"),
-            ({"ts": 1, "values": self.body(0, current="1.0")}, "reading", "bad_value"),
+            ({"ts": 1, "values": self.body(0, current="1.0 A")}, "reading", "bad_value"),  # "1.0" is a number
             ({"ts": 1, "values": self.body(0, current=[1.0])}, "reading", "bad_value"),
             ({"ts": 1, "values": self.body(0, current=True)}, "reading", "bad_value"),
             ({"ts": 1, "values": {"current": 1.0}}, "reading", "missing_channel"),

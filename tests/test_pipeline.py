@@ -625,7 +625,8 @@ def test_throttled_device_gets_room_again_once_its_windows_are_scored(data: tupl
 
 def test_payload_over_the_size_limit_is_rejected_unparsed(data: tuple[Path, Series]) -> None:
     cfg = config_from_dict({"window": {"length": W}, "daemon": {"model": str(data[0])},
-                            "mqtt": {"device_topic": "s/{device}/t", "max_payload_bytes": 1024}})
+                            "mqtt": {"device_topic": "s/{device}/t", "subscriptions": ["s/+/t"],
+                                     "max_payload_bytes": 1024}})
     r = Rig(cfg)
     r.intake.on_message("s/p1/t", b"[" + b"1," * 2000 + b"1]")
     assert r.value("sensord_messages_rejected_total", reason="too_large") == 1
@@ -665,7 +666,7 @@ def test_a_publishing_error_costs_only_its_own_window(data: tuple[Path, Series],
     assert rig.value("sensord_windows_scored_total", device="good") == n
     assert rig.value("sensord_windows_scored_total", device="bad") == n  # scored; only its publishing failed
     assert len(rig.pub.on(f"{PREFIX}/scores/good")) == n
-    assert rig.value("sensord_window_errors_total", stage="publishing") == n + 1  # its scores and first state
+    assert rig.value("sensord_window_errors_total", stage="publishing") == n + 2  # scores, first state, availability
 
 
 def test_a_scoring_error_costs_only_its_own_window(data: tuple[Path, Series], rigs: list[Rig]) -> None:
@@ -728,3 +729,97 @@ def test_restore_ignores_another_models_state(data: tuple[Path, Series], rigs: l
     rig.scoring.state = StateStore(tmp_path)
     assert rig.scoring.restore(rig.model, 100) == 0
     assert rig.scoring.detectors == {}
+
+
+# -- intake: formats that send channels separately -----------------------------------------------
+
+def test_assembled_formats_route_by_subscription_and_death_restarts_the_window(
+        data: tuple[Path, Series], rigs: list[Rig]) -> None:
+    """Per-channel topics and Sparkplug B go through the assembler into the same window buffers; a DDEATH
+    restarts the device's window; a late value and a DATA alias before its BIRTH are counted."""
+    from test_formats import spb_payload
+
+    path, series = data
+    cfg = config_from_dict({
+        "window": {"length": W}, "daemon": {"model": str(path), "max_devices": 2},
+        "assembly": {"sample_period_seconds": 1.0},
+        "mqtt": {"subscriptions": [
+            {"topic": "c/+/+", "format": "topic_per_channel", "device_topic": "c/{device}/{channel}"},
+            {"topic": "spBv1.0/g/#", "format": "sparkplug_b"}]}})
+    rig = Rig(cfg)
+    rigs.append(rig)
+    for i in range(W + 2):
+        ts = float(series.timestamps[i])
+        for ch, v in zip(CHANNELS, series.values[i], strict=True):
+            rig.intake.on_message(f"c/tpc/{ch}", json.dumps({"value": float(v), "ts": ts}).encode())
+    tpc = [w for _, w in rig.queued()]
+    assert len(tpc) == 3 and tpc[-1].end == float(series.timestamps[W + 1])
+    np.testing.assert_allclose(tpc[0].values, series.values[:W], rtol=1e-6)
+    rig.intake.on_message(f"c/tpc/{CHANNELS[0]}", json.dumps({"value": 1.0, "ts": ts - 3}).encode())
+    assert rig.value("sensord_readings_rejected_total", reason="late_value") == 1
+
+    def ddata(i: int) -> bytes:
+        return spb_payload([{"alias": j, "timestamp": round(float(series.timestamps[i]) * 1000),
+                             "double_value": float(v)} for j, v in enumerate(series.values[i])])
+    rig.intake.on_message("spBv1.0/g/DDATA/e1/spb", ddata(0))
+    assert rig.value("sensord_readings_rejected_total", reason="unknown_alias") == len(CHANNELS)
+    rig.intake.on_message("spBv1.0/g/DBIRTH/e1/spb", spb_payload(
+        [{"name": f"pump/{ch}", "alias": j, "is_null": True} for j, ch in enumerate(CHANNELS)]))
+    rig.intake.swap(cfg, rig.model)  # a reload keeps the aliases the BIRTH named
+    for i in range(W):
+        rig.intake.on_message("spBv1.0/g/DDATA/e1/spb", ddata(i))
+    assert len(rig.queued()) == 1
+    rig.intake.on_message("spBv1.0/g/DDEATH/e1/spb", spb_payload([]))
+    assert "spb" not in rig.intake.buffers
+    rig.intake.on_message("spBv1.0/g/DBIRTH/e1/spb", spb_payload(
+        [{"name": ch, "alias": j, "is_null": True} for j, ch in enumerate(CHANNELS)]))
+    for i in range(W, 2 * W - 1):
+        rig.intake.on_message("spBv1.0/g/DDATA/e1/spb", ddata(i))
+    assert rig.queued() == []  # the window restarted at the death: one reading short of a new one
+    rig.intake.on_message("spBv1.0/g/DDATA/e1/spb", ddata(2 * W - 1))
+    assert [w.start for _, w in rig.queued()] == [float(series.timestamps[W])]
+    # max_devices counts devices the assembler holds too
+    rig.intake.on_message(f"c/third/{CHANNELS[0]}", b"1.0")
+    assert rig.value("sensord_readings_rejected_total", reason="device_limit") == 1
+
+
+def test_silent_device_goes_stale_comes_back_then_is_forgotten(data: tuple[Path, Series], rigs: list[Rig]) -> None:
+    path, series = data
+    rig = Rig(make_cfg(path, device_timeout_seconds=10.0, device_forget_seconds=100.0))
+    rigs.append(rig)
+    rig.send_rows("p1", series, 0, W)
+    rig.scoring.process(rig.queued())
+    assert rig.pub.on(f"{PREFIX}/availability/p1")[-1][1] == {"state": "online"}
+    now = time.monotonic()
+    assert rig.intake.sweep(now) == ([], [])
+    stale, forget = rig.intake.sweep(now + 11)
+    assert stale == [("p1", float(series.timestamps[W - 1]))] and forget == []
+    assert rig.intake.sweep(now + 12) == ([], [])  # announced once
+    rig.scoring.liveness(stale, forget)
+    rig.scoring._apply_liveness()
+    state = rig.pub.on(f"{PREFIX}/state/p1")[-1]
+    assert state[1]["state"] == "stale" and state[1]["alert"] is False and state[2:] == (1, True)
+    assert rig.pub.on(f"{PREFIX}/availability/p1")[-1][1] == {"state": "offline"}
+
+    rig.send_rows("p1", series, W, W + 1)  # back: its next window announces its state again
+    rig.scoring.process(rig.queued())
+    assert rig.pub.on(f"{PREFIX}/state/p1")[-1][1]["state"] == "normal"
+    assert rig.pub.on(f"{PREFIX}/availability/p1")[-1][1] == {"state": "online"}
+
+    stale, forget = rig.intake.sweep(time.monotonic() + 101)
+    assert forget == ["p1"] and "p1" not in rig.intake.buffers
+    rig.scoring.liveness(stale, forget)
+    rig.scoring._apply_liveness()
+    assert rig.scoring.detectors == {}
+    assert rig.metrics.registry.get_sample_value("sensord_last_reading_timestamp_seconds", {"device": "p1"}) is None
+    assert rig.metrics.registry.get_sample_value("sensord_windows_scored_total", {"device": "p1"}) is None
+    assert rig.value("sensord_devices") == 0
+
+
+def test_device_ids_longer_than_the_configured_limit_are_rejected(data: tuple[Path, Series], rigs: list[Rig]) -> None:
+    rig = Rig(make_cfg(data[0], max_device_id_bytes=8))
+    rigs.append(rig)
+    rig.send("pump-123", 1.0, data[1].values[0])  # 8 bytes: fine
+    rig.send("pump-1234", 1.0, data[1].values[0])
+    assert list(rig.intake.buffers) == ["pump-123"]
+    assert rig.value("sensord_readings_rejected_total", reason="bad_device_id") == 1

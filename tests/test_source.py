@@ -201,12 +201,20 @@ def test_null_channel_counts_as_missing() -> None:
     assert one({"ts": 3, "values": {"a": 1, "b": None, "c": 3}}).problem[0] == "missing_channel"  # type: ignore[index]
 
 
-@pytest.mark.parametrize("value", ["1.5", "abc", [1], {"v": 1}])
+@pytest.mark.parametrize("value", ["abc", "", "1,5", [1], {"v": 1}])
 def test_non_numeric_value(value: object) -> None:
     r = one({"ts": 3, "a": 1, "b": value, "c": 3})
     assert r.values is None
     assert r.problem is not None and r.problem[0] == "bad_value"
     assert "'b'" in r.problem[1]
+
+
+@pytest.mark.parametrize(("value", "expected"), [("2.57", 2.57), (" 7 ", 7.0), ("-1e3", -1000.0)])
+def test_numeric_strings_are_numbers(value: str, expected: float) -> None:
+    """Gateways that send every value as a string (``"2.57"``) are read, not rejected as bad_value."""
+    r = one({"ts": 3, "a": 1, "b": value, "c": 3})
+    assert r.problem is None and r.values is not None
+    assert r.values.tolist() == [1.0, expected, 3.0]
 
 
 @pytest.mark.parametrize("value", [True, False])

@@ -132,7 +132,8 @@ class _Scoring:
 
 
 def _intake() -> tuple[Intake, _Scoring, DaemonMetrics]:
-    cfg = config_from_dict({"window": {"length": 2}, "mqtt": {"device_topic": "plant/{device}/telemetry"},
+    cfg = config_from_dict({"window": {"length": 2}, "mqtt": {"device_topic": "plant/{device}/telemetry",
+                                                              "subscriptions": ["plant/#"]},
                             "daemon": {"max_devices": 3}})
     model = SimpleNamespace(spec=WindowSpec(2, 1, 10.0), bundle=SimpleNamespace(channels=CHANNELS),
                             low=[-100.0, -100.0], high=[100.0, 100.0])

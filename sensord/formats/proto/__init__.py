@@ -1,0 +1,1 @@
+"""Generated protobuf modules (see each file's header for where it comes from)."""
