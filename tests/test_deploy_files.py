@@ -177,7 +177,8 @@ def test_alert_rules_use_known_metrics(alert_rules: list[dict[str, Any]]) -> Non
 # Keys Grafana writes that the foundation SDK's typed schema leaves out: import metadata, the built-in
 # annotation's flag, the Prometheus annotation query's own options, the variable's editor text, the
 # database id (null in a file).
-SCHEMA_UNMODELLED = {".__requires", ".id", ".annotations.list[0].builtIn", ".templating.list[1].definition"} | {
+SCHEMA_UNMODELLED = {".__inputs", ".__requires", ".id", ".annotations.list[0].builtIn",
+                     ".templating.list[1].definition"} | {
     f".annotations.list[1].{k}" for k in ("step", "titleFormat", "tagKeys", "textFormat", "useValueForTime")}
 
 
@@ -206,6 +207,12 @@ def test_dashboard_matches_grafanas_schema(dashboard: dict[str, Any]) -> None:
     assert set(dropped) == SCHEMA_UNMODELLED, sorted(set(dropped) ^ SCHEMA_UNMODELLED)
     assert not [d for d in dropped if d.startswith(".panels")]
     assert len(back["panels"]) == len(dashboard["panels"]) and back["schemaVersion"] == dashboard["schemaVersion"]
+    # Import ("Dashboards > Import") asks for each input and replaces ${NAME} with the chosen data source;
+    # file provisioning ignores __inputs and the DS_PROMETHEUS variable resolves the same references.
+    text = json.dumps(dashboard)
+    for inp in dashboard["__inputs"]:
+        assert inp["type"] == "datasource" and f"${{{inp['name']}}}" in text
+    assert [v["name"] for v in dashboard["templating"]["list"] if v["type"] == "datasource"] == ["DS_PROMETHEUS"]
 
 
 def test_dashboard_uses_known_metrics(dashboard: dict[str, Any]) -> None:
