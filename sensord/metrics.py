@@ -300,3 +300,8 @@ class DaemonMetrics:
                 metric.remove(device)
             except KeyError:  # never had that label
                 pass
+        # Per (device, channel): the channels it had are read back from the metric itself.
+        channels = {smp.labels["channel"] for fam in self.channel_error_share.collect() for smp in fam.samples
+                    if smp.labels.get("device") == device}
+        for channel in channels:
+            self.channel_error_share.remove(device, channel)

@@ -22,6 +22,7 @@ def test_a_silent_device_goes_stale_keeps_its_alert_then_is_forgotten(e2e: E2E, 
     before = time.time()
     e2e.stream.send_rows("quiet", seg, 0, FAULT_START + 20)
     e2e.wait_alert("quiet", "raised")
+    assert d.metric("sensord_channel_error_share", device="quiet", channel="current") is not None
     last = d.metric("sensord_last_reading_timestamp_seconds", device="quiet")  # this host's clock, not the device's
     assert last is not None and before <= last <= time.time()
     e2e.stream.send_row("other", seg, 0)  # max_devices = 1: the quiet device still holds the place
@@ -39,6 +40,7 @@ def test_a_silent_device_goes_stale_keeps_its_alert_then_is_forgotten(e2e: E2E, 
                "the forgotten device's labels to go")
     assert d.metric("sensord_windows_scored_total", device="quiet") is None
     assert d.metric("sensord_anomaly_state", device="quiet") is None
+    assert not [k for k in d.metrics() if k[0] == "sensord_channel_error_share" and ("device", "quiet") in k[1]]
     e2e.stream.send_rows("other", seg, 0, W + 4)  # its place is free now
     d.wait_metric("sensord_windows_scored_total", 5, device="other")
     assert d.metric("sensord_readings_rejected_total", reason="device_limit") == 1
