@@ -25,12 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from sensord.benchmark import FIT_ROWS, _init_worker, skab_files, with_seed
+from sensord.benchmark import FIT_ROWS, skab_files, with_seed
 from sensord.bundle import ModelBundle
 from sensord.config import DetectorConfig, SensordConfig, config_from_dict, config_to_dict
 from sensord.dataio import load_csv
 from sensord.evaluation import Confusion, ScoredSeries, decide_rows, score_series
 from sensord.scorer import Scorer
+from sensord.tflib import init_training_worker
 from sensord.training import split_windows, train_bundle
 from sensord.windows import WindowSpec
 
@@ -150,7 +151,7 @@ def main() -> None:
         tasks = [(p, args.data, config_to_dict(with_seed(cfg, int(s))))
                  for s in args.seeds.split(",") for p in skab_files(args.data)]
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_init_worker) as pool:
+                                 initializer=init_training_worker) as pool:
             results = list(pool.map(collect_one, tasks))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_bytes(pickle.dumps(results))

@@ -27,6 +27,7 @@ from .dataio import load_csv
 from .errors import DataError
 from .evaluation import Confusion, EvaluationResult, ScoredSeries, evaluate_scored, score_series
 from .scorer import Scorer
+from .tflib import init_training_worker
 from .training import split_windows, train_bundle
 from .windows import window_spec
 
@@ -101,15 +102,6 @@ def bench_file(path: Path, data_dir: Path, cfg: SensordConfig, model_dir: Path, 
                       scored if keep_scores else None, val_errors)
 
 
-def _init_worker() -> None:
-    """One TensorFlow thread per worker process (set before TensorFlow runs anything): the workers
-    already fill the cores, and a fixed thread count keeps a seed's figures the same whatever --jobs is."""
-    from .tflib import import_tensorflow
-    _, tf = import_tensorflow()
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-    logging.getLogger("sensord").setLevel(logging.WARNING)
-
-
 def _bench_task(args: tuple[Path, Path, dict[str, Any], Path, int, bool]) -> FileResult:
     path, data_dir, raw, model_dir, fit_rows, keep = args
     return bench_file(path, data_dir, config_from_dict(raw), model_dir, fit_rows, keep)
@@ -153,7 +145,7 @@ def run_skab(data_dir: Path, cfg: SensordConfig, work_dir: Path | None = None,
         # Always in worker processes with one TensorFlow thread each, so a seed gives the same figures
         # whatever --jobs is (the thread count changes the order of float reductions).
         ctx = multiprocessing.get_context("spawn")  # TensorFlow does not survive fork
-        with ProcessPoolExecutor(max(1, jobs), mp_context=ctx, initializer=_init_worker) as pool:
+        with ProcessPoolExecutor(max(1, jobs), mp_context=ctx, initializer=init_training_worker) as pool:
             for fr in pool.map(_bench_task, tasks):
                 done[(fr.seed, fr.name)] = fr
                 if on_file is not None:

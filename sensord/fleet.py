@@ -133,11 +133,11 @@ def _train_one(args: tuple[ModelPlan, dict[str, Any], Path]) -> FleetResult:
 def train_fleet(plans: Sequence[ModelPlan], raw_config: dict[str, Any], out_root: Path, jobs: int,
                 on_done: Callable[[FleetResult], None] | None = None) -> list[FleetResult]:
     """Train every planned model in ``jobs`` worker processes; results in plan order."""
-    from .benchmark import _init_worker
+    from .tflib import init_training_worker
     out_root.mkdir(parents=True, exist_ok=True)
     ctx = multiprocessing.get_context("spawn")  # TensorFlow does not survive fork
     results: list[FleetResult] = []
-    with ProcessPoolExecutor(max(1, min(jobs, len(plans))), mp_context=ctx, initializer=_init_worker) as pool:
+    with ProcessPoolExecutor(max(1, min(jobs, len(plans))), mp_context=ctx, initializer=init_training_worker) as pool:
         for r in pool.map(_train_one, [(p, raw_config, out_root) for p in plans]):
             results.append(r)
             if on_done is not None:

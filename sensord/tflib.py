@@ -10,6 +10,7 @@ first import.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Any
@@ -30,3 +31,12 @@ def import_tensorflow() -> tuple[Any, Any]:
     import keras
     import tensorflow as tf
     return keras, tf
+
+
+def init_training_worker() -> None:
+    """Initializer of the worker processes that train (``bench skab``, ``train --per-device``): one
+    TensorFlow thread each, set before TensorFlow runs anything. The workers already fill the cores, and a
+    fixed thread count keeps a model the same whatever --jobs is (it changes the order of float sums)."""
+    _, tf = import_tensorflow()
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    logging.getLogger("sensord").setLevel(logging.WARNING)
