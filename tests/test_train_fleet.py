@@ -128,3 +128,5 @@ def test_plan_mistakes_are_usage_errors() -> None:
 def test_a_directory_without_per_device_or_group_is_a_usage_error(tmp_path: Path) -> None:
     proc = _train("--data", str(tmp_path), "--out", str(tmp_path / "m"))
     assert proc.returncode == 64 and "--per-device" in proc.stderr
+    proc = _train("--data", str(tmp_path), "--out", str(tmp_path / "m"), "--per-device", "--jobs", "0")
+    assert proc.returncode == 64 and "--jobs: must be at least 1, got 0" in proc.stderr
