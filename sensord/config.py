@@ -228,6 +228,10 @@ class SubscriptionConfig:
     device_tag: StrictStr = "host"
     precision: Literal["ns", "us", "ms", "s"] = "ns"
     measurement: StrictStr | None = None
+    # sparkplug_b: ask an edge node to publish its births again (NCMD Node Control/Rebirth) when its data
+    # cannot be read (sensord started after its NBIRTH, or a sequence gap), at most this often per node;
+    # null: never ask (the aliases are then learnt only from births the node sends of its own accord).
+    rebirth_interval_seconds: PositiveFloat | None = 30.0
 
     @model_validator(mode="after")
     def _template(self) -> SubscriptionConfig:

@@ -93,6 +93,7 @@ class Daemon:
                                    save_interval=cfg.daemon.state_save_interval_seconds, discovery=self.discovery)
         self.scoring.restore(model, cfg.daemon.max_devices)
         self.intake = Intake(cfg, model, self.scoring, self.metrics)
+        self.intake.send_command = self._send_command
         for device in self.scoring.detectors:  # restored: silent from now on unless they send again
             self.intake.touch(device)
         self._last_sweep = 0.0
@@ -110,6 +111,9 @@ class Daemon:
                  len(model.bundle.channels), model.bundle.window_length, model.spec.hop,
                  model.bundle.threshold.value, model.bundle.threshold.method)
         return cls(path, cfg, model, web)
+
+    def _send_command(self, topic: str, payload: bytes) -> None:
+        self.mqtt.publish(topic, payload, qos=0)
 
     def _on_acknowledged(self) -> None:
         self.outbox.sweep()  # an acknowledged alert leaves the outbox at once, not at the next tick

@@ -45,7 +45,7 @@ MESSAGE_REJECT_REASONS = ("malformed_json", "too_large", "bad_payload", "no_devi
 READING_REJECT_REASONS = ("bad_device_id", "missing_channel", "bad_value", "bad_timestamp", "future_timestamp",
                           "out_of_order", "non_finite", "wrong_shape", "device_limit",
                           "unknown_channel", "late_value", "incomplete_row", "malformed_line",
-                          "unknown_alias")
+                          "unknown_alias", "stale_death")
 WINDOW_ERROR_STAGES = ("scoring", "detection", "publishing")
 # One line a minute is enough to show a misconfigured scraper; the counters have the full count.
 _PEER_WARNING_INTERVAL = 60.0
@@ -169,6 +169,9 @@ class DaemonMetrics:
                                          ["reason"], registry=r)
         self.readings_rejected = Counter("sensord_readings_rejected", "Readings rejected, by reason",
                                          ["reason"], registry=r)
+        self.sparkplug_rebirth_requests = Counter(
+            "sensord_sparkplug_rebirth_requests", "Sparkplug B rebirth commands (NCMD) sent to edge nodes whose "
+            "data could not be read (no NBIRTH seen, or a sequence gap)", registry=r)
         self.windows_scored = Counter("sensord_windows_scored", "Windows scored", ["device"], registry=r)
         self.reconstruction_error = Gauge("sensord_reconstruction_error",
                                           "Reconstruction error of the device's last scored window",

@@ -27,7 +27,7 @@ from .assembly import Assembler
 from .bundle import ModelBundle
 from .config import DetectorConfig, SensordConfig
 from .detector import AlertDetector, AlertEvent, Decision
-from .formats.base import ChannelUpdate, DeviceDeath, MessageRejected, Parser, escape, topic_matches
+from .formats.base import ChannelUpdate, DeviceDeath, MessageRejected, Parser, RebirthRequest, escape, topic_matches
 from .formats.build import build_parser
 from .formats.sparkplug_b import SparkplugParser
 from .homeassistant import HomeAssistantDiscovery
@@ -383,6 +383,8 @@ class Intake:
         self.silent: set[str] = set()  # announced stale, not yet forgotten
         self.parsers = self._parsers(cfg, model)
         self.assembler = self._assembler(cfg, model)
+        # Publishes a command a stateful format asks for (Sparkplug rebirth); the daemon sets it once connected.
+        self.send_command: Callable[[str, bytes], None] | None = None
 
     @staticmethod
     def _parsers(cfg: SensordConfig, model: ServingModel) -> list[tuple[str, Parser]]:
@@ -460,12 +462,22 @@ class Intake:
                     self._assemble(r)
                 elif isinstance(r, DeviceDeath):
                     self._died(r.device)
+                elif isinstance(r, RebirthRequest):
+                    self._request_rebirth(r)
                 elif r.problem is not None:
                     self._reject(r.problem[0], r.device, r.problem[1])
                 else:
                     assert r.values is not None
                     self._take(r.device, r.timestamp, r.values, r.clipped)
         return True
+
+    def _request_rebirth(self, r: RebirthRequest) -> None:
+        if self.send_command is None:
+            return
+        self.send_command(r.topic, r.payload)
+        self.metrics.sparkplug_rebirth_requests.inc()
+        self._warn.warning("rebirth", "asked Sparkplug edge node %s for a rebirth: %s", escape(r.node),
+                           escape(r.reason))
 
     def _tracked(self, device: str) -> bool:
         """Whether ``device`` is, or may become, a tracked device (``daemon.max_devices``); counted if not."""

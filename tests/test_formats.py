@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 
 from sensord.assembly import Assembler
 from sensord.config import ConfigError, config_from_dict
-from sensord.formats.base import ChannelUpdate, DeviceDeath, MessageRejected, Reading, device_id_problem
+from sensord.formats.base import ChannelUpdate, DeviceDeath, MessageRejected, Reading, RebirthRequest, device_id_problem
 from sensord.formats.influx_line import InfluxLineParser
 from sensord.formats.json import JsonParser
-from sensord.formats.sparkplug_b import Payload, SparkplugParser
+from sensord.formats.sparkplug_b import REBIRTH_METRIC, Payload, SparkplugParser
 from sensord.formats.topic_per_channel import TopicPerChannelParser
 from sensord.metrics import MESSAGE_REJECT_REASONS, READING_REJECT_REASONS
 
@@ -329,17 +329,21 @@ def test_sparkplug_births_name_aliases_and_data_uses_them() -> None:
     assert p.parse("spBv1.0/plant/NBIRTH/edge1", nbirth) == []
     dbirth = spb_payload([{"name": "Sensors/temp", "alias": 1, "datatype": 10, "double_value": 20.0},
                           {"name": "flow", "alias": 2, "datatype": 9, "float_value": 3.0},
-                          {"name": "Device Control/Rebirth", "alias": 3, "boolean_value": False}])
+                          {"name": "Device Control/Rebirth", "alias": 3, "boolean_value": False}], seq=1)
     assert p.parse("spBv1.0/plant/DBIRTH/edge1/pump1", dbirth) == [
         ChannelUpdate("pump1", 1.7e9, {"temp": 20.0, "flow": 3.0})]
     ddata = spb_payload([{"alias": 1, "timestamp": 1700000001000, "double_value": 21.5},
-                         {"alias": 2, "timestamp": 1700000002000, "int_value": 4}])
+                         {"alias": 2, "timestamp": 1700000002000, "int_value": 4}], seq=2)
     assert p.parse("spBv1.0/plant/DDATA/edge1/pump1", ddata) == [
         ChannelUpdate("pump1", 1700000001.0, {"temp": 21.5}), ChannelUpdate("pump1", 1700000002.0, {"flow": 4.0})]
 
 
+def without_rebirths(items: list[Any]) -> list[Any]:
+    return [r for r in items if not isinstance(r, RebirthRequest)]
+
+
 def test_sparkplug_unknown_alias_is_counted_and_death_forgets() -> None:
-    p = SparkplugParser(CHANNELS, clock=lambda: 2e9)
+    p = SparkplugParser(CHANNELS, clock=lambda: 2e9, rebirth_interval=None)
     data = spb_payload([{"alias": 1, "double_value": 21.5}])
     (r,) = p.parse("spBv1.0/plant/DDATA/edge1/pump1", data)
     assert isinstance(r, Reading) and r.problem is not None and r.problem[0] == "unknown_alias"
@@ -350,6 +354,65 @@ def test_sparkplug_unknown_alias_is_counted_and_death_forgets() -> None:
     (r,) = p.parse("spBv1.0/plant/DDATA/edge1/pump1", data)  # aliases died with the node
     assert isinstance(r, Reading) and r.problem is not None and r.problem[0] == "unknown_alias"
     assert p.parse("spBv1.0/plant/DDEATH/edge1/pump1", spb_payload([])) == [DeviceDeath("pump1")]
+
+
+def rebirths(items: list[Any]) -> list[RebirthRequest]:
+    out = [r for r in items if isinstance(r, RebirthRequest)]
+    for r in out:
+        (metric,) = Payload.FromString(r.payload).metrics
+        assert r.topic == "spBv1.0/plant/NCMD/edge1" and metric.name == REBIRTH_METRIC and metric.boolean_value
+    return out
+
+
+def test_sparkplug_data_before_birth_asks_for_a_rebirth_at_most_once_per_interval() -> None:
+    """sensord started after the edge node: its DATA carries aliases only, so it must ask for the births."""
+    now = [2e9]
+    p = SparkplugParser(CHANNELS, clock=lambda: now[0], rebirth_interval=30.0)
+    data = spb_payload([{"alias": 1, "double_value": 21.5}], seq=7)
+    (asked,) = rebirths(p.parse("spBv1.0/plant/DDATA/edge1/pump1", data))
+    assert "before the node's NBIRTH" in asked.reason and asked.node == "plant/edge1"
+    now[0] += 10
+    assert rebirths(p.parse("spBv1.0/plant/DDATA/edge1/pump1", data)) == []  # debounced
+    now[0] += 25
+    assert len(rebirths(p.parse("spBv1.0/plant/DDATA/edge1/pump1", data))) == 1
+    # The node answers: NBIRTH seq 0, DBIRTH seq 1, and the aliases resolve.
+    assert p.parse("spBv1.0/plant/NBIRTH/edge1", spb_payload([{"name": "bdSeq", "long_value": 3}])) == []
+    assert p.parse("spBv1.0/plant/DBIRTH/edge1/pump1",
+                   spb_payload([{"name": "temp", "alias": 1, "double_value": 1.0}], seq=1)) == [
+        ChannelUpdate("pump1", 1.7e9, {"temp": 1.0})]
+    assert p.parse("spBv1.0/plant/DDATA/edge1/pump1", spb_payload([{"alias": 1, "double_value": 2.0}], seq=2)) == [
+        ChannelUpdate("pump1", 1.7e9, {"temp": 2.0})]
+
+
+def test_sparkplug_seq_gap_asks_for_a_rebirth_and_keeps_the_data() -> None:
+    now = [2e9]
+    p = SparkplugParser(CHANNELS, clock=lambda: now[0], rebirth_interval=30.0)
+    p.parse("spBv1.0/plant/NBIRTH/edge1", spb_payload([{"name": "bdSeq", "long_value": 0}], seq=0))
+    p.parse("spBv1.0/plant/DBIRTH/edge1/pump1", spb_payload([{"name": "temp", "alias": 1, "double_value": 1.0}], seq=1))
+    for seq in range(2, 256):  # a long healthy run wraps 255 -> 0 without a request
+        assert p.parse("spBv1.0/plant/DDATA/edge1/pump1",
+                       spb_payload([{"alias": 1, "double_value": float(seq)}], seq=seq)) == [
+            ChannelUpdate("pump1", 1.7e9, {"temp": float(seq)})]
+    assert not rebirths(p.parse("spBv1.0/plant/NDATA/edge1", spb_payload([], seq=0)))
+    got = p.parse("spBv1.0/plant/DDATA/edge1/pump1", spb_payload([{"alias": 1, "double_value": 9.0}], seq=3))
+    (asked,) = rebirths(got)
+    assert "seq 3, expected 1" in asked.reason
+    assert without_rebirths(got) == [ChannelUpdate("pump1", 1.7e9, {"temp": 9.0})]
+    now[0] += 1  # back in step: no new request
+    assert not rebirths(p.parse("spBv1.0/plant/NDATA/edge1", spb_payload([], seq=4)))
+
+
+def test_sparkplug_a_late_will_of_an_earlier_session_kills_nothing() -> None:
+    """MQTT orders messages per topic only: the NDEATH of connection 4 can arrive after the NBIRTH of 5."""
+    p = SparkplugParser(CHANNELS, clock=lambda: 2e9)
+    p.parse("spBv1.0/plant/NBIRTH/edge1", spb_payload([{"name": "bdSeq", "long_value": 5}]))
+    p.parse("spBv1.0/plant/DBIRTH/edge1/pump1", spb_payload([{"name": "temp", "alias": 1, "double_value": 1.0}], seq=1))
+    (r,) = p.parse("spBv1.0/plant/NDEATH/edge1", spb_payload([{"name": "bdSeq", "long_value": 4}]))
+    assert isinstance(r, Reading) and r.problem is not None and r.problem[0] == "stale_death"
+    assert p.parse("spBv1.0/plant/DDATA/edge1/pump1", spb_payload([{"alias": 1, "double_value": 2.0}], seq=2)) == [
+        ChannelUpdate("pump1", 1.7e9, {"temp": 2.0})]  # aliases survive
+    assert p.parse("spBv1.0/plant/NDEATH/edge1", spb_payload([{"name": "bdSeq", "long_value": 5}])) == [
+        DeviceDeath("edge1"), DeviceDeath("pump1")]
 
 
 @pytest.mark.parametrize(("topic", "payload", "reason"), [
@@ -376,7 +439,8 @@ def test_sparkplug_any_bytes_give_readings_or_a_counted_rejection(topic: str, pa
     for payload in payloads:
         got = run(p, topic, payload)
         if isinstance(got, list):
-            got = [r for r in got if not isinstance(r, DeviceDeath)] or [Reading("x", 0.0, None, ("bad_value", ""))]
+            got = [r for r in got if not isinstance(r, DeviceDeath | RebirthRequest)] or [
+                Reading("x", 0.0, None, ("bad_value", ""))]
         check(got)
 
 

@@ -11,11 +11,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+from broker import MqttRecorder
 from e2e_support import wait_until
 from test_daemon_e2e import E2E, FAULT_START, FAULT_STOP, Models, W, with_step
 from test_daemon_e2e import e2e as e2e
 from test_daemon_e2e import models as models
 from test_formats import spb_payload
+
+from sensord.formats.sparkplug_b import Payload
 
 pytestmark = pytest.mark.e2e
 
@@ -98,3 +101,50 @@ def test_every_format_gives_the_json_streams_windows_and_alerts(e2e: E2E, models
         assert d.metric("sensord_messages_rejected_total", reason=reason) == 0, reason
     for reason in ("unknown_alias", "malformed_line", "missing_channel", "incomplete_row", "bad_value"):
         assert d.metric("sensord_readings_rejected_total", reason=reason) == 0, reason
+
+
+def test_sparkplug_daemon_started_after_the_births_asks_for_a_rebirth_and_then_scores(
+        e2e: E2E, models: Models) -> None:
+    """An edge node born before sensord started sends aliases only: sensord publishes the NCMD
+    ``Node Control/Rebirth``; the node (played here by the test) answers with its births and the device's
+    windows are scored. Before that, the alias-only data is counted (``unknown_alias``), never guessed."""
+    seg = models.labelled.slice(0, 60)
+    chans = seg.channels
+    group = e2e.root.replace("/", "-")
+    node = f"spBv1.0/{group}/{{}}/edge1"
+    births = [(node.format("NBIRTH"), spb_payload([{"name": "bdSeq", "long_value": 0}], seq=0)),
+              (node.format("DBIRTH") + "/late", spb_payload(
+                  [{"name": ch, "alias": 10 + j, "datatype": 10, "is_null": True} for j, ch in enumerate(chans)],
+                  seq=1))]
+    for topic, payload in births:  # before the daemon exists: it never sees them
+        e2e.stream.send_raw(topic, payload)
+    with MqttRecorder(e2e.broker.host, e2e.broker.port, node.format("NCMD")) as commands:
+        d = e2e.start(mqtt={"subscriptions": [{"topic": f"spBv1.0/{group}/#", "format": "sparkplug_b",
+                                               "rebirth_interval_seconds": 1.0}]},
+                      assembly={"sample_period_seconds": 1.0, "max_staleness_seconds": 30.0})
+        seq = 2
+
+        def ddata(i: int) -> None:
+            nonlocal seq
+            e2e.stream.send_raw(node.format("DDATA") + "/late", spb_payload(
+                [{"alias": 10 + j, "timestamp": round(float(seg.timestamps[i]) * 1000), "double_value": float(v)}
+                 for j, v in enumerate(seg.values[i])], seq=seq % 256))
+            seq += 1
+
+        ddata(0)
+        (cmd,) = commands.wait_for(lambda m: m.topic == node.format("NCMD"), timeout=10)
+        (metric,) = Payload.FromString(cmd.payload).metrics
+        assert (metric.name, metric.boolean_value) == ("Node Control/Rebirth", True)
+        assert d.metric("sensord_readings_rejected_total", reason="unknown_alias") == len(chans)
+        assert d.metric("sensord_sparkplug_rebirth_requests_total") == 1
+        # The node answers with its births again (seq restarts at 0 with the NBIRTH), then its data.
+        for topic, payload in births:
+            e2e.stream.send_raw(topic, payload)
+        seq = 2
+        for i in range(1, len(seg.values)):
+            ddata(i)
+        e2e.stream.send_raw(node.format("NDATA"), spb_payload([], seq=seq % 256))  # closes the last tick
+        windows = len(seg.values) - 1 - W + 1
+        d.wait_metric("sensord_windows_scored_total", windows, device="late", timeout=30)
+        assert d.metric("sensord_readings_rejected_total", reason="unknown_alias") == len(chans)
+        assert d.metric("sensord_sparkplug_rebirth_requests_total") == 1  # in step since the births

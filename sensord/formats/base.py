@@ -96,7 +96,18 @@ class DeviceDeath:
     device: str
 
 
-Item = Reading | ChannelUpdate | DeviceDeath
+@dataclass(frozen=True)
+class RebirthRequest:
+    """A stateful format lost track of a sender (Sparkplug: a sequence gap, data before its birth) and
+    asks it to send its definitions again: ``topic`` and ``payload`` are the command to publish."""
+
+    node: str
+    reason: str
+    topic: str
+    payload: bytes
+
+
+Item = Reading | ChannelUpdate | DeviceDeath | RebirthRequest
 
 
 class Parser(Protocol):

@@ -22,7 +22,8 @@ def build_parser(sub: SubscriptionConfig, mqtt: MqttConfig, channels: Sequence[s
                                      timestamp_field=sub.timestamp_field or "ts",
                                      value_field=sub.values_field or "value")
     if sub.format == "sparkplug_b":
-        return SparkplugParser(channels, max_clock_skew=max_clock_skew, bounds=bounds)
+        return SparkplugParser(channels, max_clock_skew=max_clock_skew, bounds=bounds,
+                               rebirth_interval=sub.rebirth_interval_seconds)
     if sub.format == "influx_line":
         return InfluxLineParser(channels, sub.device_tag, sub.device_topic, sub.precision,
                                 max_clock_skew=max_clock_skew, bounds=bounds, measurement=sub.measurement,
