@@ -36,6 +36,9 @@ test-deps: demo-deps
 	  { $(APT) update -qq && $(APT) install -y -qq prometheus; }
 	@{ command -v prometheus-alertmanager || command -v alertmanager; } >/dev/null 2>&1 && command -v amtool >/dev/null 2>&1 || \
 	  { $(APT) update -qq && $(APT) install -y -qq prometheus-alertmanager; }
+# A three-node NATS cluster (JetStream + MQTT gateway) for the scale-out test (deploy/nats/), started by the test.
+	@command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || \
+	  { $(APT) update -qq && $(APT) install -y -qq nats-server; }
 
 demo: install
 	$(VENV)/bin/sensord demo

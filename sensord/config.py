@@ -299,6 +299,9 @@ class MqttConfig:
     # deploy/mosquitto/ sets the broker's max_packet_size to match.
     max_payload_bytes: Annotated[StrictInt, Field(ge=64, le=16 * 1024 * 1024)] = 65536
     topic_prefix: Annotated[StrictStr, RESTART_ONLY] = "sensord"
+    # The retained online/offline topic (and last will); null: "{topic_prefix}/status". Several instances
+    # sharing one prefix (see README, "Scaling out") each need their own, e.g. "sensord/status/sensord-0".
+    status_topic: Annotated[StrictStr | None, RESTART_ONLY] = None
     publish_scores: StrictBool = False
     # Whole seconds: paho waits min, then doubles up to max between attempts, and counts in seconds.
     reconnect_min_seconds: Annotated[PositiveFloat, RESTART_ONLY] = 1.0
@@ -320,6 +323,13 @@ class MqttConfig:
             raise ValueError(f"must be 1 to 128 bytes (or null for the default), got {json.dumps(v)}")
         return v
 
+    @field_validator("status_topic")
+    @classmethod
+    def _status_topic(cls, v: str | None) -> str | None:
+        if v is not None and (not v or any(c in v for c in "+#\x00")):
+            raise ValueError(f"must be a topic name without wildcards (+ #), got {json.dumps(v)}")
+        return v
+
     @field_validator("reconnect_min_seconds", "reconnect_max_seconds")
     @classmethod
     def _whole_seconds(cls, v: float) -> float:
@@ -337,6 +347,10 @@ class MqttConfig:
             if problem is not None:
                 raise ValueError(f"{i}: not a valid MQTT topic filter ({problem}): {json.dumps(sub)}")
         return v
+
+    def status(self) -> str:
+        """The availability topic: ``status_topic``, else ``{topic_prefix}/status``."""
+        return self.status_topic if self.status_topic is not None else f"{self.topic_prefix}/status"
 
     def topic_filters(self) -> list[str]:
         """The topic filters to subscribe to, in order."""

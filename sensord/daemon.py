@@ -78,6 +78,9 @@ class Daemon:
                                        on_acknowledged=self._on_acknowledged)
         except ConfigError as exc:  # TLS files: name the config file too
             raise ConfigError(exc.errors, self.config_path) from None
+        for topic in self.mqtt.subscribed:
+            self.metrics.mqtt_subscribed.labels(topic).set(0)
+        self.mqtt.on_subscribed = lambda topic, granted: self.metrics.mqtt_subscribed.labels(topic).set(int(granted))
         state_dir = cfg.daemon.state_dir
         self.outbox = Outbox(self.mqtt, None if state_dir is None else Path(state_dir) / "outbox",
                              cfg.daemon.outbox_max_alerts, self.metrics)
@@ -87,7 +90,8 @@ class Daemon:
             store = self.store = StateStore(cfg.daemon.state_dir, lambda exc: self.metrics.state_save_failures.inc())
         ha = cfg.homeassistant
         self.discovery = None if not ha.enabled else HomeAssistantDiscovery(
-            self.mqtt, cfg.mqtt.topic_prefix, ha.discovery_prefix, ha.node_id, cfg.mqtt.publish_scores)
+            self.mqtt, cfg.mqtt.topic_prefix, ha.discovery_prefix, ha.node_id, cfg.mqtt.publish_scores,
+            cfg.mqtt.status())
         self.scoring = ScoringLoop(self.metrics, self.alerts, cfg.daemon.queue_size, cfg.scoring.batch_max,
                                    cfg.daemon.batch_wait_seconds, state=store,
                                    save_interval=cfg.daemon.state_save_interval_seconds, discovery=self.discovery)
@@ -118,8 +122,8 @@ class Daemon:
     def _on_acknowledged(self) -> None:
         self.outbox.sweep()  # an acknowledged alert leaves the outbox at once, not at the next tick
 
-    def _on_message(self, topic: str, payload: bytes, retained: bool = False) -> bool:
-        return self.intake.on_message(topic, payload, retained)
+    def _on_message(self, topic: str, payload: bytes, retained: bool = False, redelivered: bool = False) -> bool:
+        return self.intake.on_message(topic, payload, retained, redelivered)
 
     def _on_connected(self, up: bool) -> None:
         self.metrics.mqtt_connected.set(1 if up else 0)

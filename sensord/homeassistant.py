@@ -44,9 +44,10 @@ class HomeAssistantDiscovery:
     """Announces each device once per process: a binary sensor (alert) and a sensor (score), retained."""
 
     def __init__(self, publisher: Publisher, prefix: str, discovery_prefix: str, node_id: str | None,
-                 publish_scores: bool) -> None:
+                 publish_scores: bool, status_topic: str | None = None) -> None:
         self.publisher = publisher
         self.prefix = prefix
+        self.status_topic = status_topic or f"{prefix}/status"
         self.discovery_prefix = discovery_prefix
         self.node_id = node_id or object_id(prefix)
         self.publish_scores = publish_scores
@@ -63,7 +64,7 @@ class HomeAssistantDiscovery:
         obj = object_id(device)
         state = f"{self.prefix}/state/{device}"
         common: dict[str, Any] = {
-            "availability_topic": f"{self.prefix}/status",
+            "availability_topic": self.status_topic,
             "payload_available": "online",
             "payload_not_available": "offline",
             "device": {"identifiers": [f"sensord_{self.node_id}_{obj}"], "name": device,

@@ -43,7 +43,7 @@ disable_created_metrics()
 MESSAGE_REJECT_REASONS = ("malformed_json", "too_large", "bad_payload", "no_device", "retained", "stopping",
                           "internal_error")
 READING_REJECT_REASONS = ("bad_device_id", "missing_channel", "bad_value", "bad_timestamp", "future_timestamp",
-                          "out_of_order", "non_finite", "wrong_shape", "device_limit",
+                          "out_of_order", "duplicate", "non_finite", "wrong_shape", "device_limit",
                           "unknown_channel", "late_value", "incomplete_row", "malformed_line",
                           "unknown_alias", "stale_death")
 WINDOW_ERROR_STAGES = ("scoring", "detection", "publishing")
@@ -197,6 +197,9 @@ class DaemonMetrics:
         self.windows_throttled = Counter("sensord_windows_throttled", "Windows dropped because the device already "
                                          "had its share of the scoring queue waiting", ["device"], registry=r)
         self.mqtt_connected = Gauge("sensord_mqtt_connected", "1 while connected to the broker", registry=r)
+        self.mqtt_subscribed = Gauge("sensord_mqtt_subscribed", "1 while the broker grants the subscription to this "
+                                     "topic filter on the current connection (filters: the config's)", ["filter"],
+                                     registry=r)
         self.mqtt_reconnects = Counter("sensord_mqtt_reconnects", "Reconnections to the broker after a loss",
                                        registry=r)
         self.mqtt_session_takeovers = Counter("sensord_mqtt_session_takeovers", "Disconnections because another "

@@ -385,6 +385,7 @@ class Intake:
         self.assembler = self._assembler(cfg, model)
         # Publishes a command a stateful format asks for (Sparkplug rebirth); the daemon sets it once connected.
         self.send_command: Callable[[str, bytes], None] | None = None
+        self._redelivered = False  # the message being taken came again (MQTT DUP)
 
     @staticmethod
     def _parsers(cfg: SensordConfig, model: ServingModel) -> list[tuple[str, Parser]]:
@@ -417,22 +418,23 @@ class Intake:
         self._warn.warning(f"reading:{reason}", "reading rejected reason=%s device=%s: %s", reason, escape(device),
                            escape(detail))
 
-    def on_message(self, topic: str, payload: bytes, retained: bool = False) -> bool:
+    def on_message(self, topic: str, payload: bytes, retained: bool = False, redelivered: bool = False) -> bool:
         """Take one message; False only if intake is closed (the message is left to be redelivered).
 
         Never raises: an exception here would end paho's network thread and silently stop intake.
         """
         try:
-            return self._on_message(topic, payload, retained)
+            return self._on_message(topic, payload, retained, redelivered)
         except Exception:  # counted and logged with its traceback below
             self.metrics.messages_rejected.labels("internal_error").inc()
             if self._warn.allow("internal_error"):
                 log.exception("message on topic=%s could not be processed; daemon continues", escape(topic))
             return True
 
-    def _on_message(self, topic: str, payload: bytes, retained: bool) -> bool:
+    def _on_message(self, topic: str, payload: bytes, retained: bool, redelivered: bool = False) -> bool:
         self.metrics.messages_received.inc()
         with self._lock:
+            self._redelivered = redelivered  # read by _take, under the same lock
             if not self.accepting:
                 # With a persistent session it is not acknowledged: the broker delivers it again next time.
                 self.metrics.messages_rejected.labels("stopping").inc()
@@ -571,7 +573,7 @@ class Intake:
                                "scoring.clip_spreads=%g spreads: clipped", device, self.cfg.scoring.clip_spreads)
         resyncs = buf.resyncs
         try:
-            window = buf.push(timestamp, values)
+            window = buf.push(timestamp, values, self._redelivered)
         except ReadingRejected as exc:
             self._reject(exc.reason.value, device, str(exc))
             return

@@ -87,11 +87,16 @@ _PROMPT_RECONNECT_SECONDS = 10.0
 class MqttConnection:
     """The daemon's single broker connection (inputs and outputs share it, and its last will)."""
 
-    def __init__(self, cfg: MqttConfig, on_message: Callable[[str, bytes, bool], bool | None],
+    def __init__(self, cfg: MqttConfig, on_message: Callable[[str, bytes, bool, bool], bool | None],
                  on_connected: Callable[[bool], None] | None = None, client_id: str | None = None,
                  on_acknowledged: Callable[[], object] | None = None) -> None:
         self.cfg = cfg
         self.on_acknowledged = on_acknowledged  # after each PUBACK (network thread; must not call paho)
+        # topic filter -> granted by the broker on the current connection (a refusal, e.g. by an ACL, would
+        # otherwise look like a quiet plant); read by the daemon for sensord_mqtt_subscribed.
+        self.subscribed: dict[str, bool] = dict.fromkeys(cfg.topic_filters(), False)
+        self._suback_waiting: dict[int, str] = {}
+        self.on_subscribed: Callable[[str, bool], None] | None = None  # network thread; must not call paho
         self.client_id = client_id or cfg.client_id or default_client_id(None)
         self.takeovers = 0
         self._takeover_logged = -1e9
@@ -104,7 +109,7 @@ class MqttConnection:
         self.connected = threading.Event()
         self.ever_connected = False
         self.reconnects = 0
-        self.status_topic = f"{cfg.topic_prefix}/status"
+        self.status_topic = cfg.status()
         v5 = cfg.protocol == "5"
         self._v5 = v5
         # A persistent session: the broker keeps our subscriptions and queues QoS 1 readings while we
@@ -138,6 +143,7 @@ class MqttConnection:
         self.client.on_disconnect = self._handle_disconnect
         self.client.on_message = self._handle_message
         self.client.on_publish = self._handle_publish
+        self.client.on_subscribe = self._handle_subscribe
         self._subscribed = True
         self._closing = False
         self._last_failure: str | None = None
@@ -170,7 +176,9 @@ class MqttConnection:
         # whoever sees "online" can publish readings and be sure the subscription is already in place.
         if self._subscribed:
             for topic in self.cfg.topic_filters():
-                client.subscribe(topic, qos=self.cfg.qos)
+                _, mid = client.subscribe(topic, qos=self.cfg.qos)
+                if mid is not None:
+                    self._suback_waiting[mid] = topic
         client.publish(self.status_topic, "online", qos=1, retain=True)
         self.ever_connected = True
         self.connected.set()
@@ -229,6 +237,11 @@ class MqttConnection:
     def _handle_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         was = self.connected.is_set()
         self.connected.clear()
+        self.subscribed = dict.fromkeys(self.subscribed, False)
+        self._suback_waiting.clear()
+        if self.on_subscribed is not None:
+            for topic in self.subscribed:
+                self.on_subscribed(topic, False)
         if getattr(reason, "value", None) == _SESSION_TAKEN_OVER:
             self._taken_over(f"another client connected to {self.cfg.host}:{self.cfg.port} with client id "
                              f"{self.client_id!r}")
@@ -248,12 +261,26 @@ class MqttConnection:
         if self._on_connected_cb:
             self._on_connected_cb(False)
 
+    def _handle_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
+        topic = self._suback_waiting.pop(mid, None)
+        if topic is None or not reasons:
+            return
+        reason = reasons[0]
+        granted = not getattr(reason, "is_failure", False)
+        self.subscribed[topic] = granted
+        if self.on_subscribed is not None:
+            self.on_subscribed(topic, granted)
+        if not granted:
+            log.error("mqtt broker %s:%d refused the subscription to %s: %s; nothing on it reaches sensord "
+                      "(does the broker's ACL let user %s read it?)", self.cfg.host, self.cfg.port, topic, reason,
+                      self.cfg.username or "(anonymous)")
+
     def _handle_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
         if self.on_acknowledged is not None:
             self.on_acknowledged()
 
     def _handle_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        taken = self._on_message(msg.topic, msg.payload, bool(msg.retain))
+        taken = self._on_message(msg.topic, msg.payload, bool(msg.retain), bool(msg.dup))
         if self.persistent and taken is not False and msg.qos > 0:
             client.ack(msg.mid, msg.qos)
 

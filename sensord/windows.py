@@ -89,6 +89,7 @@ class Rejection(str, enum.Enum):  # noqa: UP042 - str() and format() of members 
     """Why a reading was not accepted; values are the bounded ``reason`` label of a metric."""
 
     OUT_OF_ORDER = "out_of_order"
+    DUPLICATE = "duplicate"
     WRONG_SHAPE = "wrong_shape"
     NON_FINITE = "non_finite"
 
@@ -194,9 +195,17 @@ class WindowBuffer:
             raise ReadingRejected(Rejection.OUT_OF_ORDER,
                                   f"timestamp {timestamp} is older than the last reading {self._last_ts}")
 
-    def push(self, timestamp: float, values: np.ndarray | list[float]) -> Window | None:
-        """Accept one reading; return the window it completes, if any."""
+    def push(self, timestamp: float, values: np.ndarray | list[float], redelivered: bool = False) -> Window | None:
+        """Accept one reading; return the window it completes, if any.
+
+        ``redelivered``: the message came again (MQTT DUP flag; QoS 1 is at least once). If it is not newer
+        than the last reading it was taken already: a ``duplicate``, which never counts towards a clock
+        resync (a burst of redeliveries must not restart the window).
+        """
         arr = np.asarray(values, dtype=np.float32)
+        if redelivered and self._last_ts is not None and timestamp <= self._last_ts:
+            raise ReadingRejected(Rejection.DUPLICATE, f"a redelivered message (MQTT DUP) at {timestamp:.3f}, "
+                                  "not newer than the last reading: taken already")
         try:
             self.check(timestamp, arr)
         except ReadingRejected as exc:

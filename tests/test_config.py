@@ -402,6 +402,7 @@ RESTART_ONLY_CHANGES: dict[tuple[str, ...], dict[str, Any]] = {
     ("mqtt", "subscriptions"): {"mqtt": {"subscriptions": ["sensors/pump1/telemetry"]}},
     ("mqtt", "qos"): {"mqtt": {"qos": 0}},
     ("mqtt", "topic_prefix"): {"mqtt": {"topic_prefix": "box7"}},
+    ("mqtt", "status_topic"): {"mqtt": {"status_topic": "box7/status/sensord-0"}},
     ("mqtt", "reconnect_min_seconds"): {"mqtt": {"reconnect_min_seconds": 2}},
     ("mqtt", "reconnect_max_seconds"): {"mqtt": {"reconnect_max_seconds": 60}},
     ("mqtt", "session_expiry_seconds"): {"mqtt": {"session_expiry_seconds": 0}},
@@ -431,3 +432,14 @@ def test_changing_any_restart_only_setting_on_reload_logs_a_warning_naming_it(
         assert name in changed, (name, changed)
         assert f"reload: {name} needs a restart; it is not applied" in caplog.text
     assert warn_restart_only(old, config_from_dict({"detector": {"raise_after": 1}})) == []
+
+
+@pytest.mark.parametrize("bad", ["", "sensord/+/status", "sensord/#", "a\x00b"])
+def test_status_topic_must_be_a_topic_name(bad: str) -> None:
+    with pytest.raises(ConfigError, match="mqtt.status_topic: .*without wildcards"):
+        config_from_dict({"mqtt": {"status_topic": bad}})
+
+
+def test_status_topic_defaults_to_the_prefix_and_can_be_set_per_instance() -> None:
+    assert config_from_dict({"mqtt": {"topic_prefix": "box7"}}).mqtt.status() == "box7/status"
+    assert config_from_dict({"mqtt": {"status_topic": "box7/status/i0"}}).mqtt.status() == "box7/status/i0"

@@ -482,3 +482,4 @@ def test_device_field_batches_and_device_limit(
     # The retained per-device state exists for the two tracked devices only.
     assert json.loads(retained(broker, f"{PREFIX}/state/m1"))["state"] == "normal"
     assert json.loads(retained(broker, f"{PREFIX}/state/m2"))["state"] == "normal"
+

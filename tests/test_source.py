@@ -334,7 +334,7 @@ def test_session_takeover_is_an_error_with_the_client_id_and_counted(caplog: pyt
 
     from sensord.config import MqttConfig
     from sensord.source import MqttConnection
-    conn = MqttConnection(MqttConfig(), lambda t, p, r: None, client_id="sensord-x")
+    conn = MqttConnection(MqttConfig(), lambda t, p, r, d: None, client_id="sensord-x")
     taken = ReasonCode(PacketTypes.DISCONNECT, identifier=0x8E)
     with caplog.at_level(logging.DEBUG, logger="sensord.source"):
         for _ in range(3):
@@ -352,7 +352,7 @@ def test_broker_closing_twice_and_accepting_at_once_is_taken_as_a_takeover(caplo
 
     from sensord.config import MqttConfig
     from sensord.source import MqttConnection
-    conn = MqttConnection(MqttConfig(), lambda t, p, r: None, client_id="sensord-y")
+    conn = MqttConnection(MqttConfig(), lambda t, p, r, d: None, client_id="sensord-y")
     ok = ReasonCode(PacketTypes.CONNACK, identifier=0)
     closed = ReasonCode(PacketTypes.DISCONNECT, identifier=0x80)
     with caplog.at_level(logging.DEBUG, logger="sensord.source"):
@@ -381,9 +381,9 @@ def test_unreadable_tls_files_name_their_key(tmp_path: object) -> None:
     assert [p.split(":")[0] for p in problems] == ["mqtt.tls.cert_file", "mqtt.tls.key_file"]
     assert "/nonexistent/c.pem" in problems[0]
     with pytest.raises(ConfigError, match="mqtt.tls.cert_file"):
-        MqttConnection(cfg, lambda t, p, r: None)
+        MqttConnection(cfg, lambda t, p, r, d: None)
     with pytest.raises(ConfigError, match="mqtt.tls: cannot use"):  # readable, but not PEM
-        MqttConnection(MqttConfig(tls=TlsConfig(ca_file=str(ca))), lambda t, p, r: None)
+        MqttConnection(MqttConfig(tls=TlsConfig(ca_file=str(ca))), lambda t, p, r, d: None)
 
 
 def test_refused_login_logged_once_with_what_to_check(caplog: pytest.LogCaptureFixture) -> None:
@@ -392,7 +392,7 @@ def test_refused_login_logged_once_with_what_to_check(caplog: pytest.LogCaptureF
 
     from sensord.config import MqttConfig
     from sensord.source import MqttConnection
-    conn = MqttConnection(MqttConfig(), lambda t, p, r: None, client_id="x")
+    conn = MqttConnection(MqttConfig(), lambda t, p, r, d: None, client_id="x")
     refused = ReasonCode(PacketTypes.CONNACK, identifier=0x87)  # not authorized
     closed = ReasonCode(PacketTypes.DISCONNECT, identifier=0x80)
     with caplog.at_level(logging.DEBUG, logger="sensord.source"):
@@ -410,7 +410,7 @@ def test_connection_closed_before_connack_logged_once_with_the_tls_hint(caplog: 
 
     from sensord.config import MqttConfig
     from sensord.source import MqttConnection
-    conn = MqttConnection(MqttConfig(), lambda t, p, r: None, client_id="x")
+    conn = MqttConnection(MqttConfig(), lambda t, p, r, d: None, client_id="x")
     closed = ReasonCode(PacketTypes.DISCONNECT, identifier=0x80)
     with caplog.at_level(logging.DEBUG, logger="sensord.source"):
         for _ in range(4):
@@ -451,7 +451,7 @@ def test_while_two_clients_fight_reconnects_are_not_logged_above_debug(caplog: p
 
     from sensord.config import MqttConfig
     from sensord.source import MqttConnection
-    conn = MqttConnection(MqttConfig(), lambda t, p, r: None, client_id="sensord-z")
+    conn = MqttConnection(MqttConfig(), lambda t, p, r, d: None, client_id="sensord-z")
     ok = ReasonCode(PacketTypes.CONNACK, identifier=0)
     closed = ReasonCode(PacketTypes.DISCONNECT, identifier=0x80)
     with caplog.at_level(logging.DEBUG, logger="sensord.source"):

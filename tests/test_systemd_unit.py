@@ -1,4 +1,5 @@
-"""Checks for systemd/sensord.service.
+"""Checks for systemd/sensord.service and its template twin systemd/sensord@.service (one instance per
+partition set, README "Scaling out").
 
 Uses ``systemd-analyze`` (package ``systemd`` on Debian/Ubuntu).  It is a hard
 requirement: when it is missing these tests FAIL instead of skipping, so a CI
@@ -17,6 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = ROOT / "systemd" / "sensord.service"
+TEMPLATE = ROOT / "systemd" / "sensord@.service"
 REAL_EXEC = "/opt/sensord/venv/bin/sensord"
 MAX_EXPOSURE = 2.0
 
@@ -74,8 +76,18 @@ def unit() -> dict[str, dict[str, list[str]]]:
     return _parse_unit(UNIT.read_text())
 
 
-def test_security_exposure_at_most_2(tmp_path: Path) -> None:
-    proc = _run("security", "--offline=yes", "--no-pager", str(UNIT))
+def _as_instance(path: Path, tmp_path: Path) -> Path:
+    """The unit as systemd sees it: a template as its instance 0."""
+    if "@" not in path.name:
+        return path
+    copy = tmp_path / path.name.replace("@.", "@0.")
+    copy.write_text(path.read_text())
+    return copy
+
+
+@pytest.mark.parametrize("path", [UNIT, TEMPLATE], ids=lambda p: p.name)
+def test_security_exposure_at_most_2(path: Path, tmp_path: Path) -> None:
+    proc = _run("security", "--offline=yes", "--no-pager", str(_as_instance(path, tmp_path)))
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"systemd-analyze security failed:\n{out}"
     m = re.search(r"Overall exposure level for \S+:\s*([0-9]+(?:\.[0-9]+)?)", out)
@@ -84,15 +96,16 @@ def test_security_exposure_at_most_2(tmp_path: Path) -> None:
     assert level <= MAX_EXPOSURE, f"exposure level {level} > {MAX_EXPOSURE}:\n{out}"
 
 
-def test_verify_clean(tmp_path: Path) -> None:
-    text = UNIT.read_text()
+@pytest.mark.parametrize("path", [UNIT, TEMPLATE], ids=lambda p: p.name)
+def test_verify_clean(path: Path, tmp_path: Path) -> None:
+    text = path.read_text()
     # verify checks that ExecStart's binary exists; swap the production path
     # for an executable that exists here, keeping the arguments.
     stand_in = shutil.which("true") or "/bin/true"
     pattern = re.compile(r"^ExecStart=" + re.escape(REAL_EXEC) + r"(?=\s|$)", re.M)
     rewritten, n = pattern.subn("ExecStart=" + stand_in, text)
-    assert n == 1, f"expected exactly one ExecStart={REAL_EXEC} line in {UNIT}"
-    copy = tmp_path / UNIT.name
+    assert n == 1, f"expected exactly one ExecStart={REAL_EXEC} line in {path}"
+    copy = tmp_path / path.name.replace("@.", "@0.")
     copy.write_text(rewritten)
 
     proc = _run("verify", "--no-pager", str(copy))
@@ -128,3 +141,20 @@ def test_file_descriptor_limit_is_explicit(unit: dict[str, dict[str, list[str]]]
     """Issue 14: the bound on open files is set in the unit, with room above the daemon's own caps."""
     (limit,) = unit["Service"]["LimitNOFILE"]
     assert int(limit) >= 1024
+
+
+def test_the_template_differs_from_the_single_unit_only_where_an_instance_must(
+        unit: dict[str, dict[str, list[str]]]) -> None:
+    """Two copies of the hardening would drift: every directive but the per-instance ones is identical."""
+    template = _parse_unit(TEMPLATE.read_text())
+    per_instance = {("Unit", "Description"), ("Unit", "After"), ("Service", "ExecStart"),
+                    ("Service", "StateDirectory"), ("Service", "WorkingDirectory"), ("Service", "ReadWritePaths")}
+    assert template.keys() == unit.keys()
+    for section, directives in unit.items():
+        assert template[section].keys() == directives.keys(), section
+        for key, values in directives.items():
+            if (section, key) not in per_instance:
+                assert template[section][key] == values, f"[{section}] {key}"
+    svc = template["Service"]
+    assert svc["ExecStart"] == [f"{REAL_EXEC} run --config /etc/sensord/sensord-%i.yaml"]
+    assert svc["StateDirectory"] == ["sensord-%i"] and svc["ReadWritePaths"] == ["/var/lib/sensord-%i"]

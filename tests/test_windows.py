@@ -357,3 +357,19 @@ def test_restored_buffer_still_refuses_older_readings() -> None:
 def test_restore_refuses_what_does_not_fit(bad: dict) -> None:
     with pytest.raises(ValueError):
         WindowBuffer(WindowSpec(length=3, hop=1), 1).restore(bad)
+
+
+def test_a_redelivered_reading_is_a_duplicate_and_never_resyncs_the_clock() -> None:
+    """QoS 1 is at least once: a burst of redeliveries (MQTT DUP) of readings already taken must not look
+    like the device's clock jumping back, which would restart its window."""
+    buf = WindowBuffer(WindowSpec(length=3, hop=1), channels=2, resync_after=3)
+    for t in (10.0, 11.0, 12.0):
+        buf.push(t, _reading(int(t)))
+    for t in (10.0, 11.0, 12.0, 10.0, 11.0):
+        with pytest.raises(ReadingRejected) as ei:
+            buf.push(t, _reading(int(t)), redelivered=True)
+        assert ei.value.reason is Rejection.DUPLICATE
+    assert buf.resyncs == 0
+    w = buf.push(13.0, _reading(13))
+    assert w is not None and (w.start, w.end) == (11.0, 13.0)  # the window carried on
+    assert buf.push(14.0, _reading(14), redelivered=True) is not None  # a newer one is simply taken

@@ -139,13 +139,29 @@ def topic_pattern(template: str, names: Sequence[str]) -> re.Pattern[str]:
         rest = rest[m.end():]
 
 
+def shared_filter_topic(topic_filter: str) -> str:
+    """The filter an MQTT 5 shared subscription (``$share/<group>/<filter>``) matches messages with: the
+    broker delivers them on their own topics, without the prefix.
+
+    >>> shared_filter_topic("$share/sensord/sensors/+/telemetry"), shared_filter_topic("sensors/+/telemetry")
+    ('sensors/+/telemetry', 'sensors/+/telemetry')
+    """
+    if topic_filter.startswith("$share/"):
+        parts = topic_filter.split("/", 2)
+        if len(parts) == 3:
+            return parts[2]
+    return topic_filter
+
+
 def topic_matches(topic_filter: str, topic: str) -> bool:
     """MQTT topic-filter matching (``+`` one level, ``#`` the rest), for choosing a subscription's parser.
 
     >>> [topic_matches("a/+/c", "a/b/c"), topic_matches("a/#", "a"), topic_matches("a/+", "a/b/c")]
     [True, True, False]
+    >>> topic_matches("$share/g/a/+", "a/b")
+    True
     """
-    f, t = topic_filter.split("/"), topic.split("/")
+    f, t = shared_filter_topic(topic_filter).split("/"), topic.split("/")
     for i, level in enumerate(f):
         if level == "#":
             return True
@@ -184,8 +200,10 @@ def filter_meets_template(topic_filter: str, template: str) -> bool:
     [True, True, False]
     >>> filter_meets_template("plant/pump-7/+", "plant/pump-{device}/{channel}")
     True
+    >>> filter_meets_template("$share/sensord/plant/+/telemetry", "plant/{device}/telemetry")
+    True
     """
-    f_levels, t_levels = topic_filter.split("/"), template.split("/")
+    f_levels, t_levels = shared_filter_topic(topic_filter).split("/"), template.split("/")
     for i, level in enumerate(f_levels):
         if level == "#":
             return True
