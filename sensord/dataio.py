@@ -47,6 +47,21 @@ def parse_timestamp(text: str) -> float:
     return unix_seconds(text)
 
 
+def sampling_period(series: Series | Sequence[Series]) -> float | None:
+    """The median step between consecutive timestamps (over every series given), or None without one.
+
+    What a bundle records as its sampling period, the default clock of live assembly: the median, so
+    the gaps of a recording (a restart, an outage) do not stretch it.
+
+    >>> sampling_period(Series(np.array([0.0, 1.0, 2.0, 10.0, 11.0]), np.zeros((5, 1)), ("x",), None))
+    1.0
+    """
+    group = [series] if isinstance(series, Series) else list(series)
+    steps = np.concatenate([np.diff(s.timestamps) for s in group]) if group else np.empty(0)
+    steps = steps[steps > 0]
+    return round(float(np.median(steps)), 9) if len(steps) else None
+
+
 def _is_number(text: str) -> bool:
     try:
         return math.isfinite(float(text))
