@@ -275,6 +275,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def cmd_record(args: argparse.Namespace) -> int:
+    from .record import cli_record
+    return cli_record(args)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .daemon import run
     return run(args.config)
@@ -317,6 +322,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="run the daemon: MQTT in, alerts and metrics out")
     s.add_argument("--config", required=True, help="the daemon's YAML config (e.g. /etc/sensord/sensord.yaml)")
     s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("record", help="record the devices' readings, one CSV per device in the format train reads")
+    s.add_argument("--config", required=True, help="the daemon's YAML config: broker, subscriptions, data.channels")
+    s.add_argument("--out", required=True, help="directory for <device>.csv (new, or without recordings in it)")
+    s.add_argument("--duration", required=True, help="how long: seconds, or e.g. 90s, 15m, 24h, 1h30m, 2d "
+                                                     "(SIGINT/SIGTERM stop earlier; the files stay complete)")
+    s.add_argument("--devices", help="record only the devices whose id matches this glob, e.g. 'pump*'")
+    s.set_defaults(func=cmd_record)
 
     s = sub.add_parser("demo", help="simulate, train, run the daemon against a private broker, show alerts")
     s.add_argument("--workdir", default="demo-run", help="where data, model, config and logs go")
