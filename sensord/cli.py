@@ -82,7 +82,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     require_train_extra("tensorflow")
     from .config import load_config
-    from .dataio import load_csv
+    from .dataio import load_recordings
     from .training import train_bundle
     if args.per_device or args.group:
         return _train_many(args)
@@ -90,9 +90,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(f"--data {args.data} is a directory: give --per-device and/or --group NAME=GLOB to "
                          "train a model per recording or per group of recordings")
     cfg = load_config(args.config)
-    series = load_csv(args.data, cfg.data)
+    found = load_recordings(args.data, cfg.data, assembly=cfg.assembly)  # a long file may hold several devices
     show = _epoch_printer()
-    bundle = train_bundle(series, cfg, args.out, on_epoch=show)
+    bundle = train_bundle(found if len(found) > 1 else found[0], cfg, args.out, on_epoch=show)
     if sys.stderr.isatty():
         sys.stderr.write("\n")
     t = bundle.threshold
@@ -157,7 +157,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     # Without --config, the window the bundle was trained with.
     spec = window_spec(cfg.window if args.config else None, bundle, hop=args.hop)
     data_cfg = dataclasses.replace(cfg.data, label_column=args.label_column)
-    series = load_csv(args.data, data_cfg, channels=bundle.channels, require_labels=True)
+    series = load_csv(args.data, data_cfg, channels=bundle.channels, require_labels=True, assembly=cfg.assembly,
+                      period=bundle.sample_period_seconds)
     res = evaluate_series(series, Scorer(bundle), spec, cfg.detector, top_k=cfg.scoring.top_channels)
     c = res.confusion
     print(f"model {bundle.model_id}  data {args.data}")
@@ -187,7 +188,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .dataio import load_csv
     cfg = load_config(args.config) if args.config else SensordConfig()
     bundle = ModelBundle.load(args.model)
-    series = load_csv(args.data, cfg.data, channels=bundle.channels)
+    series = load_csv(args.data, cfg.data, channels=bundle.channels, assembly=cfg.assembly,
+                      period=bundle.sample_period_seconds)
     res = calibrate(bundle, series, cfg.threshold, cfg.window if args.config else None,
                     Path(args.out) if args.out else None)
     new, old = res.bundle.threshold, bundle.threshold
