@@ -9,10 +9,13 @@ Two layouts: wide (a timestamp column, then one column per channel: what ``senso
 and long (columns ``timestamp, channel, value`` and optionally ``device``: one value a line, as
 historians and ``SELECT time, tag, value`` export them). Long files are turned into rows by the
 daemon's own :class:`sensord.assembly.Assembler`, with the same period, staleness and tolerance, so
-a recording read offline gives the rows the daemon made live; its gap policy is the daemon's: a
-channel's last value is held for at most ``assembly.max_staleness_seconds``, a tick without a fresh
-value of every channel has no row (the series has a gap there, and windows do not span gaps longer
-than ``window.max_gap_seconds``), a value stamped at or before a tick already decided is dropped.
+a recording read offline gives the rows the daemon made live. The lines are taken in file order, as
+if they arrived in that order (a file written as readings arrived replays exactly what the daemon
+saw; one in which a quarter of the values or more would come too late, e.g. exported channel by
+channel, is read in time order instead). The gap policy is the daemon's: a channel's last value is held for at most
+``assembly.max_staleness_seconds``, a tick without a fresh value of every channel has no row (the
+series has a gap there, and windows do not span gaps longer than ``window.max_gap_seconds``), a
+value stamped at or before a tick already decided is dropped (``late_value``).
 """
 
 from __future__ import annotations
@@ -111,26 +114,15 @@ def _load_long(p: Path, header: list[str], numbered: list[tuple[int, list[str]]]
     out: list[Series] = []
     for device, values in per_device.items():
         where = f"{p}#{device}" if dev_i is not None else str(p)
-        values.sort(key=lambda x: (x[0], x[1]))  # time order; lines of one time in file order
         period = assembly.period(model_period) or _median_step(values, names)
         if period is None:
             raise DataError(f"{where}: cannot tell the sampling period (no channel has two timestamps): set "
                             "assembly.sample_period_seconds")
-        a = Assembler(names, period, assembly.staleness(period), assembly.late_tolerance_seconds)
-        rows: list[tuple[float, np.ndarray]] = []
-        problems: Counter[str] = Counter()
-        i = 0
-        while i < len(values):  # the lines of one timestamp are one update, as one message would be live
-            ts = values[i][0]
-            update: dict[str, float] = {}
-            while i < len(values) and values[i][0] == ts:
-                if values[i][2] in names:
-                    update[values[i][2]] = values[i][3]
-                i += 1
-            if update:
-                done = a.add(device or "-", ts, update)
-                rows.extend(done.rows)
-                problems.update(reason for reason, _ in done.problems)
+        rows, problems = _assemble(device, values, names, period, assembly)
+        if 4 * problems["late_value"] >= len(values):  # not arrival order: exported channel by channel, say
+            log.warning("%s: %d of %d values come after a later one: the file is not in time order; read in "
+                        "time order instead", where, problems["late_value"], len(values))
+            rows, problems = _assemble(device, sorted(values, key=lambda x: (x[0], x[1])), names, period, assembly)
         if not rows:
             raise DataError(f"{where}: no complete row on the {period:g} s clock: no tick had a value of every "
                             f"channel ({', '.join(names)}) at most {assembly.staleness(period):g} s old "
@@ -143,6 +135,28 @@ def _load_long(p: Path, header: list[str], numbered: list[tuple[int, list[str]]]
         out.append(Series(np.array([t for t, _ in rows], dtype=np.float64), table[:, :n].astype(np.float32),
                           tuple(wanted), labels, where))
     return out
+
+
+def _assemble(device: str, values: list[tuple[float, int, str, float]], names: Sequence[str], period: float,
+              assembly: AssemblyConfig) -> tuple[list[tuple[float, np.ndarray]], Counter[str]]:
+    """Lines -> rows through the daemon's assembler, in the order given; consecutive lines of one timestamp
+    are one update, as one message would be live."""
+    a = Assembler(names, period, assembly.staleness(period), assembly.late_tolerance_seconds)
+    rows: list[tuple[float, np.ndarray]] = []
+    problems: Counter[str] = Counter()
+    i = 0
+    while i < len(values):
+        ts = values[i][0]
+        update: dict[str, float] = {}
+        while i < len(values) and values[i][0] == ts:
+            if values[i][2] in names:
+                update[values[i][2]] = values[i][3]
+            i += 1
+        if update:
+            done = a.add(device or "-", ts, update)
+            rows.extend(done.rows)
+            problems.update(reason for reason, _ in done.problems)
+    return rows, problems
 
 
 def _median_step(values: list[tuple[float, int, str, float]], names: Sequence[str]) -> float | None:

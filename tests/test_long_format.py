@@ -54,6 +54,19 @@ def test_gaps_follow_the_assembly_policy_and_labels_are_a_channel(tmp_path: Path
     assert s.labels is not None and s.labels.tolist() == [0, 0, 1, 1, 1]  # the label is held like a channel
 
 
+def test_lines_in_file_order_like_arrivals_unless_the_file_is_not_in_time_order(tmp_path: Path) -> None:
+    """A value that arrives after its tick was decided is dropped, offline as live; a file exported
+    channel by channel (most values would be late) is read in time order instead."""
+    arrivals = ["timestamp,channel,value", "1,a,1", "1,b,1", "2,a,2", "2,b,2", "3,a,3", "3,b,3",
+                "1.5,a,99", "4,a,4", "4,b,4"]
+    s = load_csv(write(tmp_path / "arrivals.csv", arrivals), period=1.0)
+    assert s.values[:, 0].tolist() == [1, 2, 3, 4]  # 99 came too late for tick 2
+    grouped = ["timestamp,channel,value"] + [f"{t},a,{t}" for t in range(1, 30)] + [f"{t},b,{-t}" for t in range(1, 30)]
+    g = load_csv(write(tmp_path / "grouped.csv", grouped), period=1.0)
+    assert g.timestamps.tolist() == [float(t) for t in range(1, 30)]
+    assert g.values[:, 1].tolist() == [-t for t in range(1, 30)]
+
+
 def test_the_clock_is_the_configs_else_the_models_else_the_files(tmp_path: Path) -> None:
     lines = ["timestamp,channel,value"] + [f"{t},{ch},{t}" for t in range(0, 20, 2) for ch in "ab"]
     path = write(tmp_path / "l.csv", lines)
