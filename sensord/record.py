@@ -399,7 +399,7 @@ def record(cfg: SensordConfig, config_path: str, out: Path, duration: float, dev
         for sig, handler in old.items():
             signal.signal(sig, handler)
     elapsed = time.monotonic() - t0
-    progress.maybe(recorder, elapsed, False, force=True)
+    progress.maybe(recorder, elapsed, True, force=True)
     progress.done()
     summary = recorder.summary()
     summary.seconds = elapsed
