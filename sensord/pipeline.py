@@ -388,7 +388,7 @@ class Intake:
 
     def _path(self, cfg: SensordConfig, model: ServingModel) -> ReadingPath:
         """The model-independent reading path (parsers, assembler), for the model's channels and clock."""
-        period = cfg.assembly_period(model.bundle.sample_period_seconds, f"model {model.bundle.path}")
+        period = cfg.assembly_period(model.bundle.sample_period_seconds, "the model bundle")  # (checked at load)
         return ReadingPath(cfg, model.bundle.channels, period, (model.low, model.high), self._warn)
 
     @property
