@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,7 +40,7 @@ import numpy as np
 from .bundle import BundleError, ModelBundle
 from .config import ConfigError, SensordConfig
 from .errors import UsageError
-from .formats.base import escape
+from .formats.base import RebirthRequest, escape
 from .ratelimit import RateLimitedLog
 from .readings import ReadingPath, device_id_too_long
 from .windows import ReadingRejected, WindowBuffer, WindowSpec
@@ -148,6 +149,7 @@ class Recorder:
         self._lock = threading.Lock()
         self._closed = False
         self.stats = RecordSummary(channels=channels)
+        self.send_command: Callable[[str, bytes], object] | None = None  # set once connected (Sparkplug rebirth)
         header = io.StringIO()
         csv.writer(header, lineterminator="\n").writerow(["timestamp", *channels])
         self._header = header.getvalue()
@@ -211,6 +213,14 @@ class Recorder:
 
     def died(self, device: str) -> None:
         log.info("device=%s announced its death: rows resume with its next readings", escape(device))
+
+    def rebirth(self, request: RebirthRequest) -> None:
+        """Ask a Sparkplug edge node for its births, as the daemon does (its aliases name the channels)."""
+        if self.send_command is None:
+            return
+        self.send_command(request.topic, request.payload)
+        self._warn.warning("rebirth", "asked Sparkplug edge node %s for a rebirth: %s", escape(request.node),
+                           escape(request.reason))
 
     def row(self, device: str, timestamp: float, values: np.ndarray, clipped: bool) -> None:
         rec = self.files.get(device)
@@ -381,6 +391,7 @@ def record(cfg: SensordConfig, config_path: str, out: Path, duration: float, dev
                               on_subscribed=on_subscribed)
     except ConfigError as exc:
         raise ConfigError(exc.errors, config_path) from None
+    recorder.send_command = lambda topic, payload: conn.publish(topic, payload, qos=0)
     progress = Progress(duration, progress_interval)
     t0 = time.monotonic()
     log.info("recording for %s into %s%s", hms(duration), out, f" (devices {devices!r})" if devices else "")
