@@ -229,7 +229,8 @@ class Recorder:
                 return
             rec = self._open(device)
         try:
-            rec.check.push(timestamp, values)  # non_finite, wrong_shape, out_of_order: the daemon's checks
+            with np.errstate(over="ignore"):  # beyond float32 (no model to clip to): rejected as non_finite
+                rec.check.push(timestamp, values)  # non_finite, wrong_shape, out_of_order: the daemon's checks
         except ReadingRejected as exc:
             self.reject(exc.reason.value, device, str(exc))
             return
