@@ -75,6 +75,19 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if args.model:
         from .pipeline import ServingModel
         ServingModel.load(cfg, args.model)  # exactly what ``run`` checks
+    elif cfg.assembly.sample_period_seconds is None and cfg.assembly_needed() is not None:
+        # The assembly clock is then the model's: look at the bundle ``run`` would serve, if it is there.
+        from .bundle import BundleError, ModelBundle
+        try:
+            bundle = ModelBundle.load(cfg.daemon.model)
+        except BundleError:
+            pass  # (--model checks the bundle itself)
+        else:
+            from .config import ConfigError
+            try:
+                cfg.assembly_period(bundle.sample_period_seconds, f"model {bundle.path}")
+            except ConfigError as exc:
+                raise ConfigError(exc.errors, args.config) from None
     print(f"OK {args.config}" + (f" (model {args.model})" if args.model else ""))
     return EX_OK
 

@@ -380,6 +380,7 @@ def test_an_old_bundle_without_a_period_needs_it_in_the_config(copy: Path, tmp_p
     cfg_path = tmp_path / "sensord.yaml"
     cfg_path.write_text(yaml.safe_dump({**base, "metrics": {"enabled": False}}))
     assert main(["check-config", "--config", str(cfg_path), "--model", str(copy)]) == 78
+    assert main(["check-config", "--config", str(cfg_path)]) == 78  # daemon.model's bundle is looked at too
     run = subprocess.run([sys.executable, "-m", "sensord", "run", "--config", str(cfg_path)],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 78, run.stderr
