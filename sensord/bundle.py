@@ -63,6 +63,9 @@ class ModelBundle:
     reference: dict[str, Any] | None = None
     # Earlier thresholds of this network, oldest first (``sensord calibrate`` appends), for the audit trail.
     threshold_history: tuple[dict[str, Any], ...] = ()
+    # The sampling period of the training data (median step), the default clock of live assembly;
+    # None in bundles from before it was recorded.
+    sample_period_seconds: float | None = None
 
     @property
     def tflite_path(self) -> Path:
@@ -87,6 +90,8 @@ class ModelBundle:
             "tflite_sha256": self.tflite_sha256,
             **({"reference": self.reference} if self.reference is not None else {}),
             **({"threshold_history": list(self.threshold_history)} if self.threshold_history else {}),
+            **({"sample_period_seconds": self.sample_period_seconds}
+               if self.sample_period_seconds is not None else {}),
         }
 
     def with_threshold(self, threshold: ThresholdRecord) -> ModelBundle:
@@ -173,9 +178,13 @@ class ModelBundle:
         history = meta.get("threshold_history", [])
         if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
             raise BundleError(f"{meta_path}: 'threshold_history' must be a list of JSON objects")
+        period = meta.get("sample_period_seconds")
+        if period is not None and not (_finite(period) and period > 0):
+            raise BundleError(f"{meta_path}: 'sample_period_seconds' must be a positive number, got {period!r}")
         return cls(p, str(meta.get("model_id", p.name)), tuple(channels), length, hop, metric, scaler,
                    threshold, dict(meta.get("model", {})), dict(meta.get("training", {})),
-                   str(meta.get("created", "")), expected_sha, reference, tuple(history))
+                   str(meta.get("created", "")), expected_sha, reference, tuple(history),
+                   None if period is None else float(period))
 
 
 def _finite(x: Any) -> bool:

@@ -75,6 +75,19 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if args.model:
         from .pipeline import ServingModel
         ServingModel.load(cfg, args.model)  # exactly what ``run`` checks
+    elif cfg.assembly.sample_period_seconds is None and cfg.assembly_needed() is not None:
+        # The assembly clock is then the model's: look at the bundle ``run`` would serve, if it is there.
+        from .bundle import BundleError, ModelBundle
+        try:
+            bundle = ModelBundle.load(cfg.daemon.model)
+        except BundleError:
+            pass  # (--model checks the bundle itself)
+        else:
+            from .config import ConfigError
+            try:
+                cfg.assembly_period(bundle.sample_period_seconds, f"model {bundle.path}")
+            except ConfigError as exc:
+                raise ConfigError(exc.errors, args.config) from None
     print(f"OK {args.config}" + (f" (model {args.model})" if args.model else ""))
     return EX_OK
 
@@ -82,7 +95,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     require_train_extra("tensorflow")
     from .config import load_config
-    from .dataio import load_csv
+    from .dataio import load_recordings
     from .training import train_bundle
     if args.per_device or args.group:
         return _train_many(args)
@@ -90,9 +103,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(f"--data {args.data} is a directory: give --per-device and/or --group NAME=GLOB to "
                          "train a model per recording or per group of recordings")
     cfg = load_config(args.config)
-    series = load_csv(args.data, cfg.data)
+    found = load_recordings(args.data, cfg.data, assembly=cfg.assembly)  # a long file may hold several devices
     show = _epoch_printer()
-    bundle = train_bundle(series, cfg, args.out, on_epoch=show)
+    bundle = train_bundle(found if len(found) > 1 else found[0], cfg, args.out, on_epoch=show)
     if sys.stderr.isatty():
         sys.stderr.write("\n")
     t = bundle.threshold
@@ -157,7 +170,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     # Without --config, the window the bundle was trained with.
     spec = window_spec(cfg.window if args.config else None, bundle, hop=args.hop)
     data_cfg = dataclasses.replace(cfg.data, label_column=args.label_column)
-    series = load_csv(args.data, data_cfg, channels=bundle.channels, require_labels=True)
+    series = load_csv(args.data, data_cfg, channels=bundle.channels, require_labels=True, assembly=cfg.assembly,
+                      period=bundle.sample_period_seconds)
     res = evaluate_series(series, Scorer(bundle), spec, cfg.detector, top_k=cfg.scoring.top_channels)
     c = res.confusion
     print(f"model {bundle.model_id}  data {args.data}")
@@ -187,7 +201,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .dataio import load_csv
     cfg = load_config(args.config) if args.config else SensordConfig()
     bundle = ModelBundle.load(args.model)
-    series = load_csv(args.data, cfg.data, channels=bundle.channels)
+    series = load_csv(args.data, cfg.data, channels=bundle.channels, assembly=cfg.assembly,
+                      period=bundle.sample_period_seconds)
     res = calibrate(bundle, series, cfg.threshold, cfg.window if args.config else None,
                     Path(args.out) if args.out else None)
     new, old = res.bundle.threshold, bundle.threshold
@@ -275,6 +290,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def cmd_record(args: argparse.Namespace) -> int:
+    from .record import cli_record
+    return cli_record(args)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .daemon import run
     return run(args.config)
@@ -317,6 +337,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="run the daemon: MQTT in, alerts and metrics out")
     s.add_argument("--config", required=True, help="the daemon's YAML config (e.g. /etc/sensord/sensord.yaml)")
     s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("record", help="record the devices' readings, one CSV per device in the format train reads")
+    s.add_argument("--config", required=True, help="the daemon's YAML config: broker, subscriptions, data.channels")
+    s.add_argument("--out", required=True, help="directory for <device>.csv (new, or without recordings in it)")
+    s.add_argument("--duration", required=True, help="how long: seconds, or e.g. 90s, 15m, 24h, 1h30m, 2d "
+                                                     "(SIGINT/SIGTERM stop earlier; the files stay complete)")
+    s.add_argument("--devices", help="record only the devices whose id matches this glob, e.g. 'pump*'")
+    s.set_defaults(func=cmd_record)
 
     s = sub.add_parser("demo", help="simulate, train, run the daemon against a private broker, show alerts")
     s.add_argument("--workdir", default="demo-run", help="where data, model, config and logs go")

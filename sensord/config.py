@@ -257,16 +257,23 @@ class SubscriptionConfig:
 class AssemblyConfig:
     """Rows on a fixed clock for channels that arrive separately (sensord/assembly.py has the policy)."""
 
-    # The model's sampling period; required when a subscription is topic_per_channel or json with partial.
+    # The sampling period of the rows; null: the model's (recorded in its bundle at training). Needed when a
+    # subscription is topic_per_channel, sparkplug_b or partial json and the bundle does not record it.
     sample_period_seconds: PositiveFloat | None = None
     # A channel's last value is held this long at most (null: three sampling periods).
     max_staleness_seconds: PositiveFloat | None = None
     # A value up to this much older than the device's newest is still folded into its row.
     late_tolerance_seconds: Annotated[StrictFloat, Field(ge=0.0, le=3600.0)] = 0.0
 
-    def staleness(self) -> float:
-        period = self.sample_period_seconds or 1.0
-        return self.max_staleness_seconds if self.max_staleness_seconds is not None else 3 * period
+    def period(self, model_period: float | None) -> float | None:
+        """The assembly clock: this section's period, else the model's (None when neither gives one)."""
+        return self.sample_period_seconds if self.sample_period_seconds is not None else model_period
+
+    def staleness(self, period: float | None = None) -> float:
+        """How long a value is held: ``max_staleness_seconds``, else three sampling periods of ``period``."""
+        if self.max_staleness_seconds is not None:
+            return self.max_staleness_seconds
+        return 3 * (period or self.sample_period_seconds or 1.0)
 
 
 @dataclass(config=_STRICT)
@@ -511,14 +518,25 @@ class SensordConfig:
                                  "Sparkplug B topic (spBv1.0/group/type/edge[/device])")
         return self
 
-    @model_validator(mode="after")
-    def _assembly_period(self) -> SensordConfig:
-        if self.assembly.sample_period_seconds is None:
-            for i, sub in enumerate(self.mqtt.subscription_list()):
-                if sub.assembled:
-                    raise ValueError(f"assembly.sample_period_seconds: is required: mqtt.subscriptions.{i} "
-                                     "sends channels separately and rows are built on that clock")
-        return self
+    def assembly_needed(self) -> int | None:
+        """The index of the first subscription whose channels arrive separately (rows are then built on
+        the assembly clock), or None."""
+        return next((i for i, sub in enumerate(self.mqtt.subscription_list()) if sub.assembled), None)
+
+    def assembly_period(self, model_period: float | None, model: str) -> float | None:
+        """The assembly clock (``assembly.sample_period_seconds``, else ``model_period``, the bundle's).
+
+        Raises :class:`ConfigError` naming the key when a subscription needs the clock and neither gives it
+        (a bundle trained before sensord recorded its sampling period); ``model`` names it in the message.
+        """
+        period = self.assembly.period(model_period)
+        needed = self.assembly_needed()
+        if period is None and needed is not None:
+            raise ConfigError([f"assembly.sample_period_seconds: is required: mqtt.subscriptions.{needed} sends "
+                               f"channels separately and rows are built on that clock, and {model} does not "
+                               "record its sampling period (trained by an older sensord): set it to the "
+                               "period of the training data, or retrain"])
+        return period
 
 
 _MESSAGES = {

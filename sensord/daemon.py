@@ -110,7 +110,10 @@ class Daemon:
         cfg = load_config(path)
         web = check_referenced_files(cfg, path)
         logging.getLogger().setLevel(cfg.logging.level)
-        model = ServingModel.load(cfg)
+        try:
+            model = ServingModel.load(cfg)
+        except ConfigError as exc:  # the assembly clock: name the config file too
+            raise ConfigError(exc.errors, str(path)) from None
         log.info("model %s loaded: %d channels, window %d, hop %d, threshold %.6g (%s)", model.bundle.model_id,
                  len(model.bundle.channels), model.bundle.window_length, model.spec.hop,
                  model.bundle.threshold.value, model.bundle.threshold.method)

@@ -114,13 +114,13 @@ def plan_models(files: Sequence[Path], groups: Sequence[tuple[str, str]],
 def _train_one(args: tuple[ModelPlan, dict[str, Any], Path]) -> FleetResult:
     plan, raw, out_root = args
     from .config import config_from_dict
-    from .dataio import load_csv
+    from .dataio import load_recordings
     from .training import train_bundle
     files = tuple(str(f) for f in plan.files)
     t0 = time.monotonic()
     try:
         cfg = config_from_dict(raw)
-        series = [load_csv(f, cfg.data) for f in plan.files]
+        series = [s for f in plan.files for s in load_recordings(f, cfg.data, assembly=cfg.assembly)]
         bundle = train_bundle(series if len(series) > 1 else series[0], cfg, out_root / plan.name)
     except DataError as exc:
         return FleetResult(plan.name, files, error=str(exc), seconds=time.monotonic() - t0)

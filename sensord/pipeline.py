@@ -27,12 +27,11 @@ from .assembly import Assembler
 from .bundle import ModelBundle
 from .config import DetectorConfig, SensordConfig
 from .detector import AlertDetector, AlertEvent, Decision
-from .formats.base import ChannelUpdate, DeviceDeath, MessageRejected, Parser, RebirthRequest, escape, topic_matches
-from .formats.build import build_parser
-from .formats.sparkplug_b import SparkplugParser
+from .formats.base import Parser, RebirthRequest, escape
 from .homeassistant import HomeAssistantDiscovery
 from .metrics import DaemonMetrics
 from .ratelimit import RateLimitedLog
+from .readings import ReadingPath, device_id_too_long
 from .scorer import Scorer
 from .sinks import AlertPublisher, MetricsSink
 from .state import StateStore
@@ -60,6 +59,7 @@ class ServingModel:
         ``sensord check-config --model`` loads through here too, so it refuses exactly what ``run`` would.
         """
         bundle = ModelBundle.load(path or cfg.daemon.model, cfg.data.channels or None)
+        cfg.assembly_period(bundle.sample_period_seconds, f"model {bundle.path}")  # ConfigError if none
         spec = window_spec(cfg.window, bundle)
         scorer = Scorer(bundle, max_batch=cfg.scoring.batch_max)
         if not scorer.self_check():
@@ -381,25 +381,24 @@ class Intake:
         self._resync_logged: set[str] = set()
         self.last_seen: dict[str, tuple[float, float]] = {}  # device -> (host monotonic, reading timestamp)
         self.silent: set[str] = set()  # announced stale, not yet forgotten
-        self.parsers = self._parsers(cfg, model)
-        self.assembler = self._assembler(cfg, model)
+        self.path = self._path(cfg, model)
         # Publishes a command a stateful format asks for (Sparkplug rebirth); the daemon sets it once connected.
         self.send_command: Callable[[str, bytes], None] | None = None
         self._redelivered = False  # the message being taken came again (MQTT DUP)
 
-    @staticmethod
-    def _parsers(cfg: SensordConfig, model: ServingModel) -> list[tuple[str, Parser]]:
-        """``(topic filter, parser)`` per subscription, in the configured order (the first match wins)."""
-        return [(sub.topic, build_parser(sub, cfg.mqtt, model.bundle.channels,
-                                         cfg.daemon.max_clock_skew_seconds, (model.low, model.high)))
-                for sub in cfg.mqtt.subscription_list()]
+    def _path(self, cfg: SensordConfig, model: ServingModel) -> ReadingPath:
+        """The model-independent reading path (parsers, assembler), for the model's channels and clock."""
+        period = cfg.assembly_period(model.bundle.sample_period_seconds, "the model bundle")  # (checked at load)
+        return ReadingPath(cfg, model.bundle.channels, period, (model.low, model.high), self._warn)
 
-    @staticmethod
-    def _assembler(cfg: SensordConfig, model: ServingModel) -> Assembler | None:
-        a = cfg.assembly
-        if a.sample_period_seconds is None:
-            return None
-        return Assembler(model.bundle.channels, a.sample_period_seconds, a.staleness(), a.late_tolerance_seconds)
+    @property
+    def parsers(self) -> list[tuple[str, Parser]]:
+        """``(topic filter, parser)`` per subscription, in the configured order (the first match wins)."""
+        return self.path.parsers
+
+    @property
+    def assembler(self) -> Assembler | None:
+        return self.path.assembler
 
     @property
     def parser(self) -> Parser:
@@ -408,15 +407,18 @@ class Intake:
 
     def parser_for(self, topic: str) -> Parser:
         """The parser of the first subscription whose filter matches ``topic`` (else the first one's)."""
-        for topic_filter, parser in self.parsers:
-            if topic_matches(topic_filter, topic):
-                return parser
-        return self.parsers[0][1]
+        return self.path.parser_for(topic)
 
     def _reject(self, reason: str, device: str, detail: str) -> None:
         self.metrics.readings_rejected.labels(reason).inc()
         self._warn.warning(f"reading:{reason}", "reading rejected reason=%s device=%s: %s", reason, escape(device),
                            escape(detail))
+
+    # RowSink: what the reading path delivers (sensord/readings.py)
+    reject = _reject
+
+    def message_rejected(self, reason: str) -> None:
+        self.metrics.messages_rejected.labels(reason).inc()
 
     def on_message(self, topic: str, payload: bytes, retained: bool = False, redelivered: bool = False) -> bool:
         """Take one message; False only if intake is closed (the message is left to be redelivered).
@@ -439,41 +441,10 @@ class Intake:
                 # With a persistent session it is not acknowledged: the broker delivers it again next time.
                 self.metrics.messages_rejected.labels("stopping").inc()
                 return False
-            if retained:
-                # The broker's stored copy, from before we subscribed: an old reading (or one from a glitched
-                # clock) that would be replayed on every restart. Live readings never arrive retained.
-                self.metrics.messages_rejected.labels("retained").inc()
-                self._warn.warning("message:retained", "retained message on topic=%s ignored: telemetry must "
-                                   "not be published with retain", escape(topic))
-                return True
-            limit = self.cfg.mqtt.max_payload_bytes
-            if len(payload) > limit:
-                self.metrics.messages_rejected.labels("too_large").inc()
-                self._warn.warning("message:too_large", "message rejected reason=too_large topic=%s: %d bytes, "
-                                   "mqtt.max_payload_bytes is %d", escape(topic), len(payload), limit)
-                return True
-            try:
-                readings = self.parser_for(topic).parse(topic, payload)
-            except MessageRejected as exc:
-                self.metrics.messages_rejected.labels(exc.reason).inc()
-                self._warn.warning(f"message:{exc.reason}", "message rejected reason=%s topic=%s: %s",
-                                   exc.reason, escape(topic), escape(exc))
-                return True
-            for r in readings:
-                if isinstance(r, ChannelUpdate):
-                    self._assemble(r)
-                elif isinstance(r, DeviceDeath):
-                    self._died(r.device)
-                elif isinstance(r, RebirthRequest):
-                    self._request_rebirth(r)
-                elif r.problem is not None:
-                    self._reject(r.problem[0], r.device, r.problem[1])
-                else:
-                    assert r.values is not None
-                    self._take(r.device, r.timestamp, r.values, r.clipped)
+            self.path.take(topic, payload, retained, self)
         return True
 
-    def _request_rebirth(self, r: RebirthRequest) -> None:
+    def rebirth(self, r: RebirthRequest) -> None:
         if self.send_command is None:
             return
         self.send_command(r.topic, r.payload)
@@ -483,14 +454,13 @@ class Intake:
 
     def _tracked(self, device: str) -> bool:
         """Whether ``device`` is, or may become, a tracked device (``daemon.max_devices``); counted if not."""
-        if device in self.buffers or (self.assembler is not None and device in self.assembler):
+        if device in self.buffers or self.path.tracks(device):
             return True
-        limit = self.cfg.daemon.max_device_id_bytes
-        if len(device.encode("utf-8", "surrogatepass")) > limit:
-            self._reject("bad_device_id", device, f"device id is longer than daemon.max_device_id_bytes={limit}")
+        too_long = device_id_too_long(self.cfg, device)
+        if too_long is not None:
+            self._reject("bad_device_id", device, too_long)
             return False
-        tracked = len(self.buffers) + (sum(d not in self.buffers for d in self.assembler.devices)
-                                       if self.assembler is not None else 0)
+        tracked = len(self.buffers) + sum(d not in self.buffers for d in self.path.assembling())
         if tracked >= self.cfg.daemon.max_devices:
             self.metrics.devices_rejected.inc()
             self._reject("device_limit", device, f"max_devices={self.cfg.daemon.max_devices} already tracked")
@@ -523,8 +493,7 @@ class Intake:
                     self.silent.discard(device)
                     self.buffers.pop(device, None)
                     self._resync_logged.discard(device)
-                    if self.assembler is not None:
-                        self.assembler.forget(device)
+                    self.path.forget(device)
                 elif silence >= d.device_timeout_seconds and device not in self.silent:
                     self.silent.add(device)
                     stale.append((device, ts))
@@ -532,32 +501,16 @@ class Intake:
                 self.metrics.devices.set(len(self.buffers))
         return stale, forget
 
-    def _died(self, device: str) -> None:
+    admit = _tracked
+
+    def died(self, device: str) -> None:
         """The device announced its death: its window and held values go (a restart must not bridge the
-        outage); its detector, and so its alert state, stays."""
-        if self.assembler is not None:
-            self.assembler.forget(device)
+        outage; the reading path has dropped the held values); its detector, and so its alert state, stays."""
         if self.buffers.pop(device, None) is not None:
             self.metrics.devices.set(len(self.buffers))
             log.info("device=%s announced its death: its window restarts with its next reading", escape(device))
 
-    def _assemble(self, update: ChannelUpdate) -> None:
-        """Single channels -> rows on the assembly clock -> the device's window buffer."""
-        if self.assembler is None:  # (the config requires the period for every format that sends these)
-            self._reject("missing_channel", update.device, "channels arrive separately but "
-                         "assembly.sample_period_seconds is not set")
-            return
-        if not self._tracked(update.device):
-            return
-        done = self.assembler.add(update.device, update.timestamp, update.values)
-        if not done.problems or done.rows:
-            self.touch(update.device, update.timestamp)
-        for reason, detail in done.problems:
-            self._reject(reason, update.device, detail)
-        for ts, values in done.rows:
-            self._take(update.device, ts, values, update.clipped)
-
-    def _take(self, device: str, timestamp: float, values: np.ndarray, clipped: bool) -> None:
+    def row(self, device: str, timestamp: float, values: np.ndarray, clipped: bool) -> None:
         """One whole row into the device's window buffer; a complete window goes to the scoring queue."""
         buf = self.buffers.get(device)
         if buf is None:
@@ -609,16 +562,9 @@ class Intake:
                 log.warning("new model has a different window/channels: device windows restart")
                 self.buffers.clear()
                 self.metrics.devices.set(0)
-            if (self.assembler is None or cfg.assembly != self.cfg.assembly
-                    or model.bundle.channels != self.model.bundle.channels):
-                self.assembler = self._assembler(cfg, model)
-            self.cfg, self.model = cfg, model
-            old, self.parsers = self.parsers, self._parsers(cfg, model)
-            for (topic, parser), (old_topic, old_parser) in zip(self.parsers, old, strict=False):
-                # Sparkplug aliases are named only at BIRTH: a reload must not forget them.
-                if (topic == old_topic and isinstance(parser, SparkplugParser)
-                        and isinstance(old_parser, SparkplugParser)):
-                    parser.aliases = old_parser.aliases
+            path = self._path(cfg, model)
+            path.carry_over(self.path)
+            self.cfg, self.model, self.path = cfg, model, path
             self._warn.interval = cfg.logging.rate_limit_seconds
 
     def stop(self) -> None:

@@ -90,7 +90,8 @@ def make_plots(bundle_dir: Path, data_csv: Path, out_dir: Path, label_column: st
     bundle = ModelBundle.load(bundle_dir)
     spec = window_spec(config.window if config is not None else None, bundle, hop=1)
     data_cfg = dataclasses.replace(config.data if config is not None else DataConfig(), label_column=label_column)
-    series = load_csv(data_csv, data_cfg, channels=bundle.channels, require_labels=True)
+    series = load_csv(data_csv, data_cfg, channels=bundle.channels, require_labels=True,
+                      assembly=config.assembly if config is not None else None, period=bundle.sample_period_seconds)
     assert series.labels is not None  # require_labels=True
     ws = windowize(series.timestamps, series.values, spec)
     if len(ws.values) == 0:

@@ -89,14 +89,20 @@ class MqttConnection:
 
     def __init__(self, cfg: MqttConfig, on_message: Callable[[str, bytes, bool, bool], bool | None],
                  on_connected: Callable[[bool], None] | None = None, client_id: str | None = None,
-                 on_acknowledged: Callable[[], object] | None = None) -> None:
+                 on_acknowledged: Callable[[], object] | None = None, announce: bool = True,
+                 on_subscribed: Callable[[str, bool], None] | None = None) -> None:
+        """``announce=False`` (``sensord record``): no retained online/offline status and no last will, so a
+        recorder never speaks for the daemon on ``{prefix}/status``. ``on_subscribed(filter, granted)`` runs
+        at each SUBACK and, with False for every filter, at each disconnect (network thread; must not call
+        paho)."""
         self.cfg = cfg
+        self.announce = announce
         self.on_acknowledged = on_acknowledged  # after each PUBACK (network thread; must not call paho)
         # topic filter -> granted by the broker on the current connection (a refusal, e.g. by an ACL, would
         # otherwise look like a quiet plant); read by the daemon for sensord_mqtt_subscribed.
         self.subscribed: dict[str, bool] = dict.fromkeys(cfg.topic_filters(), False)
         self._suback_waiting: dict[int, str] = {}
-        self.on_subscribed: Callable[[str, bool], None] | None = None  # network thread; must not call paho
+        self.on_subscribed = on_subscribed
         self.client_id = client_id or cfg.client_id or default_client_id(None)
         self.takeovers = 0
         self._takeover_logged = -1e9
@@ -136,7 +142,8 @@ class MqttConnection:
             except (ssl.SSLError, OSError, ValueError) as exc:
                 raise ConfigError([f"mqtt.tls: cannot use the certificate files: {exc}"]) from None
             self.client.tls_insecure_set(t.insecure)
-        self.client.will_set(self.status_topic, "offline", qos=1, retain=True)
+        if announce:
+            self.client.will_set(self.status_topic, "offline", qos=1, retain=True)
         self.client.reconnect_delay_set(int(cfg.reconnect_min_seconds), int(cfg.reconnect_max_seconds))
         self.client.on_connect = self._handle_connect
         self.client.on_connect_fail = self._handle_connect_fail
@@ -179,7 +186,8 @@ class MqttConnection:
                 _, mid = client.subscribe(topic, qos=self.cfg.qos)
                 if mid is not None:
                     self._suback_waiting[mid] = topic
-        client.publish(self.status_topic, "online", qos=1, retain=True)
+        if self.announce:
+            client.publish(self.status_topic, "online", qos=1, retain=True)
         self.ever_connected = True
         self.connected.set()
         if self._on_connected_cb:
@@ -301,10 +309,11 @@ class MqttConnection:
         """Publish ``offline`` (the clean-shutdown counterpart of the last will) and disconnect."""
         self._closing = True
         if self.connected.is_set():
-            info = self.client.publish(self.status_topic, "offline", qos=1, retain=True)
-            try:
-                info.wait_for_publish(timeout)
-            except (RuntimeError, ValueError):
-                pass
+            if self.announce:
+                info = self.client.publish(self.status_topic, "offline", qos=1, retain=True)
+                try:
+                    info.wait_for_publish(timeout)
+                except (RuntimeError, ValueError):
+                    pass
             self.client.disconnect()
         self.client.loop_stop()

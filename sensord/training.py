@@ -26,7 +26,7 @@ import numpy as np
 from . import __version__
 from .bundle import KERAS_FILE, TFLITE_FILE, ModelBundle, sha256_of
 from .config import SensordConfig
-from .dataio import Series
+from .dataio import Series, sampling_period
 from .errors import DataError
 from .scaling import Scaler
 from .scorer import Scorer
@@ -222,6 +222,7 @@ def train_bundle(data: Series | Sequence[Series], cfg: SensordConfig, out_dir: s
         scaler=scaler, threshold=ThresholdRecord(cfg.threshold.method, {}, 1.0),
         model=asdict(cfg.model), training=training_meta,
         created=datetime.now(UTC).isoformat(timespec="seconds"), tflite_sha256=sha,
+        sample_period_seconds=sampling_period(group),
     )
     val_errors = Scorer(bundle).score(split.validation).errors
     try:

@@ -322,3 +322,66 @@ def test_bundle_without_reference_loads_and_is_not_checked(copy: Path) -> None:
 def test_malformed_reference_is_a_bundle_error(copy: Path, bad: object) -> None:
     _edit_json(copy, lambda m: m.__setitem__("reference", bad))
     assert "reference" in _load_error(copy)
+
+
+# --- the sampling period (issue 9: the assembly clock defaults to the model's) ---------------------
+
+_PER_CHANNEL = {"mqtt": {"subscriptions": [{"topic": "p/+/+", "format": "topic_per_channel",
+                                            "device_topic": "p/{device}/{channel}"}]}}
+
+
+def test_training_records_the_median_step_as_the_sampling_period(trained: tuple[ModelBundle, Path]) -> None:
+    bundle, path = trained
+    assert json.loads((path / BUNDLE_JSON).read_text())["sample_period_seconds"] == 1.0
+    assert ModelBundle.load(path).sample_period_seconds == bundle.sample_period_seconds == 1.0
+
+
+@pytest.mark.parametrize("period", [0, -1.0, "1", True, float("inf")])
+def test_bad_sampling_period_refused(copy: Path, period: object) -> None:
+    _edit_json(copy, lambda m: m.__setitem__("sample_period_seconds", period))
+    assert "'sample_period_seconds' must be a positive number" in _load_error(copy)
+
+
+def test_the_assembly_clock_is_the_models_unless_the_config_sets_one(copy: Path) -> None:
+    from sensord.pipeline import ServingModel
+    from sensord.readings import ReadingPath
+
+    cfg = config_from_dict({**_PER_CHANNEL, "window": {"length": WINDOW}, "daemon": {"model": str(copy)}})
+    model = ServingModel.load(cfg)
+    period = cfg.assembly_period(model.bundle.sample_period_seconds, "model")
+    assembler = ReadingPath(cfg, model.bundle.channels, period).assembler
+    assert assembler is not None and assembler.period == 1.0 and assembler.max_staleness == 3.0
+    cfg2 = config_from_dict({**_PER_CHANNEL, "window": {"length": WINDOW}, "daemon": {"model": str(copy)},
+                             "assembly": {"sample_period_seconds": 0.5}})
+    assert cfg2.assembly_period(model.bundle.sample_period_seconds, "model") == 0.5
+
+
+def test_an_old_bundle_without_a_period_needs_it_in_the_config(copy: Path, tmp_path: Path) -> None:
+    """A bundle from before the period was recorded still serves when the config gives the period; when
+    neither does and a subscription needs the clock, start-up stops with exit 78 naming the key."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from sensord.cli import main
+    from sensord.config import ConfigError
+    from sensord.pipeline import ServingModel
+
+    _edit_json(copy, lambda m: m.pop("sample_period_seconds"))
+    base = {**_PER_CHANNEL, "window": {"length": WINDOW}, "daemon": {"model": str(copy)}}
+    ok = config_from_dict({**base, "assembly": {"sample_period_seconds": 2.0}})
+    assert ServingModel.load(ok).bundle.sample_period_seconds is None
+    json_only = config_from_dict({"window": {"length": WINDOW}, "daemon": {"model": str(copy)}})
+    ServingModel.load(json_only)  # whole rows need no clock
+    with pytest.raises(ConfigError) as ei:
+        ServingModel.load(config_from_dict(base))
+    assert ei.value.errors[0].startswith("assembly.sample_period_seconds: is required: mqtt.subscriptions.0")
+    cfg_path = tmp_path / "sensord.yaml"
+    cfg_path.write_text(yaml.safe_dump({**base, "metrics": {"enabled": False}}))
+    assert main(["check-config", "--config", str(cfg_path), "--model", str(copy)]) == 78
+    assert main(["check-config", "--config", str(cfg_path)]) == 78  # daemon.model's bundle is looked at too
+    run = subprocess.run([sys.executable, "-m", "sensord", "run", "--config", str(cfg_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 78, run.stderr
+    assert f"config error: {cfg_path}: assembly.sample_period_seconds: is required" in run.stderr

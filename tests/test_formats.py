@@ -173,8 +173,6 @@ def test_subscriptions_plain_strings_stay_json_and_mappings_pick_a_format() -> N
 @pytest.mark.parametrize(("mqtt", "assembly", "error"), [
     ({"subscriptions": [{"topic": "p/+/+", "format": "topic_per_channel", "device_topic": "p/{device}/x"}]},
      {"sample_period_seconds": 1.0}, "mqtt.subscriptions.0.device_topic: format topic_per_channel needs"),
-    ({"subscriptions": [{"topic": "p/+/+", "format": "topic_per_channel", "device_topic": "p/{device}/{channel}"}]},
-     {}, "assembly.sample_period_seconds: is required"),
     ({"subscriptions": [{"topic": "p/#", "format": "xml"}]}, {}, "mqtt.subscriptions.0.format: must be one of"),
     ({"subscriptions": ["a/#/b"]}, {}, "mqtt.subscriptions.0: not a valid MQTT topic filter"),
     ({"subscriptions": [{"topic": "a/b+"}]}, {}, "mqtt.subscriptions.0.topic: not a valid MQTT topic filter"),

@@ -135,7 +135,8 @@ def _intake() -> tuple[Intake, _Scoring, DaemonMetrics]:
     cfg = config_from_dict({"window": {"length": 2}, "mqtt": {"device_topic": "plant/{device}/telemetry",
                                                               "subscriptions": ["plant/#"]},
                             "daemon": {"max_devices": 3}})
-    model = SimpleNamespace(spec=WindowSpec(2, 1, 10.0), bundle=SimpleNamespace(channels=CHANNELS),
+    model = SimpleNamespace(spec=WindowSpec(2, 1, 10.0),
+                            bundle=SimpleNamespace(channels=CHANNELS, sample_period_seconds=None),
                             low=[-100.0, -100.0], high=[100.0, 100.0])
     metrics, scoring = DaemonMetrics(), _Scoring()
     return Intake(cfg, model, scoring, metrics), scoring, metrics  # type: ignore[arg-type]

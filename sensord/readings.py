@@ -1,0 +1,170 @@
+"""Messages -> whole rows per device, without a model: the reading path ``run`` and ``record`` share.
+
+Both take a message the same way: screened (retained, too large), parsed by the first subscription
+whose topic filter matches, single channels assembled into rows on the clock of
+:class:`sensord.assembly.Assembler`. What becomes of a row (a window buffer and the scorer for the
+daemon, a CSV line for ``sensord record``) and what a rejection costs (a metric, a summary line) is
+the caller's, behind :class:`RowSink`; the rejection reasons are the same names on every path, so a
+count in ``record``'s summary means what the daemon's ``sensord_readings_rejected_total`` means.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+import numpy as np
+
+from .assembly import Assembler
+from .config import SensordConfig
+from .formats.base import ChannelUpdate, DeviceDeath, MessageRejected, Parser, RebirthRequest, escape, topic_matches
+from .formats.build import build_parser
+from .formats.sparkplug_b import SparkplugParser
+from .ratelimit import RateLimitedLog
+
+log = logging.getLogger("sensord.pipeline")
+
+Bounds = tuple[Iterable[float], Iterable[float]]
+
+
+class RowSink(Protocol):
+    """Where the reading path delivers; every method is called with the caller's lock held, if any."""
+
+    def message_rejected(self, reason: str) -> None:
+        """A whole message was unusable (``reason`` as in ``sensord_messages_rejected_total``); logged here."""
+
+    def reject(self, reason: str, device: str, detail: str) -> None:
+        """A reading was unusable (``reason`` as in ``sensord_readings_rejected_total``); count and log it."""
+
+    def admit(self, device: str) -> bool:
+        """Whether single channels of ``device`` go to the assembler (a refusal is counted by the sink)."""
+
+    def touch(self, device: str, timestamp: float | None = None) -> None:
+        """``device`` sent something usable stamped ``timestamp`` (it is alive)."""
+
+    def row(self, device: str, timestamp: float, values: np.ndarray, clipped: bool) -> None:
+        """One whole row of ``device``: a value for every channel, in the path's channel order."""
+
+    def died(self, device: str) -> None:
+        """The device announced its death (Sparkplug NDEATH/DDEATH); its held values are already gone."""
+
+    def rebirth(self, request: RebirthRequest) -> None:
+        """A stateful format asks a sender to define itself again (Sparkplug NCMD Rebirth): publish it."""
+
+
+def device_id_too_long(cfg: SensordConfig, device: str) -> str | None:
+    """Why ``device`` is refused under ``daemon.max_device_id_bytes`` (reason ``bad_device_id``), or None."""
+    limit = cfg.daemon.max_device_id_bytes
+    if len(device.encode("utf-8", "surrogatepass")) > limit:
+        return f"device id is longer than daemon.max_device_id_bytes={limit}"
+    return None
+
+
+class ReadingPath:
+    """The parsers of every subscription and the clock assembler, for ``channels`` (a model's or the config's).
+
+    ``period`` is the assembly clock (``SensordConfig.assembly_period``); None means no assembler, and
+    single channels are then rejected as ``missing_channel``. ``bounds`` clip values (the daemon's
+    ``scoring.clip_spreads``); ``record`` gives none and writes what the machines sent.
+    """
+
+    def __init__(self, cfg: SensordConfig, channels: Sequence[str], period: float | None,
+                 bounds: Bounds | None = None, warn: RateLimitedLog | None = None) -> None:
+        self.cfg = cfg
+        self.channels = tuple(channels)
+        self.period = period
+        self.warn = warn if warn is not None else RateLimitedLog(log, cfg.logging.rate_limit_seconds)
+        self.parsers: list[tuple[str, Parser]] = [
+            (sub.topic, build_parser(sub, cfg.mqtt, self.channels, cfg.daemon.max_clock_skew_seconds, bounds))
+            for sub in cfg.mqtt.subscription_list()]
+        a = cfg.assembly
+        self.assembler = None if period is None else Assembler(self.channels, period, a.staleness(period),
+                                                               a.late_tolerance_seconds)
+
+    def _clock(self) -> tuple[object, ...]:
+        a = self.cfg.assembly
+        return self.channels, self.period, a.staleness(self.period), a.late_tolerance_seconds
+
+    def carry_over(self, old: ReadingPath) -> None:
+        """After a reload: keep what the old path learnt that the new one cannot know yet: the held values
+        of the assembler when its clock is unchanged, and Sparkplug aliases (named only at BIRTH)."""
+        if old.assembler is not None and self._clock() == old._clock():
+            self.assembler = old.assembler
+        for (topic, parser), (old_topic, old_parser) in zip(self.parsers, old.parsers, strict=False):
+            if topic == old_topic and isinstance(parser, SparkplugParser) and isinstance(old_parser, SparkplugParser):
+                parser.aliases = old_parser.aliases
+
+    def parser_for(self, topic: str) -> Parser:
+        """The parser of the first subscription whose filter matches ``topic`` (else the first one's)."""
+        for topic_filter, parser in self.parsers:
+            if topic_matches(topic_filter, topic):
+                return parser
+        return self.parsers[0][1]
+
+    def tracks(self, device: str) -> bool:
+        """Whether the assembler holds values of ``device``."""
+        return self.assembler is not None and device in self.assembler
+
+    def assembling(self) -> list[str]:
+        """The devices the assembler holds values of."""
+        return [] if self.assembler is None else list(self.assembler.devices)
+
+    def forget(self, device: str) -> None:
+        if self.assembler is not None:
+            self.assembler.forget(device)
+
+    def take(self, topic: str, payload: bytes, retained: bool, sink: RowSink) -> None:
+        """One message: screened, parsed, assembled; everything it yields goes to ``sink``.
+
+        Raises only what a parser or the sink raises by mistake (the caller guards against that).
+        """
+        if retained:
+            # The broker's stored copy, from before we subscribed: an old reading (or one from a glitched
+            # clock) that would be replayed on every restart. Live readings never arrive retained.
+            sink.message_rejected("retained")
+            self.warn.warning("message:retained", "retained message on topic=%s ignored: telemetry must "
+                              "not be published with retain", escape(topic))
+            return
+        limit = self.cfg.mqtt.max_payload_bytes
+        if len(payload) > limit:
+            sink.message_rejected("too_large")
+            self.warn.warning("message:too_large", "message rejected reason=too_large topic=%s: %d bytes, "
+                              "mqtt.max_payload_bytes is %d", escape(topic), len(payload), limit)
+            return
+        try:
+            readings = self.parser_for(topic).parse(topic, payload)
+        except MessageRejected as exc:
+            sink.message_rejected(exc.reason)
+            self.warn.warning(f"message:{exc.reason}", "message rejected reason=%s topic=%s: %s",
+                              exc.reason, escape(topic), escape(exc))
+            return
+        for r in readings:
+            if isinstance(r, ChannelUpdate):
+                self._assemble(r, sink)
+            elif isinstance(r, DeviceDeath):
+                self.forget(r.device)
+                sink.died(r.device)
+            elif isinstance(r, RebirthRequest):
+                sink.rebirth(r)
+            elif r.problem is not None:
+                sink.reject(r.problem[0], r.device, r.problem[1])
+            else:
+                assert r.values is not None
+                sink.row(r.device, r.timestamp, r.values, r.clipped)
+
+    def _assemble(self, update: ChannelUpdate, sink: RowSink) -> None:
+        """Single channels -> rows on the assembly clock -> the sink."""
+        if self.assembler is None:  # (start-up requires the period for every format that sends these)
+            sink.reject("missing_channel", update.device, "channels arrive separately but "
+                        "assembly.sample_period_seconds is not set")
+            return
+        if not sink.admit(update.device):
+            return
+        done = self.assembler.add(update.device, update.timestamp, update.values)
+        if not done.problems or done.rows:
+            sink.touch(update.device, update.timestamp)
+        for reason, detail in done.problems:
+            sink.reject(reason, update.device, detail)
+        for ts, values in done.rows:
+            sink.row(update.device, ts, values, update.clipped)
