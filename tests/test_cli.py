@@ -14,6 +14,7 @@ import logging
 import os
 import subprocess
 import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -191,3 +192,24 @@ def test_serving_commands_work_without_the_train_extra(serving_only_site: Path) 
     res = _serving_only(serving_only_site, "check-config", "--config", str(ROOT / "config" / "sensord.yaml"))
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("OK ")
+
+
+def test_the_litert_banner_filter_keeps_everything_else_written_to_fd_2() -> None:
+    """LiteRT writes its delegate banner with C++ straight to file descriptor 2, so the filter works on fd 2: in a
+    fresh process, lines written there (as a C library writes them) and Python's own stderr during the block all
+    come out, in order, except the banner line; afterwards fd 2 is the real stderr again."""
+    code = textwrap.dedent("""
+        import os, sys
+        from sensord.scorer import LITERT_BANNER, stderr_without
+        print("before", file=sys.stderr, flush=True)
+        with stderr_without(LITERT_BANNER):
+            os.write(2, b"ERROR: a real native error\\n" + LITERT_BANNER + b"\\n")
+            print("a python line inside", file=sys.stderr)
+            os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU. (not the exact line)\\n")
+        os.write(2, b"after\\n")
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.splitlines() == [
+        "before", "ERROR: a real native error", "a python line inside",
+        "INFO: Created TensorFlow Lite XNNPACK delegate for CPU. (not the exact line)", "after"]
