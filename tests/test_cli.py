@@ -213,3 +213,31 @@ def test_the_litert_banner_filter_keeps_everything_else_written_to_fd_2() -> Non
     assert res.stderr.splitlines() == [
         "before", "ERROR: a real native error", "a python line inside",
         "INFO: Created TensorFlow Lite XNNPACK delegate for CPU. (not the exact line)", "after"]
+
+
+def test_check_config_names_every_problem_in_one_pass(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Several bad keys in several sections, and a file named by a section that is itself valid: all reported
+    in one run (the file check does not wait for the rest of the document to be fixed), exit 78."""
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(f"window:\n  length: 1\nmqtt:\n  prot: 1883\n  qos: 7\ndaemon:\n  queue_size: -3\n"
+                   f"detector:\n  raise_after: x\nmetrics:\n  web_config_file: {tmp_path / 'web.yml'}\n")
+    assert cli.main(["check-config", "--config", str(cfg)]) == 78
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert sorted(out.err.splitlines()) == sorted(f"sensord: config error: {cfg}: {e}" for e in [
+        "window.length: must be an integer >= 2, got 1",
+        'mqtt.prot: unknown key (did you mean "port"?)',
+        "mqtt.qos: must be an integer <= 2, got 7",
+        "daemon.queue_size: must be an integer >= 1, got -3",
+        'detector.raise_after: must be an integer, got "x"',
+        f"metrics.web_config_file {tmp_path / 'web.yml'}: file not found"])
+
+
+def test_check_config_says_when_the_model_cannot_be_checked_yet(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("window:\n  length: 1\n")
+    assert cli.main(["check-config", "--config", str(cfg), "--model", str(tmp_path / "model")]) == 78
+    assert capsys.readouterr().err.splitlines() == [
+        f"sensord: config error: {cfg}: window.length: must be an integer >= 2, got 1",
+        "sensord: model not checked: the config's data, window, scoring, detector sections must be valid first"]

@@ -362,3 +362,21 @@ def test_a_model_that_fails_to_load_is_still_reported_on_stderr(run: dict[str, P
     assert proc.returncode == EX_CONFIG
     assert proc.stderr.splitlines() == [
         f"sensord: model error: {tfl}: cannot load model: The model is not a valid Flatbuffer buffer"], proc.stderr
+
+
+def test_check_config_reports_schema_file_and_model_problems_together(run: dict[str, Path], tmp_path: Path) -> None:
+    """One pass: unknown and out-of-range keys, a missing file a valid section names, and a model that does not
+    fit the (valid) window section, all at once; exit 78."""
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(TINY_YAML.replace("length: 10", "length: 12")
+                   + "mqtt:\n  prot: 1883\ndaemon:\n  queue_size: -3\n"
+                   + f"metrics:\n  web_config_file: {tmp_path / 'w.yml'}\n")
+    proc = sensord("check-config", "--config", str(cfg), "--model", str(run["model"]))
+    assert proc.returncode == EX_CONFIG
+    assert proc.stderr.splitlines() == [
+        f'sensord: config error: {cfg}: mqtt.prot: unknown key (did you mean "port"?)',
+        f"sensord: config error: {cfg}: daemon.queue_size: must be an integer >= 1, got -3",
+        f"sensord: config error: {cfg}: metrics.web_config_file {tmp_path / 'w.yml'}: file not found",
+        f"sensord: model error: {run['model']}: model was trained for window length 10, but window.length in the "
+        "config is 12"]
+    assert proc.stdout == ""
