@@ -241,3 +241,53 @@ def test_check_config_says_when_the_model_cannot_be_checked_yet(tmp_path: Path,
     assert capsys.readouterr().err.splitlines() == [
         f"sensord: config error: {cfg}: window.length: must be an integer >= 2, got 1",
         "sensord: model not checked: the config's data, window, scoring, detector sections must be valid first"]
+
+
+# -- tests/mosquitto.py: the private broker of the tests and the demo, outside the installed package -------------
+
+def test_the_private_broker_is_left_out_of_the_package_and_the_serving_import_path(tmp_path: Path) -> None:
+    import tomllib
+
+    import setuptools
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    packages = setuptools.find_packages(str(ROOT), include=find["include"])
+    assert "sensord" in packages and "sensord.formats" in packages
+    assert all(p == "sensord" or p.startswith("sensord.") for p in packages), packages
+    assert not list((ROOT / "sensord").rglob("*broker*.py"))
+    # What `sensord run` imports (the daemon, its pipeline and sinks), and a command run: no broker helper.
+    code = textwrap.dedent(f"""
+        import sys
+        import sensord.cli, sensord.daemon, sensord.pipeline, sensord.homeassistant
+        assert sensord.cli.main(["check-config", "--config", {str(ROOT / "config" / "sensord.yaml")!r}]) == 0
+        print(sorted(m for m in sys.modules if "mosquitto" in m or "broker" in m))
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[-1] == "[]"
+
+
+def test_the_demo_loads_the_private_broker_from_its_checkout_and_says_so_without_one(tmp_path: Path) -> None:
+    """``make demo`` runs the console script, whose sys.path has neither the checkout nor tests/: the demo
+    loads tests/mosquitto.py from the checkout beside the sensord it runs. A sensord installed without a
+    checkout says why it cannot."""
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path[:] = [p for p in sys.path if p not in ("", {str(ROOT / "tests")!r})]
+        import sensord.demo
+        broker = sensord.demo._dev_broker()
+        print(broker.__file__, broker.MosquittoBroker.__name__)
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == [str(ROOT / "tests" / "mosquitto.py"), "MosquittoBroker"]
+
+    import shutil
+    installed = tmp_path / "site"
+    shutil.copytree(ROOT / "sensord", installed / "sensord")  # the package alone, as pip installs it
+    code = "import sensord.demo; sensord.demo._dev_broker()"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(installed)})
+    assert res.returncode == 1
+    assert "UnavailableError: the demo runs from a source checkout of sensord" in res.stderr, res.stderr
