@@ -666,12 +666,12 @@ def valid_sections(raw: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in fields(SensordConfig):
         section = raw.get(f.name, {})
+        if not isinstance(section, dict):
+            continue
         try:
-            out[f.name] = hints[f.name](**section) if isinstance(section, dict) else None
-        except (ValidationError, TypeError):
-            out[f.name] = None
-        if out[f.name] is None:
-            del out[f.name]
+            out[f.name] = hints[f.name](**section)
+        except (ValidationError, TypeError):  # invalid, or an unknown key in it
+            continue
     return out
 
 
