@@ -48,7 +48,7 @@ test: install-test lint typecheck
 	$(PY) -m pytest -q
 
 lint: install-test
-	$(VENV)/bin/ruff check sensord tests bench
+	$(VENV)/bin/ruff check sensord tests bench deploy
 
 # mypy's settings (and the paths it checks) are in pyproject.toml.
 typecheck: install-test

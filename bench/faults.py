@@ -40,9 +40,11 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the tests' private broker
+from mosquitto import MosquittoBroker
+
 from sensord.config import config_from_dict
 from sensord.dataio import load_csv
-from sensord.devbroker import MosquittoBroker
 from sensord.simulator import simulate
 
 W = 10

@@ -28,8 +28,10 @@ import paho.mqtt.client as mqtt
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the tests' private broker
+from mosquitto import MosquittoBroker, _free_port
+
 from sensord.bundle import ModelBundle
-from sensord.devbroker import MosquittoBroker, _free_port
 from sensord.simulator import PumpSimulator
 from sensord.sinks import iso
 

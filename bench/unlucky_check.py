@@ -35,7 +35,9 @@ import paho.mqtt.client as mqtt
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from sensord.devbroker import MosquittoBroker
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the tests' private broker
+from mosquitto import MosquittoBroker
+
 from sensord.simulator import PumpSimulator
 
 W = 10

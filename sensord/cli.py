@@ -67,27 +67,63 @@ def _epoch_printer() -> Any:
     return show
 
 
+# The sections ``ServingModel.load`` reads: with these valid, --model is checked even if others are not.
+_MODEL_SECTIONS = ("data", "window", "scoring", "detector")
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .daemon import check_referenced_files
-    cfg = load_config(args.config)
-    check_referenced_files(cfg, args.config)
-    if args.model:
+    """Every problem in one pass: the schema's, the files the config names, the model's; exit 78 if any.
+
+    When the document has schema errors, the files of the ``mqtt`` / ``metrics`` sections that are valid on
+    their own are still checked, and the model too if the sections it needs are valid.
+    """
+    from .config import ConfigError, SensordConfig, config_from_dict, read_config_document, valid_sections
+    from .daemon import referenced_file_problems
+    from .errors import EX_CONFIG
+    raw = read_config_document(args.config)  # unreadable or not YAML: nothing else can be checked
+    errors: list[str] = []
+    full: SensordConfig | None = None  # the whole config, when it is valid
+    cfg: SensordConfig | None  # what the model is checked against: the whole config or its model sections
+    try:
+        full = cfg = config_from_dict(raw, args.config)
+        sections: dict[str, Any] = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(SensordConfig)}
+    except ConfigError as exc:
+        errors += exc.errors
+        sections = valid_sections(raw)
+        cfg = SensordConfig(**{k: sections[k] for k in _MODEL_SECTIONS}) \
+            if all(k in sections for k in _MODEL_SECTIONS) else None
+    errors += referenced_file_problems(sections.get("mqtt"), sections.get("metrics"))[1]
+    model_error: SensordError | None = None
+    if args.model and cfg is not None:
         from .pipeline import ServingModel
-        ServingModel.load(cfg, args.model)  # exactly what ``run`` checks
-    elif cfg.assembly.sample_period_seconds is None and cfg.assembly_needed() is not None:
+        try:
+            ServingModel.load(cfg, args.model)  # exactly what ``run`` checks
+        except SensordError as exc:
+            model_error = exc
+    elif not args.model and full is not None and full.assembly.sample_period_seconds is None \
+            and full.assembly_needed() is not None:
         # The assembly clock is then the model's: look at the bundle ``run`` would serve, if it is there.
         from .bundle import BundleError, ModelBundle
         try:
-            bundle = ModelBundle.load(cfg.daemon.model)
+            bundle = ModelBundle.load(full.daemon.model)
         except BundleError:
             pass  # (--model checks the bundle itself)
         else:
-            from .config import ConfigError
             try:
-                cfg.assembly_period(bundle.sample_period_seconds, f"model {bundle.path}")
+                full.assembly_period(bundle.sample_period_seconds, f"model {bundle.path}")
             except ConfigError as exc:
-                raise ConfigError(exc.errors, args.config) from None
+                errors += exc.errors
+    if errors:
+        report(ConfigError(errors, args.config))
+    if model_error is not None:
+        report(model_error)
+    if args.model and cfg is None:
+        print(f"sensord: model not checked: the config's {', '.join(_MODEL_SECTIONS)} sections must be valid "
+              "first", file=sys.stderr)
+    if errors:
+        return EX_CONFIG
+    if model_error is not None:
+        return model_error.exit_status
     print(f"OK {args.config}" + (f" (model {args.model})" if args.model else ""))
     return EX_OK
 

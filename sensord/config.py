@@ -629,6 +629,11 @@ def load_config(path: str | Path | None) -> SensordConfig:
     """Load and validate a YAML config file; ``None`` gives the built-in defaults."""
     if path is None:
         return SensordConfig()
+    return config_from_dict(read_config_document(path), str(path))
+
+
+def read_config_document(path: str | Path) -> Any:
+    """The parsed YAML of a config file, not yet validated; ConfigError if it cannot be read or parsed."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -645,7 +650,29 @@ def load_config(path: str | Path | None) -> SensordConfig:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([f"invalid YAML{where}: {problem}"], str(p)) from None
-    return config_from_dict(raw, str(p))
+    return raw
+
+
+def valid_sections(raw: Any) -> dict[str, Any]:
+    """The sections of a config document that are valid on their own, by name (an absent one is its default).
+
+    For ``sensord check-config`` on a document with errors: the checks that need one section only (the files
+    ``mqtt`` and ``metrics`` name, the model against ``window`` and friends) still run, so one pass reports
+    every problem. The whole document's cross-section rules are not applied here.
+    """
+    if not isinstance(raw, dict):
+        return {}
+    hints = get_type_hints(SensordConfig)  # Annotated[] stripped: the section classes
+    out: dict[str, Any] = {}
+    for f in fields(SensordConfig):
+        section = raw.get(f.name, {})
+        if not isinstance(section, dict):
+            continue
+        try:
+            out[f.name] = hints[f.name](**section)
+        except (ValidationError, TypeError):  # invalid, or an unknown key in it
+            continue
+    return out
 
 
 def restart_only_settings() -> tuple[tuple[str, ...], ...]:

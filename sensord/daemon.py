@@ -21,7 +21,7 @@ from pathlib import Path
 from types import FrameType
 
 from . import signals
-from .config import ConfigError, SensordConfig, load_config, restart_changes
+from .config import ConfigError, MetricsConfig, MqttConfig, SensordConfig, load_config, restart_changes
 from .errors import UnavailableError
 from .homeassistant import HomeAssistantDiscovery
 from .metrics import DaemonMetrics, MetricsUnavailable
@@ -42,11 +42,20 @@ def check_referenced_files(cfg: SensordConfig, config_path: str | Path) -> WebCo
 
     Returns the loaded web config (None without ``metrics.web_config_file``), so it is read only once.
     """
-    web, web_problems = metrics_web_config(cfg.metrics)
-    problems = tls_file_problems(cfg.mqtt) + mqtt_password(cfg.mqtt)[1] + web_problems
+    web, problems = referenced_file_problems(cfg.mqtt, cfg.metrics)
     if problems:
         raise ConfigError(problems, str(config_path))
     return web
+
+
+def referenced_file_problems(mqtt: MqttConfig | None, metrics: MetricsConfig | None) -> tuple[WebConfig | None,
+                                                                                                list[str]]:
+    """The problems with the files the ``mqtt`` and ``metrics`` sections name (a section given as None is not
+    checked), and the loaded web config."""
+    web, problems = metrics_web_config(metrics) if metrics is not None else (None, [])
+    if mqtt is not None:
+        problems = tls_file_problems(mqtt) + mqtt_password(mqtt)[1] + problems
+    return web, problems
 
 
 def warn_restart_only(old: SensordConfig, new: SensordConfig) -> list[str]:

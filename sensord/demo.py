@@ -8,6 +8,7 @@ would show them -> the metrics endpoint -> a clean SIGTERM shutdown.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import signal
@@ -18,6 +19,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -25,7 +27,6 @@ import yaml
 
 from .config import load_config
 from .dataio import load_csv
-from .devbroker import MosquittoBroker, find_mosquitto
 from .errors import UnavailableError
 from .evaluation import segments_of
 from .simulator import simulate
@@ -56,12 +57,27 @@ def _metric(port: int, name: str) -> float:
     return 0.0
 
 
+def _dev_broker() -> Any:
+    """The tests' private-Mosquitto helper (``tests/mosquitto.py``): test infrastructure, not part of the
+    installed package, so it is loaded from the source checkout this sensord runs from (``make demo``)."""
+    path = Path(__file__).resolve().parent.parent / "tests" / "mosquitto.py"
+    spec = importlib.util.spec_from_file_location("sensord_demo_mosquitto", path)
+    if not path.is_file() or spec is None or spec.loader is None:
+        raise UnavailableError(f"the demo runs from a source checkout of sensord: it starts a private Mosquitto "
+                               f"with tests/mosquitto.py, which the installed package leaves out (no {path}); "
+                               "in the checkout: make demo")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_demo(workdir: Path, rate: float = 400.0, config: str | None = None) -> int:
     from .training import train_bundle
 
     t_start = time.monotonic()
+    dev = _dev_broker()
     try:
-        find_mosquitto()  # before the training, not after it
+        dev.find_mosquitto()  # before the training, not after it
     except RuntimeError as exc:
         raise UnavailableError(str(exc)) from None
     workdir.mkdir(parents=True, exist_ok=True)
@@ -73,7 +89,7 @@ def run_demo(workdir: Path, rate: float = 400.0, config: str | None = None) -> i
     bundle = train_bundle(load_csv(healthy, cfg.data), cfg, workdir / "model")
     print(f"    model {bundle.model_id}, threshold {bundle.threshold.value:.4g} ({bundle.threshold.method})")
 
-    with MosquittoBroker() as broker:
+    with dev.MosquittoBroker() as broker:
         metrics_port = _free_port()
         daemon_cfg = yaml.safe_load(Path(config).read_text()) if config else {}
         daemon_cfg.update({

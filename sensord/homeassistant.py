@@ -6,7 +6,9 @@ retained discovery configs: a ``binary_sensor`` that is on while the device's al
 marked unavailable when sensord's status topic says ``offline`` (its clean shutdown and its last will).
 They read sensord's own topics (the retained ``{prefix}/state/{device}``, and ``{prefix}/scores/{device}``
 when ``mqtt.publish_scores`` is on), so nothing is published twice. Retained, so a Home Assistant started
-later still finds them; published again at every start, which is harmless (same payload).
+later still finds them; published again at every start, which is harmless (same payload). When sensord forgets
+a device (``daemon.device_forget_seconds`` of silence) it publishes an empty retained payload on both config
+topics: the broker drops the retained configs and Home Assistant removes the entities and their device.
 
 Topic levels must match ``[a-zA-Z0-9_-]+`` in Home Assistant; a device id with other characters gets a
 sanitised object id with a short hash of the id, so two ids never share one.
@@ -104,6 +106,17 @@ class HomeAssistantDiscovery:
         for topic, body in zip(self.topics(device), self.configs(device), strict=True):
             self.publisher.publish(topic, json.dumps(body), qos=1, retain=True)
         log.info("home assistant discovery published for device=%s", device)
+
+    def forget(self, device: str) -> None:
+        """Remove ``device`` from Home Assistant: an empty retained payload on each of its config topics deletes
+        the retained config at the broker, and Home Assistant removes the entity (the device with its last one).
+
+        Sent whether or not this process announced it: the configs may be retained from an earlier run.
+        """
+        self._announced.discard(device)  # if it comes back, it is announced again
+        for topic in self.topics(device):
+            self.publisher.publish(topic, b"", qos=1, retain=True)
+        log.info("home assistant discovery removed for device=%s", device)
 
     def set_publish_scores(self, publish_scores: bool) -> None:
         """After a reload: if the score sensor's topic changes, every device is announced again."""

@@ -10,7 +10,12 @@ re-allocates tensors.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import os
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +35,51 @@ def _interpreter_class() -> Callable[..., Any]:
         from .tflib import import_tensorflow
         _, tf = import_tensorflow()
         return tf.lite.Interpreter
+
+
+# LiteRT announces its CPU delegate on file descriptor 2, once per process, when the first interpreter allocates
+# its tensors (TFLite's minimal logger, INFO). Nothing turns it off from outside: TF_CPP_MIN_LOG_LEVEL is not read
+# by that logger and its severity switch is not exported from the wheel's libraries. So the first interpreter of
+# a process is set up with fd 2 captured, and what was captured is written back without this one line: any other
+# output (a real LiteRT error, a log line of another thread) still reaches stderr, only a moment later.
+LITERT_BANNER = b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+_banner_pending = True
+_banner_lock = threading.Lock()
+
+
+@contextmanager
+def stderr_without(line: bytes) -> Iterator[None]:
+    """Run the block with file descriptor 2 (C++ libraries write there, not to ``sys.stderr``) captured in a
+    temporary file; then restore it and write back everything captured except lines equal to ``line``."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as capture:
+            os.dup2(capture.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+                capture.seek(0)
+                kept = b"".join(ln for ln in capture.read().splitlines(keepends=True)
+                                if ln.rstrip(b"\r\n") != line)
+                while kept:
+                    kept = kept[os.write(2, kept):]
+    finally:
+        os.close(saved)
+
+
+@contextmanager
+def _quiet_first_interpreter() -> Iterator[None]:
+    """Around an interpreter's set-up: filters LiteRT's banner until an interpreter has been set up once."""
+    global _banner_pending
+    if not _banner_pending:
+        yield
+        return
+    with _banner_lock, stderr_without(LITERT_BANNER):  # one thread at a time redirects fd 2
+        yield
+        _banner_pending = False  # set up once (the banner is printed then, or never): fd 2 is left alone now
 
 
 # How far (relative to max(1, error)) a reference window's error may drift from the one recorded at training.
@@ -116,14 +166,15 @@ class Scorer:
         hit = self._interpreters.get(batch)
         if hit is None:
             try:
-                it = self._make(model_content=self._content, num_threads=self._num_threads)
-                inp = it.get_input_details()[0]
-                w, c = self.bundle.window_length, len(self.bundle.channels)
-                if list(inp["shape"][1:]) != [w, c]:
-                    raise ValueError(f"model input shape {list(inp['shape'])} does not match window "
-                                     f"({w}, {c}) in bundle.json")
-                it.resize_tensor_input(inp["index"], [batch, w, c])
-                it.allocate_tensors()
+                with _quiet_first_interpreter():
+                    it = self._make(model_content=self._content, num_threads=self._num_threads)
+                    inp = it.get_input_details()[0]
+                    w, c = self.bundle.window_length, len(self.bundle.channels)
+                    if list(inp["shape"][1:]) != [w, c]:
+                        raise ValueError(f"model input shape {list(inp['shape'])} does not match window "
+                                         f"({w}, {c}) in bundle.json")
+                    it.resize_tensor_input(inp["index"], [batch, w, c])
+                    it.allocate_tensors()  # where LiteRT prints its banner
                 shape = list(it.get_output_details()[0]["shape"][1:])
                 if shape[-2:] != [w, c] or len(shape) not in (2, 3):
                     raise ValueError(f"model output shape {[batch] + shape} is neither a reconstruction "

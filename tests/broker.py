@@ -19,7 +19,7 @@ import paho.mqtt.client as mqtt
 
 __all__ = ["MosquittoBroker", "MqttRecorder", "RecordedMessage", "find_mosquitto", "publish"]
 
-from sensord.devbroker import MosquittoBroker, find_mosquitto  # re-exported
+from mosquitto import MosquittoBroker, find_mosquitto  # re-exported (the broker process lives in mosquitto.py)
 
 
 class RecordedMessage(NamedTuple):

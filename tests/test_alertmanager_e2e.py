@@ -83,16 +83,25 @@ def test_amtool_accepts_the_shipped_config_and_each_commented_receiver(tmp_path:
         amtool_check(copy)
 
 
+def shipped_links() -> dict[str, str]:
+    """The external labels of the shipped prometheus.yml the rules build their links from."""
+    labels = yaml.safe_load((PROMETHEUS_DEPLOY / "prometheus.yml").read_text())["global"]["external_labels"]
+    return {k: labels[k] for k in ("sensord_grafana_url", "sensord_runbook_url")}
+
+
 def test_the_anomaly_notification_text_names_the_device_score_and_top_sensors_in_order(tmp_path: Path) -> None:
     """promtool's rule unit test: the annotations the shipped SensordAnomaly rule sends, for known series (the
-    shares given in no particular order; the text lists the largest first)."""
-    labels = 'job="sensord",instance="box:9108",device="pump1"'
+    shares given in no particular order; the text lists the largest first), and its links built from the
+    external labels (set here as a user sets them in prometheus.yml), the device URL-encoded in the query."""
+    labels = 'job="sensord",instance="box:9108",device="Pump 2.b"'
     shares = {"flow": 0.1, "current": 0.6, "alpha": 0.05, "vibration_1": 0.25}
     test = {
         "rule_files": [str(PROMETHEUS_DEPLOY / "alerts.yml")],
         "evaluation_interval": "1s",
         "tests": [{
             "interval": "1s",
+            "external_labels": {"sensord_grafana_url": "https://grafana.plant.test",
+                                "sensord_runbook_url": "https://wiki.plant.test/sensord/RUNBOOK.md"},
             "input_series": [
                 {"series": f"sensord_anomaly_state{{{labels}}}", "values": "0 1x9"},
                 {"series": f"sensord_anomaly_score{{{labels}}}", "values": "0.5 2.3456x9"},
@@ -103,16 +112,17 @@ def test_the_anomaly_notification_text_names_the_device_score_and_top_sensors_in
                 {"eval_time": "0s", "alertname": "SensordAnomaly", "exp_alerts": []},
                 {"eval_time": "5s", "alertname": "SensordAnomaly", "exp_alerts": [{
                     "exp_labels": {"severity": "warning", "job": "sensord", "instance": "box:9108",
-                                   "device": "pump1"},
+                                   "device": "Pump 2.b"},
                     "exp_annotations": {
-                        "summary": "Anomaly on pump1: score 2.35, top sensors current 60%, vibration_1 25%, flow 10%",
+                        "summary": "Anomaly on Pump 2.b: score 2.35, top sensors current 60%, vibration_1 25%, "
+                                   "flow 10%",
                         "top_sensors": "current 60%, vibration_1 25%, flow 10%",
-                        "description": "sensord has raised an alert for device pump1 on box:9108: the "
+                        "description": "sensord has raised an alert for device Pump 2.b on box:9108: the "
                                        "reconstruction error of its last window is 2.35 times the threshold (over "
                                        "1 is anomalous). The sensors with the largest share of that error: "
                                        "current 60%, vibration_1 25%, flow 10%.",
-                        "runbook_url": "https://sensord.example.com/docs/RUNBOOK.md#sensordanomaly",
-                        "dashboard": "https://grafana.example.com/d/sensord/sensord?var-device=pump1&viewPanel=23",
+                        "runbook_url": "https://wiki.plant.test/sensord/RUNBOOK.md#sensordanomaly",
+                        "dashboard": "https://grafana.plant.test/d/sensord/sensord?var-device=Pump+2.b&viewPanel=23",
                     }}]},
             ],
         }],
@@ -123,21 +133,31 @@ def test_the_anomaly_notification_text_names_the_device_score_and_top_sensors_in
     assert res.returncode == 0, res.stdout + res.stderr
 
 
-def test_every_rule_has_a_runbook_section_and_a_dashboard_link() -> None:
+def test_every_rule_links_its_runbook_section_and_the_dashboard_from_the_external_labels() -> None:
+    """No address is written in the rules: each link starts with the external label prometheus.yml sets (to
+    an address, not a placeholder), the runbook anchor is a section of docs/RUNBOOK.md, the dashboard is the
+    shipped one, and a panel named by viewPanel exists in it."""
     runbook = (ROOT / "docs" / "RUNBOOK.md").read_text()
     anchors = {re.sub(r"[^a-z0-9_-]", "", h.strip().lower().replace(" ", "-"))
                for h in re.findall(r"^#+ (.+)$", runbook, flags=re.M)}
     dashboard = json.loads((ROOT / "deploy" / "grafana" / "sensord-dashboard.json").read_text())
     panel_ids = {p["id"] for p in dashboard["panels"]}
+    links = shipped_links()
+    assert links["sensord_grafana_url"].startswith("http") and links["sensord_runbook_url"].endswith("RUNBOOK.md")
+    for path in (PROMETHEUS_DEPLOY / "alerts.yml", PROMETHEUS_DEPLOY / "prometheus.yml"):
+        assert "example.com" not in path.read_text(), path
     rules = [r for g in yaml.safe_load((PROMETHEUS_DEPLOY / "alerts.yml").read_text())["groups"] for r in g["rules"]]
     for rule in rules:
         ann = rule["annotations"]
         url, anchor = ann["runbook_url"].split("#")
-        assert url == "https://sensord.example.com/docs/RUNBOOK.md" and anchor == rule["alert"].lower()
+        assert url == "{{ $externalLabels.sensord_runbook_url }}" and anchor == rule["alert"].lower()
         assert anchor in anchors, f"docs/RUNBOOK.md has no section {rule['alert']}"
-        assert ann["dashboard"].startswith(f"https://grafana.example.com/d/{dashboard['uid']}/"), rule["alert"]
+        assert ann["dashboard"].startswith(f"{{{{ $externalLabels.sensord_grafana_url }}}}/d/{dashboard['uid']}/"), \
+            rule["alert"]
         panel = re.search(r"viewPanel=(\d+)", ann["dashboard"])
         assert panel is None or int(panel.group(1)) in panel_ids, rule["alert"]
+        if rule["alert"] in ("SensordAnomaly", "SensordDeviceSilent"):  # per device: the dashboard shows that one
+            assert "var-device={{ $labels.device | urlquery }}" in ann["dashboard"], rule["alert"]
 
 
 # -- the real thing ---------------------------------------------------------------------------------
@@ -282,7 +302,12 @@ def test_a_fault_reaches_the_receiver_once_with_device_score_and_top_sensors_and
         assert m.group(2) == "current" and set(m.groups()[1:]) <= set(rows.channels), summary
         assert alert["annotations"]["top_sensors"] in summary
         assert "pump7" in alert["annotations"]["description"] and m.group(1) in alert["annotations"]["description"]
-        assert alert["annotations"]["runbook_url"].endswith("#sensordanomaly")
+        # The links, resolved from the shipped prometheus.yml's external labels, with the device filled in.
+        links = shipped_links()
+        assert alert["annotations"]["runbook_url"] == f"{links['sensord_runbook_url']}#sensordanomaly"
+        assert alert["annotations"]["dashboard"] == \
+            f"{links['sensord_grafana_url']}/d/sensord/sensord?var-device=pump7&viewPanel=23"
+        assert {k: alert["labels"][k] for k in links} == links  # Prometheus adds its external labels to alerts
 
         _send(pub, topic, rows, rows.values, range(200, 240))  # healthy again: the detector clears
         d.wait_metric("sensord_anomaly_state", 0.0, device="pump7")

@@ -81,7 +81,7 @@ def test_stop_terminates_and_keeps_log() -> None:
 
 
 def test_start_retries_when_port_is_grabbed(monkeypatch: pytest.MonkeyPatch) -> None:
-    import sensord.devbroker as broker_module
+    import mosquitto as broker_module
 
     # Another process takes the chosen port before mosquitto binds it: the TCP
     # connect would succeed against the squatter, but only a real CONNACK counts.

@@ -14,6 +14,7 @@ import logging
 import os
 import subprocess
 import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -191,3 +192,102 @@ def test_serving_commands_work_without_the_train_extra(serving_only_site: Path) 
     res = _serving_only(serving_only_site, "check-config", "--config", str(ROOT / "config" / "sensord.yaml"))
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("OK ")
+
+
+def test_the_litert_banner_filter_keeps_everything_else_written_to_fd_2() -> None:
+    """LiteRT writes its delegate banner with C++ straight to file descriptor 2, so the filter works on fd 2: in a
+    fresh process, lines written there (as a C library writes them) and Python's own stderr during the block all
+    come out, in order, except the banner line; afterwards fd 2 is the real stderr again."""
+    code = textwrap.dedent("""
+        import os, sys
+        from sensord.scorer import LITERT_BANNER, stderr_without
+        print("before", file=sys.stderr, flush=True)
+        with stderr_without(LITERT_BANNER):
+            os.write(2, b"ERROR: a real native error\\n" + LITERT_BANNER + b"\\n")
+            print("a python line inside", file=sys.stderr)
+            os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU. (not the exact line)\\n")
+        os.write(2, b"after\\n")
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.splitlines() == [
+        "before", "ERROR: a real native error", "a python line inside",
+        "INFO: Created TensorFlow Lite XNNPACK delegate for CPU. (not the exact line)", "after"]
+
+
+def test_check_config_names_every_problem_in_one_pass(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Several bad keys in several sections, and a file named by a section that is itself valid: all reported
+    in one run (the file check does not wait for the rest of the document to be fixed), exit 78."""
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(f"window:\n  length: 1\nmqtt:\n  prot: 1883\n  qos: 7\ndaemon:\n  queue_size: -3\n"
+                   f"detector:\n  raise_after: x\nmetrics:\n  web_config_file: {tmp_path / 'web.yml'}\n")
+    assert cli.main(["check-config", "--config", str(cfg)]) == 78
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert sorted(out.err.splitlines()) == sorted(f"sensord: config error: {cfg}: {e}" for e in [
+        "window.length: must be an integer >= 2, got 1",
+        'mqtt.prot: unknown key (did you mean "port"?)',
+        "mqtt.qos: must be an integer <= 2, got 7",
+        "daemon.queue_size: must be an integer >= 1, got -3",
+        'detector.raise_after: must be an integer, got "x"',
+        f"metrics.web_config_file {tmp_path / 'web.yml'}: file not found"])
+
+
+def test_check_config_says_when_the_model_cannot_be_checked_yet(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("window:\n  length: 1\n")
+    assert cli.main(["check-config", "--config", str(cfg), "--model", str(tmp_path / "model")]) == 78
+    assert capsys.readouterr().err.splitlines() == [
+        f"sensord: config error: {cfg}: window.length: must be an integer >= 2, got 1",
+        "sensord: model not checked: the config's data, window, scoring, detector sections must be valid first"]
+
+
+# -- tests/mosquitto.py: the private broker of the tests and the demo, outside the installed package -------------
+
+def test_the_private_broker_is_left_out_of_the_package_and_the_serving_import_path(tmp_path: Path) -> None:
+    import tomllib
+
+    import setuptools
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    packages = setuptools.find_packages(str(ROOT), include=find["include"])
+    assert "sensord" in packages and "sensord.formats" in packages
+    assert all(p == "sensord" or p.startswith("sensord.") for p in packages), packages
+    assert not list((ROOT / "sensord").rglob("*broker*.py"))
+    # What `sensord run` imports (the daemon, its pipeline and sinks), and a command run: no broker helper.
+    code = textwrap.dedent(f"""
+        import sys
+        import sensord.cli, sensord.daemon, sensord.pipeline, sensord.homeassistant
+        assert sensord.cli.main(["check-config", "--config", {str(ROOT / "config" / "sensord.yaml")!r}]) == 0
+        print(sorted(m for m in sys.modules if "mosquitto" in m or "broker" in m))
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[-1] == "[]"
+
+
+def test_the_demo_loads_the_private_broker_from_its_checkout_and_says_so_without_one(tmp_path: Path) -> None:
+    """``make demo`` runs the console script, whose sys.path has neither the checkout nor tests/: the demo
+    loads tests/mosquitto.py from the checkout beside the sensord it runs. A sensord installed without a
+    checkout says why it cannot."""
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path[:] = [p for p in sys.path if p not in ("", {str(ROOT / "tests")!r})]
+        import sensord.demo
+        broker = sensord.demo._dev_broker()
+        print(broker.__file__, broker.MosquittoBroker.__name__)
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == [str(ROOT / "tests" / "mosquitto.py"), "MosquittoBroker"]
+
+    import shutil
+    installed = tmp_path / "site"
+    shutil.copytree(ROOT / "sensord", installed / "sensord")  # the package alone, as pip installs it
+    code = "import sensord.demo; sensord.demo._dev_broker()"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(installed)})
+    assert res.returncode == 1
+    assert "UnavailableError: the demo runs from a source checkout of sensord" in res.stderr, res.stderr

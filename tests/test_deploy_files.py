@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -213,6 +215,23 @@ def test_dashboard_matches_grafanas_schema(dashboard: dict[str, Any]) -> None:
     for inp in dashboard["__inputs"]:
         assert inp["type"] == "datasource" and f"${{{inp['name']}}}" in text
     assert [v["name"] for v in dashboard["templating"]["list"] if v["type"] == "datasource"] == ["DS_PROMETHEUS"]
+
+
+def test_the_committed_dashboard_is_what_the_builder_module_builds() -> None:
+    """deploy/grafana/dashboard.py builds the dashboard with grafana-foundation-sdk's builders; the committed
+    JSON (what Grafana provisions or imports) must be exactly its output, so an edit by hand is caught and the
+    code stays the source. Regenerate with: python deploy/grafana/dashboard.py"""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("sensord_dashboard", DASHBOARD.parent / "dashboard.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    built = module.render()
+    assert json.loads(built) == json.loads(DASHBOARD.read_text()), "run: python deploy/grafana/dashboard.py"
+    assert built == DASHBOARD.read_text()
+    res = subprocess.run([sys.executable, str(DASHBOARD.parent / "dashboard.py"), "--check"], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip().endswith("up to date"), res.stdout + res.stderr
 
 
 def test_dashboard_uses_known_metrics(dashboard: dict[str, Any]) -> None:

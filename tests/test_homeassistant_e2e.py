@@ -112,7 +112,7 @@ class _Recorder:
         self.sent: list[tuple[str, dict[str, Any], int, bool]] = []
 
     def publish(self, topic: str, payload: str | bytes, qos: int = 0, retain: bool = False) -> None:
-        self.sent.append((topic, json.loads(payload), qos, retain))
+        self.sent.append((topic, json.loads(payload) if payload else None, qos, retain))
 
 
 def test_announced_once_per_device_and_again_when_the_score_topic_changes() -> None:
@@ -129,6 +129,23 @@ def test_announced_once_per_device_and_again_when_the_score_topic_changes() -> N
     ha.announce("pump1")
     assert len(pub.sent) == 4 and pub.sent[3][1]["state_topic"] == "sensord/scores/pump1"
     assert pub.sent[2][1] == pub.sent[0][1]  # the binary sensor's config is the same
+
+
+def test_forgetting_a_device_empties_its_retained_configs_and_a_return_announces_it_again() -> None:
+    from sensord.homeassistant import HomeAssistantDiscovery
+    pub = _Recorder()
+    ha = HomeAssistantDiscovery(pub, "sensord", "homeassistant", None, publish_scores=False)
+    ha.forget("pump9")  # never announced by this process: its configs may be retained from an earlier run
+    assert pub.sent == [(t, None, 1, True) for t in ha.topics("pump9")]  # empty and retained: removed
+    pub.sent.clear()
+    ha.announce("pump1")
+    ha.forget("pump1")
+    ha.announce("pump1")  # back after being forgotten: announced again
+    binary, score = ha.topics("pump1")
+    configs = ha.configs("pump1")
+    assert pub.sent == [(binary, configs[0], 1, True), (score, configs[1], 1, True),
+                        (binary, None, 1, True), (score, None, 1, True),
+                        (binary, configs[0], 1, True), (score, configs[1], 1, True)]
 
 
 # -- sensord's configs, through a real broker ------------------------------------------------------
@@ -205,6 +222,73 @@ def test_each_device_appears_in_home_assistant_with_valid_retained_configs(
         with MqttRecorder(broker.host, broker.port, f"{prefix}/status") as status:
             (last,) = wait_until(status.messages, 10, "the retained status")
         assert last.payload.decode() == next(iter(by_topic.values()))["payload_not_available"]
+    finally:
+        if pub is not None:
+            pub.close()
+        d.stop()
+
+
+
+def _retained(broker: MosquittoBroker, topic_filter: str, marker_topic: str) -> dict[str, bytes]:
+    """What a subscriber starting now gets retained under ``topic_filter`` (``marker_topic`` must match it): the
+    broker sends the retained messages on subscription, before a marker published afterwards, so once the marker
+    is in nothing retained is still on its way."""
+    with MqttRecorder(broker.host, broker.port, topic_filter) as rec:
+        marker = QosPublisher(broker)
+        try:
+            marker.send_raw(marker_topic, b"marker")
+        finally:
+            marker.close()
+        rec.wait_for(lambda m: m.topic == marker_topic, timeout=10)
+        return {m.topic: m.payload for m in rec.messages() if m.retain}
+
+
+def test_a_forgotten_device_disappears_from_home_assistant_and_comes_back_with_its_readings(
+        broker: MosquittoBroker, topic_root: str, tmp_path: Path, bundle_and_rows: tuple[Path, Series]) -> None:
+    """Through a real broker: after ``daemon.device_forget_seconds`` of silence the device's retained discovery
+    configs are gone (what a Home Assistant starting then would read: nothing, so no entity), and its next
+    readings announce it again."""
+    bundle, rows = bundle_and_rows
+    prefix, discovery = f"{topic_root}/out", f"{topic_root}/homeassistant"
+    doc = daemon_config(broker, bundle, window=TINY_WINDOW, detector={"raise_after": 2, "clear_after": 5},
+                        client_id=f"sensord-{topic_root[-8:]}", subscriptions=[f"{topic_root}/+/telemetry"],
+                        device_topic=f"{topic_root}/{{device}}/telemetry", topic_prefix=prefix)
+    doc["homeassistant"] = {"enabled": True, "discovery_prefix": discovery}
+    doc["daemon"].update({"device_timeout_seconds": 1.0, "device_forget_seconds": 3.0})
+    d = DaemonProcess(tmp_path, "sensord", doc)
+    pub = None
+    marker = f"{discovery}/marker"
+
+    def send_window(again: bool) -> None:
+        for i in range(TINY_WINDOW):
+            body = {"ts": float(rows.timestamps[i]) + (1000.0 if again else 0.0),
+                    "values": dict(zip(rows.channels, np.asarray(rows.values[i], float).tolist(), strict=True))}
+            assert pub is not None
+            pub.send_raw(f"{topic_root}/pump1/telemetry", json.dumps(body))
+    try:
+        d.wait_log("ready: serving model")
+        pub = QosPublisher(broker)
+        send_window(again=False)
+        d.wait_log("home assistant discovery published for device=pump1")
+        configs = _retained(broker, f"{discovery}/#", marker)
+        assert len(configs) == 2, configs
+        for topic, body in configs.items():
+            m = DISCOVERY_TOPIC.fullmatch(topic)
+            assert m is not None and m.group("object_id") in ("pump1", "pump1_score"), topic
+            assert json.loads(body)["device"]["name"] == "pump1"
+
+        d.wait_log("device=pump1 forgotten after its silence", timeout=20)
+        # Gone from the broker (what Home Assistant reads at its start); a running one got the empty payloads.
+        wait_until(lambda: _retained(broker, f"{discovery}/#", marker) == {}, 10, "the retained configs removed")
+        assert "home assistant discovery removed for device=pump1" in d.log()
+
+        send_window(again=True)  # the device is back (readings later than its last): announced again
+        d.wait_log("home assistant discovery published for device=pump1", timeout=15)
+        wait_until(lambda: d.log().count("home assistant discovery published for device=pump1") == 2, 15,
+                   "the second announcement")
+        again = _retained(broker, f"{discovery}/#", marker)
+        assert again == configs
+        assert d.alive()
     finally:
         if pub is not None:
             pub.close()

@@ -66,21 +66,28 @@ def stream(tiny_bundle: TrainedBundle) -> tuple[Path, Series]:
     return trained.bundle, Series(s.timestamps, v, s.channels, None, "step")
 
 
-def dashboard_queries() -> list[str]:
-    """The PromQL of deploy/grafana's dashboard, with Grafana's variables put in as Grafana would."""
+def dashboard_queries() -> list[tuple[str, str]]:
+    """The PromQL of deploy/grafana's dashboard as (where, query), with Grafana's variables put in as Grafana
+    would; every panel that shows data (all but the row headers) has at least one query."""
     dash = json.loads((ROOT / "deploy" / "grafana" / "sensord-dashboard.json").read_text())
-    exprs = [a["expr"] for a in dash["annotations"]["list"] if a.get("expr")]
+    queries = [(f"annotation {a['name']!r}", a["expr"]) for a in dash["annotations"]["list"] if a.get("expr")]
     for panel in dash["panels"]:
-        exprs += [t["expr"] for t in panel.get("targets", [])]
+        if panel["type"] == "row":
+            continue
+        exprs = [t.get("expr") for t in panel.get("targets", [])]
+        assert exprs and all(exprs), f"panel {panel['id']} {panel['title']!r} has no query"
+        queries += [(f"panel {panel['id']} {panel['title']!r}", e) for e in exprs]
     for var in dash["templating"]["list"]:
         if var["type"] == "query":  # label_values(metric, label) is Grafana's; the series query behind it
-            exprs.append(var["definition"].removeprefix("label_values(").rsplit(",", 1)[0])
+            queries.append((f"variable ${var['name']}",
+                            var["definition"].removeprefix("label_values(").rsplit(",", 1)[0]))
     subst = {"$device": ".*", "$__rate_interval": "1m", "$__range": "5m", "$__interval": "5s"}
     out = []
-    for e in exprs:
+    for where, e in queries:
         for k, v in subst.items():
             e = e.replace(k, v)
-        out.append(e)
+        assert "$" not in e, f"{where}: a variable this test does not put in: {e}"
+        out.append((where, e))
     assert len(out) > 20
     return out
 
@@ -167,8 +174,8 @@ def test_real_prometheus_scrapes_counts_and_fires_the_anomaly_rule(
 
     # Every query of the shipped dashboard (panels, annotations, the device variable) runs and has data.
     # (A rate or an increase has data once two scrapes of a series are stored: waited for, not assumed.)
-    for expr in dashboard_queries():
-        wait_until(lambda e=expr: prom.api("query", query=e)["result"], 10, f"data for the dashboard query {expr}")
+    for where, expr in dashboard_queries():
+        wait_until(lambda e=expr: prom.api("query", query=e)["result"], 10, f"data for the dashboard's {where}: {expr}")
 
 
 

@@ -321,3 +321,62 @@ def test_check_config_refuses_a_model_that_does_not_reproduce_its_reference_wind
     proc = sensord("check-config", "--config", str(run["config"]), "--model", str(tmp_path / "tampered"))
     assert proc.returncode == EX_CONFIG
     assert "reference windows" in proc.stderr
+
+
+# -- LiteRT's "Created TensorFlow Lite XNNPACK delegate for CPU." ------------------------------------------
+
+BANNER = "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+
+
+def test_litert_prints_its_banner_when_left_alone(run: dict[str, Path]) -> None:
+    """The control: the interpreter, set up without sensord's filter, does print the line on stderr (so the next
+    test, which finds it absent, would see it if the filter stopped working)."""
+    code = ("import sys; from ai_edge_litert.interpreter import Interpreter; "
+            "it = Interpreter(model_path=sys.argv[1]); it.allocate_tensors()")
+    res = subprocess.run([sys.executable, "-c", code, str(run["model"] / "model.tflite")],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert BANNER in res.stderr.splitlines()
+
+
+def test_commands_that_load_a_model_do_not_print_the_litert_banner(run: dict[str, Path]) -> None:
+    check = sensord("check-config", "--config", str(run["config"]), "--model", str(run["model"]))
+    evaluate = sensord("evaluate", "--model", str(run["model"]), "--data", str(run["data"] / "labelled.csv"))
+    for proc in (check, evaluate):
+        assert proc.returncode == 0, proc.stderr
+        assert "XNNPACK" not in proc.stderr, proc.stderr
+    assert check.stderr == ""  # nothing at all on stderr for a good config and model
+
+
+def test_a_model_that_fails_to_load_is_still_reported_on_stderr(run: dict[str, Path], tmp_path: Path) -> None:
+    """The failure happens while stderr is filtered (setting up the first interpreter): its error still shows."""
+    from sensord.bundle import BUNDLE_JSON, TFLITE_FILE, sha256_of
+    broken = tmp_path / "broken"
+    shutil.copytree(run["model"], broken)
+    tfl = broken / TFLITE_FILE
+    tfl.write_bytes(tfl.read_bytes()[:200])  # cut short, with a checksum to match: it gets to the interpreter
+    meta = json.loads((broken / BUNDLE_JSON).read_text())
+    meta["tflite_sha256"] = sha256_of(tfl)
+    (broken / BUNDLE_JSON).write_text(json.dumps(meta))
+    proc = sensord("check-config", "--config", str(run["config"]), "--model", str(broken))
+    assert proc.returncode == EX_CONFIG
+    assert proc.stderr.splitlines() == [
+        f"sensord: model error: {tfl}: cannot load model: The model is not a valid Flatbuffer buffer"], proc.stderr
+
+
+def test_check_config_reports_schema_file_and_model_problems_together(run: dict[str, Path], tmp_path: Path) -> None:
+    """One pass: unknown and out-of-range keys, a missing file a valid section names, and a model that does not
+    fit the (valid) window section, all at once; exit 78."""
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(TINY_YAML.replace("length: 10", "length: 12")
+                   + "mqtt:\n  prot: 1883\ndaemon:\n  queue_size: -3\n"
+                   + f"metrics:\n  web_config_file: {tmp_path / 'w.yml'}\n")
+    proc = sensord("check-config", "--config", str(cfg), "--model", str(run["model"]))
+    assert proc.returncode == EX_CONFIG
+    assert proc.stderr.splitlines() == [
+        f'sensord: config error: {cfg}: mqtt.prot: unknown key (did you mean "port"?)',
+        f"sensord: config error: {cfg}: daemon.queue_size: must be an integer >= 1, got -3",
+        f"sensord: config error: {cfg}: metrics.web_config_file {tmp_path / 'w.yml'}: file not found",
+        f"sensord: model error: {run['model']}: model was trained for window length 10, but window.length in the "
+        "config is 12"]
+    assert proc.stdout == ""

@@ -1,12 +1,12 @@
-"""A private Mosquitto broker on a free loopback port, for the demo and the tests.
+"""A private Mosquitto broker on a free loopback port, for the tests and the demo.
 
-Demo and test infrastructure, not part of the service: the daemon never imports
-it. It ships in the package because ``sensord demo`` (``make demo``) runs it on
-a fresh machine, where ``tests/`` may not be installed.
+Test infrastructure, not part of the service: it lives with the tests, outside the ``sensord`` package (the
+package an edge box installs does not have it) and the daemon never imports it. ``sensord demo`` (``make
+demo``) loads this file from the source checkout it runs in; the benchmarks import it from here too.
 
 The demo must not depend on (or disturb) a broker the machine may already run
 on 127.0.0.1:1883, so it starts its own ``mosquitto`` process with a temp
-config; the end-to-end tests use the same class (through ``tests/broker.py``). Optional keyword arguments
+config; the end-to-end tests use the same class (through ``broker.py``). Optional keyword arguments
 give the variants those tests need: a password file (anonymous access then
 off), a TLS listener, extra config lines, a fixed port, and :meth:`restart`
 on the same port.
