@@ -48,6 +48,7 @@ GAUGES = {
     "sensord_anomaly_state",
     "sensord_queue_depth",
     "sensord_mqtt_connected",
+    "sensord_mqtt_subscribed",
     "sensord_devices",
     "sensord_model_info",
     "sensord_outbox_depth",

@@ -129,8 +129,9 @@ def build() -> dict[str, Any]:
                            _grid(16, 1, 4, 4), _query("A", f"sum(sensord_anomaly_state{{{DEVICE}}}) or vector(0)",
                                                       "anomalous", instant=True),
                            _steps(("green", None), ("red", 1)), background=True))
-         .with_panel(_stat(4, "Devices tracked", "Devices with an open window buffer (sensord_devices).",
-                           _grid(20, 1, 4, 4), _query("A", "sensord_devices", "devices", instant=True),
+         .with_panel(_stat(4, "Devices tracked", "Devices with an open window buffer (sensord_devices), summed over "
+                           "every sensord instance.",
+                           _grid(20, 1, 4, 4), _query("A", "sum(sensord_devices)", "devices", instant=True),
                            _steps(("green", None))))
          .with_panel(_stat(5, "Alerts raised (range)", "Alerts published over the dashboard time range.",
                            _grid(16, 5, 4, 5),
@@ -138,7 +139,7 @@ def build() -> dict[str, Any]:
                                   instant=True), _steps(("green", None), ("orange", 1))))
          .with_panel(_stat(6, "Devices rejected (range)", "New devices refused because the device limit was reached.",
                            _grid(20, 5, 4, 5),
-                           _query("A", "increase(sensord_devices_rejected_total[$__range])", "rejected",
+                           _query("A", "sum(increase(sensord_devices_rejected_total[$__range]))", "rejected",
                                   instant=True), _steps(("green", None), ("orange", 1))))
          .with_panel(_timeseries(7, "Anomaly score", "Anomaly score of the latest scored window per device.",
                                  _grid(0, 10, 12, 8), [_query("A", f"sensord_anomaly_score{{{DEVICE}}}", "{{device}}")],
@@ -211,25 +212,35 @@ def build() -> dict[str, Any]:
                                   _query("B", "histogram_quantile(0.95, sum by (le) "
                                               "(rate(sensord_scoring_batch_size_bucket[$__rate_interval])))", "p95")],
                                  "short"))
-         .with_panel(_timeseries(17, "Queue depth", "Windows waiting to be scored.", _grid(16, 43, 8, 8),
-                                 [_query("A", "sensord_queue_depth", "queued windows")], "short"))
+         .with_panel(_timeseries(17, "Queue depth", "Windows waiting to be scored, per sensord instance.",
+                                 _grid(16, 43, 8, 8),
+                                 [_query("A", "sum by (instance) (sensord_queue_depth)", "{{instance}}")], "short"))
          .with_panel(_timeseries(18, "Dropped windows",
                                  "Windows dropped because the scoring queue was full. Should be zero.",
                                  _grid(0, 51, 24, 6),
-                                 [_query("A", "rate(sensord_windows_dropped_total[$__rate_interval])", "dropped/s")],
+                                 [_query("A", "sum(rate(sensord_windows_dropped_total[$__rate_interval]))",
+                                         "dropped/s")],
                                  "ops", bars=True, color="red"))
 
          .with_row(_row(19, "MQTT and model", 57))
-         .with_panel(_stat(20, "MQTT connected", "1 when sensord is connected to the broker.", _grid(0, 58, 4, 6),
-                           _query("A", "sensord_mqtt_connected", "connected", instant=True),
+         .with_panel(_stat(20, "MQTT connected", "1 when sensord is connected to the broker, one value per sensord "
+                           "instance (several behind NATS: README, \"Scaling out\").", _grid(0, 58, 4, 6),
+                           _query("A", "sensord_mqtt_connected", "{{instance}}", instant=True),
                            _steps(("red", None), ("green", 1)), background=True,
                            mappings=_value_text({"0": ("DISCONNECTED", "red"), "1": ("connected", "green")})))
          .with_panel(_stat(21, "MQTT reconnects (range)", "Broker reconnects over the dashboard time range.",
                            _grid(4, 58, 4, 6),
-                           _query("A", "increase(sensord_mqtt_reconnects_total[$__range])", "reconnects",
+                           _query("A", "sum(increase(sensord_mqtt_reconnects_total[$__range]))", "reconnects",
                                   instant=True), _steps(("green", None), ("orange", 1))))
+         .with_panel(_timeseries(25, "Instances up", "Per sensord instance: 1 while Prometheus scrapes it and it holds "
+                                 "every topic subscription it asked for (sensord_mqtt_subscribed), else 0. Several "
+                                 "instances share a plant's devices when scaled out (README, \"Scaling out\").",
+                                 _grid(8, 58, 6, 6),
+                                 [_query("A", "min by (instance) (sensord_mqtt_subscribed) or "
+                                              "min by (instance) (up{job=\"sensord\"})", "{{instance}}")],
+                                 "short", min_zero=True))
          .with_panel(table.Panel().id(22).title("Model info").description("Loaded model (sensord_model_info labels).")
-                     .datasource(DS).grid_pos(_grid(8, 58, 16, 6))
+                     .datasource(DS).grid_pos(_grid(14, 58, 10, 6))
                      .with_target(_query("A", "sensord_model_info", "__auto", instant=True)
                                   .format(pm.PromQueryFormat.TABLE))
                      .show_header(True).cell_height(cm.TableCellHeight.SM)
