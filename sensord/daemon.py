@@ -198,7 +198,7 @@ class Daemon:
             return False
         for r in refused:
             self.metrics.reload_failures.inc()
-            kept = self.models.by_path.get(str(Path(r.path).expanduser().absolute()))
+            kept = models.by_path.get(str(Path(r.path).expanduser().absolute()))
             log.error("reload: bundle %s refused, %s: %s", r.path,
                       f"keeping its previous version {kept.bundle.model_id}" if kept is not None
                       else "its devices match no model now", r.reason)

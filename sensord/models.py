@@ -9,7 +9,8 @@ directory named after the device was there at start-up or at the last SIGHUP, el
 Every model of one daemon reads the same channels (one reading path, one set of parsers, built
 for one channel list), and on the same assembly clock when channels arrive separately: a bundle
 that differs is refused by name. Per-device models with the same sensors — other scalers,
-thresholds, window lengths — are what this serves.
+thresholds, window lengths — are what this serves: with ``daemon.models`` each model cuts the
+windows it was trained with (length, hop, gap recorded in its bundle), not the ``window`` section's.
 
 A reload (:meth:`ModelSet.load` with ``previous``) loads every bundle again; one that cannot be
 loaded is refused by name and its previous version keeps serving, the others switch.
@@ -77,7 +78,8 @@ def per_device_dirs(template: str) -> dict[str, str]:
 class ModelSet:
     """The loaded bundles and the rule that binds a device to one of them."""
 
-    def __init__(self, routes: list[Route], cfg: SensordConfig) -> None:
+    def __init__(self, routes: list[Route], cfg: SensordConfig,
+                 by_path: dict[str, ServingModel] | None = None) -> None:
         self.routes = routes
         self.cfg = cfg
         seen: dict[int, ServingModel] = {}
@@ -86,7 +88,7 @@ class ModelSet:
                 if m is not None:
                     seen.setdefault(id(m), m)
         self.models: list[ServingModel] = list(seen.values())  # each once, in configuration order
-        self.by_path: dict[str, ServingModel] = {_key(m.bundle.path): m for m in self.models}
+        self.by_path = by_path or {}  # the bundle loaded from each directory (a reload keeps a refused one's)
 
     @classmethod
     def single(cls, model: ServingModel, cfg: SensordConfig) -> ModelSet:
@@ -114,7 +116,7 @@ class ModelSet:
         return () if primary is None else primary.bundle.channels
 
     def period(self) -> float | None:
-        """The assembly clock (the models agree on it when it is needed; see :meth:`_check_shared`)."""
+        """The assembly clock (the models agree on it when it is needed; see :meth:`_mismatch`)."""
         primary = self.primary
         return None if primary is None else self.cfg.assembly_period(primary.bundle.sample_period_seconds,
                                                                      f"model {primary.bundle.path}")
@@ -157,7 +159,7 @@ class ModelSet:
             if key in loaded:
                 return loaded[key]
             try:
-                model = ServingModel.load(cfg, path)
+                model = ServingModel.load(cfg, path, own_window=bool(cfg.daemon.models))
                 if reference:
                     problem = ModelSet.single(reference[0], cfg)._mismatch(model, reference[0])
                     if problem is not None:
@@ -188,7 +190,7 @@ class ModelSet:
                     if model is not None:
                         own[device] = model
             routes.append(Route(entry.match, None, own, fallback))
-        models = cls(routes, cfg)
+        models = cls(routes, cfg, loaded)
         if previous is None and not models.models:
             raise ConfigError(["daemon.models: no bundle found: no per-device directory exists yet and no entry "
                                "names a fixed path or a fallback"])

@@ -57,14 +57,16 @@ class ServingModel:
     high: np.ndarray
 
     @classmethod
-    def load(cls, cfg: SensordConfig, path: str | None = None) -> ServingModel:
+    def load(cls, cfg: SensordConfig, path: str | None = None, own_window: bool = False) -> ServingModel:
         """Load and validate the bundle (``daemon.model``, or ``path``) against the config (raises BundleError).
 
+        ``own_window``: the windows the bundle was trained with (length, hop, gap), not the config's
+        ``window`` section — what ``daemon.models`` serves, where models may have different window lengths.
         ``sensord check-config --model`` loads through here too, so it refuses exactly what ``run`` would.
         """
         bundle = ModelBundle.load(path or cfg.daemon.model, cfg.data.channels or None)
         cfg.assembly_period(bundle.sample_period_seconds, f"model {bundle.path}")  # ConfigError if none
-        spec = window_spec(cfg.window, bundle)
+        spec = window_spec(None if own_window else cfg.window, bundle)
         scorer = Scorer(bundle, max_batch=cfg.scoring.batch_max)
         if not scorer.self_check():
             log.warning("bundle %s has no reference windows (made by an older sensord): cannot check that the "
