@@ -75,6 +75,20 @@ def per_device_dirs(template: str) -> dict[str, str]:
     return found
 
 
+def mismatch(cfg: SensordConfig, model: ServingModel, reference: ServingModel) -> str | None:
+    """Why ``model`` cannot share ``reference``'s reading path (channels, assembly clock), or None."""
+    a, b = model.bundle, reference.bundle
+    if a.channels != b.channels:
+        return (f"its channels {list(a.channels)} differ from those of {b.path} {list(b.channels)}: every model "
+                "of one daemon must read the same channels, in the same order")
+    if cfg.assembly_needed() is not None and cfg.assembly.sample_period_seconds is None \
+            and a.sample_period_seconds != b.sample_period_seconds:
+        return (f"its sampling period {a.sample_period_seconds} s differs from that of {b.path} "
+                f"({b.sample_period_seconds} s) and the channels are assembled on one clock: set "
+                "assembly.sample_period_seconds")
+    return None
+
+
 class ModelSet:
     """The loaded bundles and the rule that binds a device to one of them."""
 
@@ -116,7 +130,7 @@ class ModelSet:
         return () if primary is None else primary.bundle.channels
 
     def period(self) -> float | None:
-        """The assembly clock (the models agree on it when it is needed; see :meth:`_mismatch`)."""
+        """The assembly clock (the models agree on it when it is needed; see :func:`mismatch`)."""
         primary = self.primary
         return None if primary is None else self.cfg.assembly_period(primary.bundle.sample_period_seconds,
                                                                      f"model {primary.bundle.path}")
@@ -124,19 +138,6 @@ class ModelSet:
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
         """Clip bounds wide enough for every model (an overflow guard; each model's scaler is its own)."""
         return (np.minimum.reduce([m.low for m in self.models]), np.maximum.reduce([m.high for m in self.models]))
-
-    def _mismatch(self, model: ServingModel, reference: ServingModel) -> str | None:
-        """Why ``model`` cannot share ``reference``'s reading path, or None."""
-        a, b = model.bundle, reference.bundle
-        if a.channels != b.channels:
-            return (f"its channels {list(a.channels)} differ from those of {b.path} {list(b.channels)}: every model "
-                    "of one daemon must read the same channels, in the same order")
-        if self.cfg.assembly_needed() is not None and self.cfg.assembly.sample_period_seconds is None \
-                and a.sample_period_seconds != b.sample_period_seconds:
-            return (f"its sampling period {a.sample_period_seconds} s differs from that of {b.path} "
-                    f"({b.sample_period_seconds} s) and the channels are assembled on one clock: set "
-                    "assembly.sample_period_seconds")
-        return None
 
     # -- loading -------------------------------------------------------------------------------------
 
@@ -161,7 +162,7 @@ class ModelSet:
             try:
                 model = ServingModel.load(cfg, path, own_window=bool(cfg.daemon.models))
                 if reference:
-                    problem = ModelSet.single(reference[0], cfg)._mismatch(model, reference[0])
+                    problem = mismatch(cfg, model, reference[0])
                     if problem is not None:
                         raise BundleError(f"{model.bundle.path}: {problem}")
             except (BundleError, ConfigError) as exc:
