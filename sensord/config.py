@@ -477,6 +477,16 @@ class DaemonConfig:
                              "(daemon.model) or a list (daemon.models), not both")
         return v
 
+    def reference_model(self) -> str:
+        """The bundle that stands for the daemon's channels and clock where no model is loaded (``record``,
+        ``check-config``): ``model``, or the first fixed path or fallback of ``models`` (every model of one
+        daemon reads the same channels)."""
+        for entry in self.models:
+            path = entry.fallback if entry.per_device else entry.path
+            if path is not None:
+                return path
+        return self.model
+
     @model_validator(mode="after")
     def _forget_after_timeout(self) -> DaemonConfig:
         if self.device_forget_seconds < self.device_timeout_seconds:

@@ -266,3 +266,12 @@ def test_a_version_1_state_file_is_still_read(tmp_path: Path) -> None:
     StateStore(tmp_path).save({"p1": "m1", "p2": "m2"}, {"p1": AlertDetector("p1", 1.0),
                                                          "p2": AlertDetector("p2", 1.0)})
     assert set(StateStore(tmp_path).load(lambda d: {"p1": "m1", "p2": "m9"}[d])) == {"p1"}
+
+
+def test_record_and_check_config_take_the_channels_from_a_fixed_bundle_of_daemon_models() -> None:
+    cfg = config_from_dict({"daemon": {"models": [{"match": "p*", "path": "/m/{device}", "fallback": "/m/p"},
+                                                  {"path": "/m/other"}]}})
+    assert cfg.daemon.reference_model() == "/m/p"
+    assert config_from_dict({"daemon": {"models": [{"path": "/m/{device}"}, {"path": "/m/o"}]}}) \
+        .daemon.reference_model() == "/m/o"
+    assert config_from_dict({"daemon": {"model": "/m/one"}}).daemon.reference_model() == "/m/one"
