@@ -22,6 +22,7 @@ from pathlib import Path
 from types import FrameType
 
 from . import signals
+from .bundle import BundleError
 from .config import ConfigError, MetricsConfig, MqttConfig, SensordConfig, load_config, restart_changes
 from .errors import UnavailableError
 from .homeassistant import HomeAssistantDiscovery
@@ -106,7 +107,7 @@ class Daemon:
                                    cfg.daemon.batch_wait_seconds, state=store,
                                    save_interval=cfg.daemon.state_save_interval_seconds, discovery=self.discovery)
         self.intake = Intake(cfg, self.models, self.scoring, self.metrics)
-        self.scoring.restore(self.models.bind, cfg.daemon.max_devices)
+        self.scoring.restore(self.models, cfg.daemon.max_devices)
         self.intake.send_command = self._send_command
         for device in self.scoring.detectors:  # restored: silent from now on unless they send again
             self.intake.touch(device)
@@ -189,8 +190,8 @@ class Daemon:
         try:
             cfg = load_config(self.config_path)
             models, refused = ModelSet.load(cfg, self.models)
-            if not models.models:
-                raise ConfigError(["daemon.models: no bundle could be loaded"], self.config_path)
+            if not models.models:  # (daemon.model's one bundle refused, or every one of daemon.models)
+                raise BundleError("; ".join(r.reason for r in refused) or "no bundle found")
         except Exception as exc:  # noqa: BLE001 - any failure must leave the old models running
             self.metrics.reload_failures.inc()
             log.error("reload refused, keeping %s: %s", self._served(), exc)

@@ -123,18 +123,21 @@ class ScoringLoop:
     def start(self) -> None:
         self._thread.start()
 
-    def restore(self, models: ServingModel | Callable[[str], ServingModel | None], max_devices: int) -> int:
+    def restore(self, models: ServingModel | ModelSet, max_devices: int) -> int:
         """Take over the detector states saved for the model each device is bound to now (``models``: one
-        model for every device, or the binding); before :meth:`start`; how many were restored."""
-        bind: Callable[[str], ServingModel | None] = (lambda _: models) if isinstance(models, ServingModel) \
-            else models
+        model for every device, or a set); before :meth:`start`; how many were restored."""
+        if isinstance(models, ServingModel):
+            bind: Callable[[str], ServingModel | None] = lambda _: models  # noqa: E731
+            served = {models.bundle.model_id}
+        else:
+            bind, served = models.bind, {m.bundle.model_id for m in models.models}
         if self.state is None:
             return 0
 
         def saved_for(device: str) -> str | None:
             model = bind(device)
             return None if model is None else model.bundle.model_id
-        saved = self.state.load(saved_for)
+        saved = self.state.load(saved_for, served)
         for device, st in list(saved.items())[:max_devices]:
             model = bind(device)
             assert model is not None  # (load kept only the devices whose model is still served)

@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +43,15 @@ def _expected(expected: Expected) -> Callable[[str], str | None]:
     return (lambda _: expected) if isinstance(expected, str) else expected
 
 
+def _per_device(doc: dict[str, Any]) -> dict[str, Any]:
+    models = doc.get("models")
+    return models if isinstance(models, dict) else {}
+
+
 def _keep(doc: dict[str, Any], expected: Expected) -> tuple[dict[str, Any], int]:
     """The devices of a saved ``doc`` whose model is the one they are bound to now, and how many were not."""
     want = _expected(expected)
-    models = doc.get("models")
-    per_device: dict[str, Any] = models if isinstance(models, dict) else {}
+    per_device = _per_device(doc)
     kept = {dev: st for dev, st in doc["devices"].items() if want(dev) == per_device.get(dev, doc.get("model_id"))}
     return kept, len(doc["devices"]) - len(kept)
 
@@ -88,9 +92,10 @@ class StateStore:
         self._on_failure = on_failure  # called with the exception after a failed save
         self._failing = False
 
-    def load(self, expected: Expected) -> dict[str, dict[str, Any]]:
+    def load(self, expected: Expected, served: Collection[str] | None = None) -> dict[str, dict[str, Any]]:
         """Per-device detector states saved for the model each device is bound to now (``expected``: the one
-        model's id, or device -> id); {} if none (bad files are set aside)."""
+        model's id, or device -> id; ``served``: the ids of every model served); {} if none. A file that
+        cannot be read, or that was saved for none of the served models, is set aside."""
         try:
             raw = self.path.read_bytes()
         except FileNotFoundError:
@@ -109,7 +114,9 @@ class StateStore:
             self._set_aside("corrupt", f"cannot be used ({exc})")
             return {}
         kept, dropped = _keep(doc, expected)
-        if devices and not kept:
+        served = {expected} if isinstance(expected, str) else served
+        ids = {v for v in [*_per_device(doc).values(), doc.get("model_id")] if isinstance(v, str)}
+        if (devices and not kept) or (served is not None and ids and not ids & set(served)):
             saved_for = doc.get("model_id") or sorted(set((doc.get("models") or {}).values()))
             what = repr(expected) if isinstance(expected, str) else "the models served now"
             self._set_aside("other-model", f"was saved for model {saved_for!r}, not {what}")

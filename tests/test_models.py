@@ -254,7 +254,7 @@ def test_saved_state_is_restored_per_device_for_its_own_model(trained: Path, tmp
                {d: AlertDetector(d, 1.0) for d in ("pump-a", "pump-b", "pump-c")})
     _, scoring, _ = _intake(_cfg(models_dir), models)
     scoring.state = StateStore(tmp_path / "state")
-    assert scoring.restore(models.bind, 10) == 2  # pump-b's was saved for another model
+    assert scoring.restore(models, 10) == 2  # pump-b's was saved for another model
     assert scoring.model_ids == {"pump-a": ids["pump-a"], "pump-c": _id(models_dir, "default")}
 
 
