@@ -97,7 +97,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if args.model and cfg is not None:
         from .pipeline import ServingModel
         try:
-            ServingModel.load(cfg, args.model)  # exactly what ``run`` checks
+            ServingModel.load(cfg, args.model, own_window=bool(cfg.daemon.models))  # exactly what ``run`` checks
         except SensordError as exc:
             model_error = exc
     elif not args.model and full is not None and full.assembly.sample_period_seconds is None \
@@ -105,7 +105,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         # The assembly clock is then the model's: look at the bundle ``run`` would serve, if it is there.
         from .bundle import BundleError, ModelBundle
         try:
-            bundle = ModelBundle.load(full.daemon.model)
+            bundle = ModelBundle.load(full.daemon.reference_model())
         except BundleError:
             pass  # (--model checks the bundle itself)
         else:

@@ -30,7 +30,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic.dataclasses import dataclass
-from pydantic_core import ErrorDetails
+from pydantic_core import ArgsKwargs, ErrorDetails
 
 from .errors import EX_CONFIG, SensordError
 from .formats.base import filter_meets_template, topic_filter_problem
@@ -407,10 +407,45 @@ class MetricsConfig:
 
 
 @dataclass(config=_STRICT)
-class DaemonConfig:
-    """The running service: which bundle, and the bounds that keep memory flat."""
+class ModelRouteConfig:
+    """One entry of ``daemon.models``: the bundle that scores the devices whose id matches ``match``.
 
+    ``path`` with ``{device}`` is a per-device layout: the bundle in the directory named after the device (found
+    at start-up and at each SIGHUP), else ``fallback``, else the next entry. The first matching entry wins.
+    """
+
+    path: StrictStr
+    match: StrictStr = "*"  # an fnmatch glob on the device id (case-sensitive)
+    fallback: StrictStr | None = None
+
+    @model_validator(mode="after")
+    def _layout(self) -> ModelRouteConfig:
+        if not self.path.strip():
+            raise ValueError("path: must be a bundle directory, got an empty string")
+        if self.path.count("{device}") > 1:
+            raise ValueError(f"path: may contain {{device}} once at most, got {json.dumps(self.path)}")
+        if self.fallback is not None:
+            if "{device}" not in self.path:
+                raise ValueError("fallback: only a per-device path (with {device}) has a fallback, got path "
+                                 f"{json.dumps(self.path)}")
+            if "{device}" in self.fallback or not self.fallback.strip():
+                raise ValueError(f"fallback: must be one bundle directory, got {json.dumps(self.fallback)}")
+        return self
+
+    @property
+    def per_device(self) -> bool:
+        return "{device}" in self.path
+
+
+@dataclass(config=_STRICT)
+class DaemonConfig:
+    """The running service: which bundle(s), and the bounds that keep memory flat."""
+
+    # One bundle for every device ...
     model: StrictStr = "/var/lib/sensord/model"
+    # ... or several (then leave daemon.model out): [{match: "pump*", path: ...}, {match: "*", path:
+    # ".../{device}", fallback: ...}]; each device is bound to the first entry that has a bundle for it.
+    models: list[ModelRouteConfig] = field(default_factory=list)
     queue_size: Annotated[StrictInt, Field(ge=1, le=1_000_000), RESTART_ONLY] = 10_000
     max_devices: Annotated[StrictInt, Field(ge=1, le=100_000)] = 100
     batch_wait_seconds: Annotated[StrictFloat, Field(ge=0.0, le=5.0), RESTART_ONLY] = 0.02
@@ -432,6 +467,25 @@ class DaemonConfig:
     device_timeout_seconds: PositiveFloat = 300.0
     # ... and after this long its window, detector and metric labels go, so max_devices counts live devices.
     device_forget_seconds: PositiveFloat = 86_400.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_way_to_name_models(cls, v: Any) -> Any:
+        given = v.kwargs if isinstance(v, ArgsKwargs) else v
+        if isinstance(given, dict) and "model" in given and given.get("models"):
+            raise ValueError("model: daemon.model and daemon.models are both set: give one bundle for every device "
+                             "(daemon.model) or a list (daemon.models), not both")
+        return v
+
+    def reference_model(self) -> str:
+        """The bundle that stands for the daemon's channels and clock where no model is loaded (``record``,
+        ``check-config``): ``model``, or the first fixed path or fallback of ``models`` (every model of one
+        daemon reads the same channels)."""
+        for entry in self.models:
+            path = entry.fallback if entry.per_device else entry.path
+            if path is not None:
+                return path
+        return self.model
 
     @model_validator(mode="after")
     def _forget_after_timeout(self) -> DaemonConfig:

@@ -5,7 +5,8 @@ mistake ends with one clear line and exit status 78 (systemd then does not
 restart-loop). READY=1 is sent once the model is loaded and the broker
 connected; WATCHDOG=1 only while the scoring thread is alive. SIGTERM/SIGINT
 stop intake, score what is queued, publish ``offline`` and exit 0; SIGHUP
-reloads config and bundle, keeping the old ones if the new ones are bad.
+reloads config and bundles, keeping the old config if the new one is bad and
+the previous version of each bundle that is bad (sensord/models.py).
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ from pathlib import Path
 from types import FrameType
 
 from . import signals
+from .bundle import BundleError
 from .config import ConfigError, MetricsConfig, MqttConfig, SensordConfig, load_config, restart_changes
 from .errors import UnavailableError
 from .homeassistant import HomeAssistantDiscovery
 from .metrics import DaemonMetrics, MetricsUnavailable
+from .models import ModelSet
 from .notify import SystemdNotifier, WatchdogPinger, watchdog_interval
 from .outbox import Outbox
-from .pipeline import Intake, ScoringLoop, ServingModel
+from .pipeline import Intake, ScoringLoop, ServingModel, as_model_set
 from .sinks import AlertPublisher
 from .source import MqttConnection, default_client_id, mqtt_password, tls_file_problems
 from .state import StateStore
@@ -67,11 +70,11 @@ def warn_restart_only(old: SensordConfig, new: SensordConfig) -> list[str]:
 
 
 class Daemon:
-    def __init__(self, config_path: str | Path, cfg: SensordConfig, model: ServingModel,
+    def __init__(self, config_path: str | Path, cfg: SensordConfig, models: ServingModel | ModelSet,
                  web: WebConfig | None = None) -> None:
         self.config_path = str(config_path)
         self.cfg = cfg
-        self.model = model
+        self.models = as_model_set(models, cfg)
         self.web = web
         self.metrics = DaemonMetrics()
         self.notifier = SystemdNotifier()
@@ -79,8 +82,7 @@ class Daemon:
         self._reload = threading.Event()
         self._reconnects_seen = 0
         self._takeovers_seen = 0
-        self.metrics.set_model(model.bundle.model_id, model.bundle.created, model.bundle.window_length,
-                               model.spec.hop, model.bundle.channels, model.bundle.threshold.value)
+        self._publish_models()
         try:
             self.mqtt = MqttConnection(cfg.mqtt, self._on_message, self._on_connected,
                                        cfg.mqtt.client_id or default_client_id(self.config_path),
@@ -104,14 +106,14 @@ class Daemon:
         self.scoring = ScoringLoop(self.metrics, self.alerts, cfg.daemon.queue_size, cfg.scoring.batch_max,
                                    cfg.daemon.batch_wait_seconds, state=store,
                                    save_interval=cfg.daemon.state_save_interval_seconds, discovery=self.discovery)
-        self.scoring.restore(model, cfg.daemon.max_devices)
-        self.intake = Intake(cfg, model, self.scoring, self.metrics)
+        self.intake = Intake(cfg, self.models, self.scoring, self.metrics)
+        self.scoring.restore(self.models, cfg.daemon.max_devices)
         self.intake.send_command = self._send_command
         for device in self.scoring.detectors:  # restored: silent from now on unless they send again
             self.intake.touch(device)
         self._last_sweep = 0.0
         if store is not None:
-            self.intake.restore_buffers(store.take_windows(model.bundle.model_id))
+            self.intake.restore_buffers(store.take_windows(self.intake.bound_model_id))
 
     @classmethod
     def from_config(cls, path: str | Path) -> Daemon:
@@ -120,13 +122,31 @@ class Daemon:
         web = check_referenced_files(cfg, path)
         logging.getLogger().setLevel(cfg.logging.level)
         try:
-            model = ServingModel.load(cfg)
+            models, _ = ModelSet.load(cfg)
         except ConfigError as exc:  # the assembly clock: name the config file too
             raise ConfigError(exc.errors, str(path)) from None
-        log.info("model %s loaded: %d channels, window %d, hop %d, threshold %.6g (%s)", model.bundle.model_id,
-                 len(model.bundle.channels), model.bundle.window_length, model.spec.hop,
-                 model.bundle.threshold.value, model.bundle.threshold.method)
-        return cls(path, cfg, model, web)
+        for model in models.models:
+            log.info("model %s loaded from %s: %d channels, window %d, hop %d, threshold %.6g (%s)",
+                     model.bundle.model_id, model.bundle.path, len(model.bundle.channels), model.bundle.window_length,
+                     model.spec.hop, model.bundle.threshold.value, model.bundle.threshold.method)
+        if cfg.daemon.models:
+            log.info("devices are bound to models by daemon.models: %s", models.describe())
+        return cls(path, cfg, models, web)
+
+    @property
+    def model(self) -> ServingModel:
+        """The first model served (the only one with ``daemon.model``)."""
+        primary = self.models.primary
+        assert primary is not None
+        return primary
+
+    def _served(self) -> str:
+        ids = [m.bundle.model_id for m in self.models.models]
+        return ids[0] if len(ids) == 1 else f"{len(ids)} models ({', '.join(ids[:5])}{', ...' if len(ids) > 5 else ''})"
+
+    def _publish_models(self) -> None:
+        self.metrics.set_models([(m.bundle.model_id, m.bundle.created, m.bundle.window_length, m.spec.hop,
+                                  m.bundle.channels, m.bundle.threshold.value) for m in self.models.models])
 
     def _send_command(self, topic: str, payload: bytes) -> None:
         self.mqtt.publish(topic, payload, qos=0)
@@ -163,28 +183,39 @@ class Daemon:
             self._reload.set()
 
     def reload(self) -> bool:
-        """Load the config and bundle again; on any error keep serving with the old ones."""
+        """Load the config and every bundle again. A bad config keeps everything as it was; a bad bundle is
+        refused by name and its previous version keeps serving, while the other bundles switch. True if
+        nothing was refused."""
         self.notifier.reloading()
         try:
             cfg = load_config(self.config_path)
-            model = ServingModel.load(cfg)
-        except Exception as exc:  # noqa: BLE001 - any failure must leave the old model running
-            log.error("reload refused, keeping model %s: %s", self.model.bundle.model_id, exc)
+            models, refused = ModelSet.load(cfg, self.models)
+            if not models.models:  # (daemon.model's one bundle refused, or every one of daemon.models)
+                raise BundleError("; ".join(r.reason for r in refused) or "no bundle found")
+        except Exception as exc:  # noqa: BLE001 - any failure must leave the old models running
+            self.metrics.reload_failures.inc()
+            log.error("reload refused, keeping %s: %s", self._served(), exc)
             self.notifier.ready(f"reload refused: {exc}"[:200])
             return False
+        for r in refused:
+            self.metrics.reload_failures.inc()
+            kept = models.by_path.get(str(Path(r.path).expanduser().absolute()))
+            log.error("reload: bundle %s refused, %s: %s", r.path,
+                      f"keeping its previous version {kept.bundle.model_id}" if kept is not None
+                      else "its devices match no model now", r.reason)
         warn_restart_only(self.cfg, cfg)
         logging.getLogger().setLevel(cfg.logging.level)
-        self.intake.swap(cfg, model)
+        self.intake.swap(cfg, models)
         self.alerts.publish_scores = cfg.mqtt.publish_scores
         if self.discovery is not None:
             self.discovery.set_publish_scores(cfg.mqtt.publish_scores)
-        self.cfg, self.model = cfg, model
-        b = model.bundle
-        self.metrics.set_model(b.model_id, b.created, b.window_length, model.spec.hop, b.channels,
-                               b.threshold.value)
-        log.info("reloaded: model %s threshold %.6g", b.model_id, b.threshold.value)
-        self.notifier.ready(f"serving {b.model_id}")
-        return True
+        self.cfg, self.models = cfg, models
+        self._publish_models()
+        for m in models.models:
+            log.info("reloaded: model %s (%s) threshold %.6g", m.bundle.model_id, m.bundle.path,
+                     m.bundle.threshold.value)
+        self.notifier.ready(f"serving {self._served()}" + (f", {len(refused)} bundles refused" if refused else ""))
+        return not refused
 
     def run(self) -> int:
         cfg = self.cfg
@@ -205,9 +236,9 @@ class Daemon:
         try:
             while not self._stop.is_set():
                 if not ready_sent and self.mqtt.connected.is_set():
-                    self.notifier.ready(f"serving {self.model.bundle.model_id}")
+                    self.notifier.ready(f"serving {self._served()}")
                     ready_sent = True
-                    log.info("ready: serving model %s", self.model.bundle.model_id)
+                    log.info("ready: serving model %s", self._served())
                     if pinger is not None:
                         pinger.start()
                 if self._reload.is_set():
@@ -241,7 +272,7 @@ class Daemon:
         if self.scoring.stopped():
             self.scoring.save_state()
             if self.store is not None:  # intake is closed: the buffers hold exactly the readings taken
-                self.store.save_windows(self.model.bundle.model_id, self.intake.export_buffers())
+                self.store.save_windows(self.intake.buffer_models(), self.intake.export_buffers())
         else:  # still inside a batch: its detectors may change under a save; the last periodic save stands
             log.warning("scoring did not stop in time: detector state not saved at shutdown")
         self.mqtt.close()

@@ -45,7 +45,7 @@ MESSAGE_REJECT_REASONS = ("malformed_json", "too_large", "bad_payload", "no_devi
 READING_REJECT_REASONS = ("bad_device_id", "missing_channel", "bad_value", "bad_timestamp", "future_timestamp",
                           "out_of_order", "duplicate", "non_finite", "wrong_shape", "device_limit",
                           "unknown_channel", "late_value", "incomplete_row", "malformed_line",
-                          "unknown_alias", "stale_death")
+                          "unknown_alias", "stale_death", "no_model")
 WINDOW_ERROR_STAGES = ("scoring", "detection", "publishing")
 # One line a minute is enough to show a misconfigured scraper; the counters have the full count.
 _PEER_WARNING_INTERVAL = 60.0
@@ -230,7 +230,18 @@ class DaemonMetrics:
         self.state_save_failures = Counter("sensord_state_save_failures",
                                            "Detector state and outbox writes that failed (read-only or full disk)",
                                            registry=r)
-        self.model_info = Info("sensord_model", "The model bundle being served", registry=r)
+        self.model_info = Info("sensord_model", "The model bundles being served, one series per bundle",
+                               ["model_id"], registry=r)
+        self.model_threshold = Gauge("sensord_model_threshold", "Alert threshold of each model being served",
+                                     ["model_id"], registry=r)
+        self.device_model = Gauge("sensord_device_model_info", "1 for the model that scores the device",
+                                  ["device", "model_id"], registry=r)
+        self.reload_failures = Counter("sensord_reload_failures", "Reloads (SIGHUP) refused: a bad config, or a "
+                                       "bad bundle (counted per bundle; its previous version keeps serving)",
+                                       registry=r)
+        self._served: set[str] = set()
+        self._device_models: dict[str, str] = {}
+        self._device_lock = threading.Lock()
         for reason in MESSAGE_REJECT_REASONS:
             self.messages_rejected.labels(reason)
         for reason in READING_REJECT_REASONS:
@@ -245,9 +256,41 @@ class DaemonMetrics:
 
     def set_model(self, model_id: str, created: str, window: int, hop: int, channels: tuple[str, ...],
                   threshold: float) -> None:
-        self.model_info.info({"model_id": model_id, "created": created, "window": str(window), "hop": str(hop),
-                              "channels": ",".join(channels)})
-        self.threshold.set(threshold)
+        """One model for every device (what a single bundle serves)."""
+        self.set_models([(model_id, created, window, hop, channels, threshold)])
+
+    def set_models(self, models: list[tuple[str, str, int, int, tuple[str, ...], float]]) -> None:
+        """Every model being served ``(model_id, created, window, hop, channels, threshold)``; the first one's
+        threshold is ``sensord_threshold``. Models no longer served leave the per-model series."""
+        ids = set()
+        for model_id, created, window, hop, channels, threshold in models:
+            ids.add(model_id)
+            self.model_info.labels(model_id).info({"created": created, "window": str(window), "hop": str(hop),
+                                                   "channels": ",".join(channels)})
+            self.model_threshold.labels(model_id).set(threshold)
+        for gone in self._served - ids:
+            self.model_info.remove(gone)
+            self.model_threshold.remove(gone)
+        self._served = ids
+        if models:
+            self.threshold.set(models[0][5])
+
+    def bind_device(self, device: str, model_id: str) -> None:
+        """``sensord_device_model_info{device,model_id}``: the model that scores ``device`` (one series)."""
+        with self._device_lock:
+            old = self._device_models.get(device)
+            if old == model_id:
+                return
+            if old is not None:
+                self.device_model.remove(device, old)
+            self._device_models[device] = model_id
+            self.device_model.labels(device, model_id).set(1)
+
+    def unbind_device(self, device: str) -> None:
+        with self._device_lock:
+            old = self._device_models.pop(device, None)
+            if old is not None:
+                self.device_model.remove(device, old)
 
     def serve(self, host: str, port: int, timeout: float = 10.0, max_connections: int = 16,
               web: WebConfig | None = None) -> int:
@@ -300,6 +343,7 @@ class DaemonMetrics:
 
     def forget_device(self, device: str) -> None:
         """Drop every series labelled with ``device`` (a forgotten device must not linger in /metrics)."""
+        self.unbind_device(device)
         for metric in (self.windows_scored, self.reconstruction_error, self.anomaly_score, self.anomaly_state,
                        self.alerts_raised, self.windows_throttled, self.last_reading):
             try:

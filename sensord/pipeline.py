@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -37,6 +38,9 @@ from .sinks import AlertPublisher, MetricsSink
 from .state import StateStore
 from .windows import ReadingRejected, Window, WindowBuffer, WindowSpec, window_spec
 
+if TYPE_CHECKING:
+    from .models import ModelSet
+
 log = logging.getLogger(__name__)
 
 
@@ -53,14 +57,16 @@ class ServingModel:
     high: np.ndarray
 
     @classmethod
-    def load(cls, cfg: SensordConfig, path: str | None = None) -> ServingModel:
+    def load(cls, cfg: SensordConfig, path: str | None = None, own_window: bool = False) -> ServingModel:
         """Load and validate the bundle (``daemon.model``, or ``path``) against the config (raises BundleError).
 
+        ``own_window``: the windows the bundle was trained with (length, hop, gap), not the config's
+        ``window`` section — what ``daemon.models`` serves, where models may have different window lengths.
         ``sensord check-config --model`` loads through here too, so it refuses exactly what ``run`` would.
         """
         bundle = ModelBundle.load(path or cfg.daemon.model, cfg.data.channels or None)
         cfg.assembly_period(bundle.sample_period_seconds, f"model {bundle.path}")  # ConfigError if none
-        spec = window_spec(cfg.window, bundle)
+        spec = window_spec(None if own_window else cfg.window, bundle)
         scorer = Scorer(bundle, max_batch=cfg.scoring.batch_max)
         if not scorer.self_check():
             log.warning("bundle %s has no reference windows (made by an older sensord): cannot check that the "
@@ -92,7 +98,7 @@ class ScoringLoop:
         self.save_interval = save_interval
         self._dirty = False
         self._last_save = time.monotonic()
-        self._model_id: str | None = None
+        self.model_ids: dict[str, str] = {}  # device -> id of the model that last scored it (saved with its state)
         self._warn = RateLimitedLog(log, 10.0)
         self.sink = MetricsSink(metrics)
         self._share_channels: tuple[str, ...] | None = None  # the channels sensord_channel_error_share has
@@ -117,14 +123,25 @@ class ScoringLoop:
     def start(self) -> None:
         self._thread.start()
 
-    def restore(self, model: ServingModel, max_devices: int) -> int:
-        """Take over the detector states saved for ``model`` (before :meth:`start`); how many were restored."""
-        self._model_id = model.bundle.model_id
+    def restore(self, models: ServingModel | ModelSet, max_devices: int) -> int:
+        """Take over the detector states saved for the model each device is bound to now (``models``: one
+        model for every device, or a set); before :meth:`start`; how many were restored."""
+        if isinstance(models, ServingModel):
+            bind: Callable[[str], ServingModel | None] = lambda _: models  # noqa: E731
+            served = {models.bundle.model_id}
+        else:
+            bind, served = models.bind, {m.bundle.model_id for m in models.models}
         if self.state is None:
             return 0
-        saved = self.state.load(model.bundle.model_id)
-        cfg, threshold = model.detector, model.bundle.threshold.value
+
+        def saved_for(device: str) -> str | None:
+            model = bind(device)
+            return None if model is None else model.bundle.model_id
+        saved = self.state.load(saved_for, served)
         for device, st in list(saved.items())[:max_devices]:
+            model = bind(device)
+            assert model is not None  # (load kept only the devices whose model is still served)
+            cfg, threshold = model.detector, model.bundle.threshold.value
             det = AlertDetector(device, threshold, cfg.raise_after, cfg.clear_after)
             try:
                 det.restore(st)
@@ -132,6 +149,7 @@ class ScoringLoop:
                 log.warning("saved state of device=%s ignored: %s", escape(device), exc)
                 continue
             self.detectors[device] = det
+            self.model_ids[device] = model.bundle.model_id
             self.metrics.anomaly_state.labels(device).set(1 if det.active else 0)
         if self.detectors:
             active = sorted(d for d, det in self.detectors.items() if det.active)
@@ -141,11 +159,12 @@ class ScoringLoop:
 
     def save_state(self) -> bool:
         """Save every detector now (scoring thread, or after it has stopped); True if saved or nothing to do."""
-        if self.state is None or self._model_id is None:
+        if self.state is None:
             return True
         self._last_save = time.monotonic()
         self._dirty = False
-        ok = self.state.save(self._model_id, dict(self.detectors))
+        detectors = dict(self.detectors)
+        ok = self.state.save({d: self.model_ids.get(d, "") for d in detectors}, detectors)
         if not ok:
             self._dirty = True
         return ok
@@ -228,12 +247,13 @@ class ScoringLoop:
                 self.stale.add(device)
                 log.warning("device=%s silent: state stale (alert %s)", escape(device),
                             "still raised" if det is not None and det.active else "not raised")
-                model_id = self._model_id or ""
+                model_id = self.model_ids.get(device, "")
                 self._publish(device, self.alerts.stale, device, ts, det is not None and det.active, model_id)
             else:
                 self.stale.discard(device)
                 if self.detectors.pop(device, None) is not None:
                     self._dirty = True
+                self.model_ids.pop(device, None)
                 self.metrics.forget_device(device)
                 if self.discovery is not None:  # its Home Assistant entities go too
                     self._publish(device, self.discovery.forget, device)
@@ -329,7 +349,7 @@ class ScoringLoop:
         top = model.scorer.top_channels(shares, model.top_k)
         decision: Decision = det.update(error, win.start, win.end, top)
         self._dirty = True
-        self._model_id = model_id
+        self.model_ids[win.device] = model_id
         if model.bundle.channels != self._share_channels:  # a reload to a model with other channels
             if self._share_channels is not None:
                 self.sink.channels_changed()
@@ -370,28 +390,53 @@ class ScoringLoop:
 class Intake:
     """The network-thread side: payload -> readings -> device buffers -> queued windows."""
 
-    def __init__(self, cfg: SensordConfig, model: ServingModel, scoring: ScoringLoop,
+    def __init__(self, cfg: SensordConfig, models: ServingModel | ModelSet, scoring: ScoringLoop,
                  metrics: DaemonMetrics) -> None:
         self.cfg = cfg
-        self.model = model
+        self.models = as_model_set(models, cfg)
         self.scoring = scoring
         self.metrics = metrics
         self.buffers: dict[str, WindowBuffer] = {}
+        self.bound: dict[str, ServingModel] = {}  # device -> the model its buffer was made for
+        self._unmatched: set[str] = set()  # devices no model matched, logged once each (bounded)
         self.accepting = True
         self._lock = threading.Lock()
         self._warn = RateLimitedLog(log, cfg.logging.rate_limit_seconds)
         self._resync_logged: set[str] = set()
         self.last_seen: dict[str, tuple[float, float]] = {}  # device -> (host monotonic, reading timestamp)
         self.silent: set[str] = set()  # announced stale, not yet forgotten
-        self.path = self._path(cfg, model)
+        self.path = self._path(cfg, self.models)
         # Publishes a command a stateful format asks for (Sparkplug rebirth); the daemon sets it once connected.
         self.send_command: Callable[[str, bytes], None] | None = None
         self._redelivered = False  # the message being taken came again (MQTT DUP)
 
-    def _path(self, cfg: SensordConfig, model: ServingModel) -> ReadingPath:
-        """The model-independent reading path (parsers, assembler), for the model's channels and clock."""
-        period = cfg.assembly_period(model.bundle.sample_period_seconds, "the model bundle")  # (checked at load)
-        return ReadingPath(cfg, model.bundle.channels, period, (model.low, model.high), self._warn)
+    @property
+    def model(self) -> ServingModel:
+        """The first model (the one every device is bound to when ``daemon.model`` names a single bundle)."""
+        primary = self.models.primary
+        assert primary is not None
+        return primary
+
+    def _path(self, cfg: SensordConfig, models: ModelSet) -> ReadingPath:
+        """The model-independent reading path (parsers, assembler), for the models' channels and clock (every
+        model of a daemon has the same: see sensord/models.py)."""
+        return ReadingPath(cfg, models.channels, models.period(), models.bounds(), self._warn)
+
+    def _bind(self, device: str) -> ServingModel | None:
+        """The model of a device seen for the first time (None: counted as ``no_model``, logged once)."""
+        model = self.models.bind(device)
+        if model is None:
+            self.metrics.readings_rejected.labels("no_model").inc()
+            if device not in self._unmatched:
+                if len(self._unmatched) >= 10 * self.cfg.daemon.max_devices:  # bounded: hostile ids
+                    self._unmatched.clear()
+                self._unmatched.add(device)
+                log.warning("device=%s matches no model (daemon.models): its readings are counted as "
+                            "rejected (reason no_model) and never scored", escape(device))
+            return None
+        self.bound[device] = model
+        self.metrics.bind_device(device, model.bundle.model_id)
+        return model
 
     @property
     def parsers(self) -> list[tuple[str, Parser]]:
@@ -494,6 +539,7 @@ class Intake:
                     del self.last_seen[device]
                     self.silent.discard(device)
                     self.buffers.pop(device, None)
+                    self.bound.pop(device, None)
                     self._resync_logged.discard(device)
                     self.path.forget(device)
                 elif silence >= d.device_timeout_seconds and device not in self.silent:
@@ -518,7 +564,10 @@ class Intake:
         if buf is None:
             if not self._tracked(device):
                 return
-            buf = self.buffers[device] = WindowBuffer(self.model.spec, len(self.model.bundle.channels),
+            model = self.bound.get(device) or self._bind(device)
+            if model is None:
+                return
+            buf = self.buffers[device] = WindowBuffer(model.spec, len(model.bundle.channels),
                                                       device, self.cfg.daemon.clock_resync_after)
             self.metrics.devices.set(len(self.buffers))
             log.info("new device=%s (%d tracked)", device, len(self.buffers))
@@ -543,7 +592,7 @@ class Intake:
                             "one; window restarted at %.3f", device, buf.resync_after, timestamp)
         if window is None:
             return
-        dropped = self.scoring.submit(self.model, window, len(self.buffers))
+        dropped = self.scoring.submit(self.bound[device], window, len(self.buffers))
         if dropped == "queue_full":
             self._warn.warning("queue_full", "scoring queue full (%d): window of device=%s dropped",
                                self.scoring.queue.maxsize, device)
@@ -553,20 +602,42 @@ class Intake:
                                max(1, self.scoring.queue.maxsize // len(self.buffers)),
                                self.scoring.queue.maxsize, len(self.buffers))
 
-    def swap(self, cfg: SensordConfig, model: ServingModel) -> None:
-        """Switch to a new config/model between two messages; nothing queued is lost."""
+    def swap(self, cfg: SensordConfig, models: ServingModel | ModelSet) -> None:
+        """Switch to a new config/models between two messages; nothing queued is lost.
+
+        Every device is bound again: one whose new model has its old window length and channels keeps its
+        buffered readings, another one's window restarts, and one that no model matches any more leaves.
+        """
+        new = as_model_set(models, cfg)
         with self._lock:
-            if model.compatible(self.model):
-                for buf in self.buffers.values():
+            restarted: list[str] = []
+            for device in list(self.bound):
+                old = self.bound.pop(device)
+                model = new.bind(device)
+                buf = self.buffers.get(device)
+                if model is None:
+                    self.buffers.pop(device, None)
+                    self.metrics.unbind_device(device)
+                    log.warning("device=%s matches no model after the reload: its window is dropped", escape(device))
+                    continue
+                self.bound[device] = model
+                self.metrics.bind_device(device, model.bundle.model_id)
+                if buf is None:
+                    continue
+                if model.compatible(old):
                     buf.spec = model.spec  # same length and channels: keep the buffered readings
                     buf.resync_after = cfg.daemon.clock_resync_after
-            else:
-                log.warning("new model has a different window/channels: device windows restart")
-                self.buffers.clear()
-                self.metrics.devices.set(0)
-            path = self._path(cfg, model)
+                else:
+                    del self.buffers[device]
+                    restarted.append(device)
+            if restarted:
+                names = ", ".join(escape(d) for d in sorted(restarted)[:20]) + (" ..." if len(restarted) > 20 else "")
+                log.warning("new model has a different window/channels: windows restart for devices %s", names)
+            self.metrics.devices.set(len(self.buffers))
+            self._unmatched.clear()  # a device no model matched may have one now
+            path = self._path(cfg, new)
             path.carry_over(self.path)
-            self.cfg, self.model, self.path = cfg, model, path
+            self.cfg, self.models, self.path = cfg, new, path
             self._warn.interval = cfg.logging.rate_limit_seconds
 
     def stop(self) -> None:
@@ -578,11 +649,24 @@ class Intake:
         with self._lock:
             return {device: buf.export() for device, buf in self.buffers.items()}
 
+    def buffer_models(self) -> dict[str, str]:
+        """The model id each buffered device's window was cut for (saved beside :meth:`export_buffers`)."""
+        with self._lock:
+            return {device: self.bound[device].bundle.model_id for device in self.buffers}
+
+    def bound_model_id(self, device: str) -> str | None:
+        """The id of the model ``device`` would be bound to now (None: no model matches it)."""
+        model = self.bound.get(device) or self.models.bind(device)
+        return None if model is None else model.bundle.model_id
+
     def restore_buffers(self, saved: dict[str, dict[str, object]]) -> int:
         """Continue the window buffers a clean shutdown left; how many devices were restored."""
         with self._lock:
             for device, state in list(saved.items())[:self.cfg.daemon.max_devices]:
-                buf = WindowBuffer(self.model.spec, len(self.model.bundle.channels), device,
+                model = self.bound.get(device) or self._bind(device)
+                if model is None:
+                    continue
+                buf = WindowBuffer(model.spec, len(model.bundle.channels), device,
                                    self.cfg.daemon.clock_resync_after)
                 try:
                     buf.restore(state)
@@ -595,3 +679,9 @@ class Intake:
             if self.buffers:
                 log.info("window buffers of %d devices continued from the last shutdown", len(self.buffers))
             return len(self.buffers)
+
+
+def as_model_set(models: ServingModel | ModelSet, cfg: SensordConfig) -> ModelSet:
+    """A single model is a set of one (``daemon.model``; tests and benchmarks build it directly)."""
+    from .models import ModelSet  # (sensord.models builds on ServingModel: imported here, not at the top)
+    return models if isinstance(models, ModelSet) else ModelSet.single(models, cfg)

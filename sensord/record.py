@@ -81,19 +81,22 @@ def hms(seconds: float) -> str:
 def recording_source(cfg: SensordConfig) -> tuple[tuple[str, ...], float | None]:
     """The channels and the assembly clock a recording uses, without needing a model.
 
-    Channels: ``data.channels``, else those of the bundle at ``daemon.model`` if one is there (a model
-    retrained on the recording then has the same). Clock: ``assembly.sample_period_seconds``, else that
-    bundle's. Raises :class:`ConfigError` naming the key when one is needed and neither gives it.
+    Channels: ``data.channels``, else those of the bundle at ``daemon.model`` (or the first fixed one of
+    ``daemon.models``) if one is there (a model retrained on the recording then has the same). Clock:
+    ``assembly.sample_period_seconds``, else that bundle's. Raises :class:`ConfigError` naming the key
+    when one is needed and neither gives it.
     """
     bundle = None
     try:
-        bundle = ModelBundle.load(cfg.daemon.model, cfg.data.channels or None)
+        bundle = ModelBundle.load(cfg.daemon.reference_model(), cfg.data.channels or None)
     except BundleError as exc:
         if not cfg.data.channels:
             raise ConfigError([f"data.channels: is required by sensord record: list the channel names the "
                                f"devices send (no usable model bundle to take them from: {exc})"]) from None
     channels = tuple(cfg.data.channels) if cfg.data.channels else bundle.channels if bundle else ()
-    where = f"model {bundle.path}" if bundle is not None else f"no model bundle at daemon.model ({cfg.daemon.model})"
+    key = "daemon.models" if cfg.daemon.models else "daemon.model"
+    where = f"model {bundle.path}" if bundle is not None else \
+        f"no model bundle at {key} ({cfg.daemon.reference_model()})"
     return channels, cfg.assembly_period(bundle.sample_period_seconds if bundle else None, where)
 
 
