@@ -76,21 +76,32 @@ def detector_grid() -> list[dict[str, Any]]:
 
 def train_variant(data: Path, base: dict[str, Any], name: str, overrides: dict[str, Any], seeds: list[int],
                   jobs: int, cache: Path) -> list[FileResult]:
-    path = cache / f"{name}-{'_'.join(map(str, seeds))}.pickle"
-    if path.exists():
-        return pickle.loads(path.read_bytes())
-    cfg = config_from_dict(_merge(base, overrides))
-    results: list[FileResult] = []
+    """Every file trained and scored once per seed; cached per (variant, seed), so a variant screened on
+    one seed and then widened to three trains only the seeds it lacks."""
+    legacy = cache / f"{name}-{'_'.join(map(str, seeds))}.pickle"
+    if legacy.exists():  # a whole seed list cached at once (as earlier versions of this script did)
+        return pickle.loads(legacy.read_bytes())
+    have: dict[int, list[FileResult]] = {}
+    for seed in seeds:
+        path = cache / f"{name}-seed{seed}.pickle"
+        if path.exists():
+            have[seed] = pickle.loads(path.read_bytes())
+    missing = [s for s in seeds if s not in have]
+    if missing:
+        cfg = config_from_dict(_merge(base, overrides))
+        fresh: list[FileResult] = []
 
-    def show(fr: FileResult) -> None:
-        c = fr.result.confusion
-        print(f"  [{name}] seed {fr.seed} {fr.name:<16} F1 {c.f1:.3f} FAR {c.far:6.1%} MAR {c.mar:6.1%} "
-              f"epochs {fr.epochs_run}/{fr.best_epoch} {fr.train_seconds:.0f}s", file=sys.stderr, flush=True)
+        def show(fr: FileResult) -> None:
+            c = fr.result.confusion
+            print(f"  [{name}] seed {fr.seed} {fr.name:<16} F1 {c.f1:.3f} FAR {c.far:6.1%} MAR {c.mar:6.1%} "
+                  f"epochs {fr.epochs_run}/{fr.best_epoch} {fr.train_seconds:.0f}s", file=sys.stderr, flush=True)
 
-    run_skab(data, cfg, seeds=seeds, jobs=jobs, keep_scores=True, results=results, on_file=show)
-    cache.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(pickle.dumps(results))
-    return results
+        run_skab(data, cfg, seeds=missing, jobs=jobs, keep_scores=True, results=fresh, on_file=show)
+        cache.mkdir(parents=True, exist_ok=True)
+        for seed in missing:
+            have[seed] = [fr for fr in fresh if fr.seed == seed]
+            (cache / f"{name}-seed{seed}.pickle").write_bytes(pickle.dumps(have[seed]))
+    return [fr for seed in seeds for fr in have[seed]]
 
 
 def evaluate_candidate(results: list[FileResult], series: dict[str, Any], cand: Candidate,

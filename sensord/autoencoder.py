@@ -42,15 +42,23 @@ def _dense(cfg: ModelConfig, x: keras.KerasTensor, length: int, channels: int, o
 
 
 def _conv1d(cfg: ModelConfig, x: keras.KerasTensor, length: int, channels: int, out_act: str) -> keras.KerasTensor:
+    # conv_stride > 1 compresses time as well as channels (SKAB's Conv-AE uses 2): each encoder layer
+    # halves the length, each decoder layer upsamples it back, and the overhang of a length that does
+    # not divide evenly is cropped off the end. With stride 1 the graph is the plain one.
+    s = cfg.conv_stride
     h = x
     for filters in cfg.conv_filters:
-        h = keras.layers.Conv1D(filters, cfg.kernel_size, padding="same", activation="relu")(h)
+        h = keras.layers.Conv1D(filters, cfg.kernel_size, strides=s, padding="same", activation="relu")(h)
         if cfg.dropout > 0:
             h = keras.layers.Dropout(cfg.dropout)(h)
     h = keras.layers.Conv1D(cfg.latent_units, cfg.kernel_size, padding="same", activation="relu", name="latent")(h)
     for filters in reversed(cfg.conv_filters):
+        if s > 1:
+            h = keras.layers.UpSampling1D(s)(h)
         h = keras.layers.Conv1D(filters, cfg.kernel_size, padding="same", activation="relu")(h)
-    return keras.layers.Conv1D(channels, cfg.kernel_size, padding="same", activation=out_act)(h)
+    h = keras.layers.Conv1D(channels, cfg.kernel_size, padding="same", activation=out_act)(h)
+    overhang = int(h.shape[1]) - length
+    return keras.layers.Cropping1D((0, overhang))(h) if overhang > 0 else h
 
 
 def _lstm(cfg: ModelConfig, x: keras.KerasTensor, length: int, channels: int, out_act: str) -> keras.KerasTensor:

@@ -124,6 +124,8 @@ class ModelConfig:
     latent_units: PositiveInt = 8
     conv_filters: list[PositiveInt] = field(default_factory=lambda: [32, 16])
     kernel_size: PositiveInt = 5
+    # conv1d: stride of each encoder layer (1 = no compression in time; 2 halves the length per layer).
+    conv_stride: Annotated[StrictInt, Field(ge=1, le=4)] = 1
     lstm_units: list[PositiveInt] = field(default_factory=lambda: [32, 16])
     output_activation: Literal["auto", "sigmoid", "linear"] = "auto"
     dropout: Annotated[StrictFloat, Field(ge=0.0, lt=1.0)] = 0.0

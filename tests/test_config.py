@@ -443,3 +443,9 @@ def test_status_topic_must_be_a_topic_name(bad: str) -> None:
 def test_status_topic_defaults_to_the_prefix_and_can_be_set_per_instance() -> None:
     assert config_from_dict({"mqtt": {"topic_prefix": "box7"}}).mqtt.status() == "box7/status"
     assert config_from_dict({"mqtt": {"status_topic": "box7/status/i0"}}).mqtt.status() == "box7/status/i0"
+
+
+def test_conv_stride_out_of_range_names_the_key() -> None:
+    errs = _errors({"model": {"conv_stride": 0}})
+    assert len(errs) == 1 and errs[0].startswith("model.conv_stride:")
+    assert _errors({"model": {"conv_stride": 5}})[0].startswith("model.conv_stride:")
