@@ -32,7 +32,7 @@ from .formats.base import Parser, RebirthRequest, escape
 from .homeassistant import HomeAssistantDiscovery
 from .metrics import DaemonMetrics
 from .ratelimit import RateLimitedLog
-from .readings import ReadingPath, device_id_too_long
+from .readings import ReadingPath
 from .scorer import Scorer
 from .sinks import AlertPublisher, MetricsSink
 from .state import StateStore
@@ -501,18 +501,13 @@ class Intake:
 
     def _tracked(self, device: str) -> bool:
         """Whether ``device`` is, or may become, a tracked device (``daemon.max_devices``); counted if not."""
-        if device in self.buffers or self.path.tracks(device):
+        refusal = self.path.refusal(device, self.buffers)
+        if refusal is None:
             return True
-        too_long = device_id_too_long(self.cfg, device)
-        if too_long is not None:
-            self._reject("bad_device_id", device, too_long)
-            return False
-        tracked = len(self.buffers) + sum(d not in self.buffers for d in self.path.assembling())
-        if tracked >= self.cfg.daemon.max_devices:
+        if refusal[0] == "device_limit":
             self.metrics.devices_rejected.inc()
-            self._reject("device_limit", device, f"max_devices={self.cfg.daemon.max_devices} already tracked")
-            return False
-        return True
+        self._reject(refusal[0], device, refusal[1])
+        return False
 
     def touch(self, device: str, timestamp: float | None = None) -> None:
         """``device`` is alive now (a reading was taken, or its state was restored at start-up)."""

@@ -11,7 +11,7 @@ count in ``record``'s summary means what the daemon's ``sensord_readings_rejecte
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -51,14 +51,6 @@ class RowSink(Protocol):
 
     def rebirth(self, request: RebirthRequest) -> None:
         """A stateful format asks a sender to define itself again (Sparkplug NCMD Rebirth): publish it."""
-
-
-def device_id_too_long(cfg: SensordConfig, device: str) -> str | None:
-    """Why ``device`` is refused under ``daemon.max_device_id_bytes`` (reason ``bad_device_id``), or None."""
-    limit = cfg.daemon.max_device_id_bytes
-    if len(device.encode("utf-8", "surrogatepass")) > limit:
-        return f"device id is longer than daemon.max_device_id_bytes={limit}"
-    return None
 
 
 class ReadingPath:
@@ -109,6 +101,23 @@ class ReadingPath:
     def assembling(self) -> list[str]:
         """The devices the assembler holds values of."""
         return [] if self.assembler is None else list(self.assembler.devices)
+
+    def refusal(self, device: str, known: Collection[str]) -> tuple[str, str] | None:
+        """Why ``device`` may not become a tracked device, as ``(reason, detail)``, or None if it may.
+
+        The one admission rule of ``run`` and ``record`` (``daemon.max_device_id_bytes``, then
+        ``daemon.max_devices``): ``known`` are the devices the caller already tracks; a device the
+        assembler already holds values of counts as tracked too.
+        """
+        if device in known or self.tracks(device):
+            return None
+        limit = self.cfg.daemon.max_device_id_bytes
+        if len(device.encode("utf-8", "surrogatepass")) > limit:
+            return "bad_device_id", f"device id is longer than daemon.max_device_id_bytes={limit}"
+        tracked = len(known) + sum(d not in known for d in self.assembling())
+        if tracked >= self.cfg.daemon.max_devices:
+            return "device_limit", f"max_devices={self.cfg.daemon.max_devices} already tracked"
+        return None
 
     def forget(self, device: str) -> None:
         if self.assembler is not None:

@@ -42,7 +42,7 @@ from .config import ConfigError, SensordConfig
 from .errors import UsageError
 from .formats.base import RebirthRequest, escape
 from .ratelimit import RateLimitedLog
-from .readings import ReadingPath, device_id_too_long
+from .readings import ReadingPath
 from .windows import ReadingRejected, WindowBuffer, WindowSpec
 
 log = logging.getLogger(__name__)
@@ -201,13 +201,9 @@ class Recorder:
             return True
         if not self._wanted(device):
             return False
-        too_long = device_id_too_long(self.cfg, device)
-        if too_long is not None:
-            self.reject("bad_device_id", device, too_long)
-            return False
-        tracked = len(self.files) + sum(d not in self.files for d in self.path.assembling())
-        if tracked >= self.cfg.daemon.max_devices:
-            self.reject("device_limit", device, f"max_devices={self.cfg.daemon.max_devices} already tracked")
+        refusal = self.path.refusal(device, self.files)
+        if refusal is not None:
+            self.reject(refusal[0], device, refusal[1])
             return False
         return True
 
