@@ -220,8 +220,19 @@ class ScoringLoop:
 
         Adaptive, with no fixed delay: an idle scorer scores a lone window at once instead of waiting for
         a batch that, at a low rate, never fills; under load windows queue while the previous batch is
-        scored, so the next batch fills by itself. Only an explicit ``batch_wait`` > 0
-        (``daemon.batch_wait_seconds``) also waits up to that long for more windows to arrive.
+        scored, so the next batch fills by itself.
+
+        One refinement keeps batches large when intake is the busy side: the network thread and this one
+        share the interpreter lock, so a scorer that pounced on every window would score in batches of
+        two or three and take the lock from intake (measured: 0.66x the bare subscriber's rate against
+        0.73x with a 20 ms wait). So after draining the queue the scorer yields the lock once
+        (:meth:`_yield`, ``time.sleep(0)``): a network thread in the middle of a message finishes it first,
+        and while that brings more windows the scorer takes them and yields again. An idle network thread
+        does not want the lock, the yield returns at once, and the batch is scored: no timer, no waiting
+        for windows that are not already on their way.
+
+        Only an explicit ``batch_wait`` > 0 (``daemon.batch_wait_seconds``) also waits up to that long
+        for more windows to arrive.
         """
         try:
             first = self._taken(self.queue.get(timeout=0.2))
@@ -230,6 +241,12 @@ class ScoringLoop:
         self._idle.clear()
         batch = [first]
         self._take_queued(batch)
+        while len(batch) < self.batch_max:
+            n = len(batch)
+            self._yield()
+            self._take_queued(batch)
+            if len(batch) == n:  # nothing came while intake had the lock: it is idle, score now
+                break
         if self.batch_wait > 0:
             deadline = time.monotonic() + self.batch_wait
             while len(batch) < self.batch_max and not self._flush.is_set():
@@ -242,6 +259,11 @@ class ScoringLoop:
                     continue
                 self._take_queued(batch)
         return batch
+
+    @staticmethod
+    def _yield() -> None:
+        """Let another thread that wants the interpreter lock (the MQTT network thread) run first."""
+        time.sleep(0)
 
     def _take_queued(self, batch: list[QueueItem]) -> None:
         """Add the windows already queued to ``batch`` (up to batch_max), never waiting for more."""
