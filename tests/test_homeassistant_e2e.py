@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from broker import MosquittoBroker, MqttRecorder
+from broker import MosquittoBroker, MqttRecorder, RecordedMessage
 from e2e_support import (
     TINY_WINDOW,
     DaemonProcess,
@@ -178,9 +178,15 @@ def test_each_device_appears_in_home_assistant_with_valid_retained_configs(
             d.wait_metric("sensord_windows_scored_total", 1.0, device=device)
         d.wait_log("home assistant discovery published for device=Pump 2.b")
 
-        # A Home Assistant starting now: it subscribes and gets the retained configs.
-        with MqttRecorder(broker.host, broker.port, f"{discovery}/#") as ha:
-            configs = wait_until(lambda: len(ha.messages()) >= 4 and ha.messages(), 10, "four retained configs")
+        # A Home Assistant starting now: it subscribes and gets the retained configs. (The log line comes when
+        # the daemon hands them to paho, a moment before they reach the broker: a subscription in that moment
+        # gets them live, without the retain flag, so a fresh one is tried until the broker holds them.)
+        def subscribe_now() -> list[RecordedMessage] | None:
+            with MqttRecorder(broker.host, broker.port, f"{discovery}/#") as ha:
+                got: list[RecordedMessage] = wait_until(lambda: len(ha.messages()) >= 4 and ha.messages(), 10,
+                                                        "four configs")
+            return got if all(m.retain for m in got) else None
+        configs = wait_until(subscribe_now, 20, "four retained configs", interval=0.2)
         assert len(configs) == 4 and all(m.retain for m in configs)
         by_topic = {m.topic: json.loads(m.payload) for m in configs}
         with MqttRecorder(broker.host, broker.port, f"{prefix}/#") as own:
