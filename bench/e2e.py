@@ -19,7 +19,8 @@ medians):
 
 ``--baseline DIR`` adds a second daemon, the code of another checkout (e.g. main's, ``/work/main``) run with
 its own defaults, to every comparison: before/after figures from one run. ``--set KEY=VALUE`` (dotted,
-YAML value) overrides a config key of the daemon under test, e.g. ``--set daemon.batch_wait_seconds=0.02``.
+YAML value) overrides a config key of the daemon under test, e.g. ``--set daemon.batch_wait_seconds=0.02``;
+``--also LABEL:KEY=VALUE`` adds one more daemon of this code with other settings to every comparison.
 
     .venv/bin/python bench/e2e.py --model demo-run/model --repeats 3 [--baseline ../main] [--json out/e2e.json]
 
@@ -401,12 +402,19 @@ def main() -> int:
     ap.add_argument("--baseline", help="another checkout whose daemon (with its own defaults) runs beside this one")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override of the daemon under test (dotted key, YAML value)")
+    ap.add_argument("--also", action="append", default=[], metavar="LABEL:KEY=VALUE[,KEY=VALUE]",
+                    help="one more daemon of this code with these overrides, e.g. "
+                    "wait20:daemon.batch_wait_seconds=0.02")
     ap.add_argument("--latency", action=argparse.BooleanOptionalAction, default=True,
                     help="the fixed-rate latency runs (--no-latency: saturation and sweep only)")
     ap.add_argument("--json", help="also write every run's figures here")
     args = ap.parse_args()
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
     variants = [Variant("this", ROOT, overrides)]
+    for spec in args.also:
+        label, _, sets = spec.partition(":")
+        variants.append(Variant(label, ROOT, {k: yaml.safe_load(v) for k, v in (x.split("=", 1)
+                                                                               for x in sets.split(",") if x)}))
     if args.baseline:
         variants.append(Variant("baseline", Path(args.baseline).resolve()))
     sweep = [int(x) for x in args.sweep.split(",") if x]

@@ -223,9 +223,10 @@ class ScoringLoop:
         scored, so the next batch fills by itself.
 
         One refinement keeps batches large when intake is the busy side: the network thread and this one
-        share the interpreter lock, so a scorer that pounced on every window would score in batches of
-        two or three and take the lock from intake (measured: 0.66x the bare subscriber's rate against
-        0.73x with a 20 ms wait). So after draining the queue the scorer yields the lock once
+        share the interpreter lock, so a scorer that pounced on every window would score a backlog in
+        batches of about four and take the lock from intake (bench/e2e.py, saturation: 0.66x the bare
+        subscriber's rate, against 0.73x with main's 20 ms wait and 0.76x, batches of about 30, with the
+        yield). So after draining the queue the scorer yields the lock once
         (:meth:`_yield`, ``time.sleep(0)``): a network thread in the middle of a message finishes it first,
         and while that brings more windows the scorer takes them and yields again. An idle network thread
         does not want the lock, the yield returns at once, and the batch is scored: no timer, no waiting
