@@ -296,7 +296,7 @@ class ScoringLoop:
                 if self.detectors.pop(device, None) is not None:
                     self._dirty = True
                 self.model_ids.pop(device, None)
-                self.metrics.forget_device(device)
+                self.sink.forget(device)
                 if self.discovery is not None:  # its Home Assistant entities go too
                     self._publish(device, self.discovery.forget, device)
                 log.info("device=%s forgotten after its silence: window, detector and metrics dropped",
