@@ -14,15 +14,16 @@ medians):
   window to that window's message on ``{prefix}/scores/{device}`` (``publish_scores: true``), p50/p99/max.
 * **Start-up**: process start to the retained ``online`` (clean session, nothing queued), and **RSS** of the
   daemon after the saturation run (``VmRSS``).
-* **A ``--devices`` sweep** of the saturation run (one daemon, same total of messages spread over more
-  devices): readings/s, windows dropped, RSS, and memory per device from the RSS slope.
+* **A device sweep** (``--sweep 10,100,1000``) of the saturation run (one daemon, the same total of messages
+  spread over more devices): readings/s, windows dropped, RSS, and memory per device from the RSS slope.
 
 ``--baseline DIR`` adds a second daemon, the code of another checkout (e.g. main's, ``/work/main``) run with
 its own defaults, to every comparison: before/after figures from one run. ``--set KEY=VALUE`` (dotted,
 YAML value) overrides a config key of the daemon under test, e.g. ``--set daemon.batch_wait_seconds=0.02``;
 ``--also LABEL:KEY=VALUE`` adds one more daemon of this code with other settings to every comparison.
 
-    .venv/bin/python bench/e2e.py --model demo-run/model --repeats 3 [--baseline ../main] [--json out/e2e.json]
+    .venv/bin/python bench/e2e.py --model demo-run/model --repeats 3 --json out/e2e.json
+    .venv/bin/python bench/e2e.py --model demo-run/model --repeats 3 --baseline ../main   # before/after
 
 Without --model a small bundle is trained first (needs the [train] extra), as bench/throughput.py does.
 """
@@ -91,8 +92,10 @@ def _wait(pred: Callable[[], Any], timeout: float, what: str, proc: subprocess.P
     end = time.monotonic() + timeout
     while not pred():
         if proc is not None and proc.poll() is not None:
-            raise SystemExit(f"the daemon exited ({proc.returncode}) while waiting for {what}; "
-                             f"its log: {proc.args[-1].removesuffix('.yaml')}.log")  # (kept with --keep)
+            log = Path(str(proc.args[-1]).removesuffix(".yaml") + ".log")  # (see Daemon: name.yaml, name.log)
+            tail = log.read_text(errors="replace").splitlines()[-15:] if log.exists() else []
+            raise SystemExit(f"the daemon exited ({proc.returncode}) while waiting for {what}; its log ends:\n"
+                             + "\n".join(tail))
         if time.monotonic() > end:
             raise SystemExit(f"timed out waiting for {what}")
         time.sleep(0.005)
