@@ -52,8 +52,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the tests' private broker
+from mosquitto import MosquittoBroker, _free_port
+
 from sensord.bundle import ModelBundle
-from sensord.devbroker import MosquittoBroker, _free_port
 from sensord.simulator import PumpSimulator
 from sensord.sinks import iso
 
