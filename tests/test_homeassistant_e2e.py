@@ -249,6 +249,13 @@ def _retained(broker: MosquittoBroker, topic_filter: str, marker_topic: str) -> 
         return {m.topic: m.payload for m in rec.messages() if m.retain}
 
 
+def _retained_at_least(broker: MosquittoBroker, topic_filter: str, marker_topic: str,
+                       n: int) -> dict[str, bytes] | None:
+    """:func:`_retained` once it holds ``n`` messages (else None, for wait_until to try a fresh subscription)."""
+    got = _retained(broker, topic_filter, marker_topic)
+    return got if len(got) >= n else None
+
+
 def test_a_forgotten_device_disappears_from_home_assistant_and_comes_back_with_its_readings(
         broker: MosquittoBroker, topic_root: str, tmp_path: Path, bundle_and_rows: tuple[Path, Series]) -> None:
     """Through a real broker: after ``daemon.device_forget_seconds`` of silence the device's retained discovery
@@ -276,7 +283,9 @@ def test_a_forgotten_device_disappears_from_home_assistant_and_comes_back_with_i
         pub = QosPublisher(broker)
         send_window(again=False)
         d.wait_log("home assistant discovery published for device=pump1")
-        configs = _retained(broker, f"{discovery}/#", marker)
+        # (The log line comes when paho is handed the configs, a moment before they reach the broker.)
+        configs = wait_until(lambda: _retained_at_least(broker, f"{discovery}/#", marker, 2), 10,
+                             "the two retained configs")
         assert len(configs) == 2, configs
         for topic, body in configs.items():
             m = DISCOVERY_TOPIC.fullmatch(topic)
@@ -292,7 +301,8 @@ def test_a_forgotten_device_disappears_from_home_assistant_and_comes_back_with_i
         d.wait_log("home assistant discovery published for device=pump1", timeout=15)
         wait_until(lambda: d.log().count("home assistant discovery published for device=pump1") == 2, 15,
                    "the second announcement")
-        again = _retained(broker, f"{discovery}/#", marker)
+        again = wait_until(lambda: _retained_at_least(broker, f"{discovery}/#", marker, 2), 10,
+                           "the two retained configs again")
         assert again == configs
         assert d.alive()
     finally:
