@@ -8,6 +8,7 @@ RSS of this serving-only process (TensorFlow is not imported).
 
     .venv/bin/python bench/throughput.py [--model DIR] [--devices 20] [--readings 600] [--repeats 5]
     .venv/bin/python bench/throughput.py --model single/ --compare ensemble/   # two bundles, same run
+    .venv/bin/python bench/throughput.py --model DIR --profile   # where the time goes, intake and scoring apart
 
 Without --model it trains a small bundle on simulated data first (needs the
 [train] extra) in a subprocess, so this process stays TensorFlow-free.
@@ -90,9 +91,13 @@ def main() -> int:
     ap.add_argument("--readings", type=int, default=600, help="readings per device")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--compare", help="a second bundle (e.g. an ensemble) scored batched beside --model")
+    ap.add_argument("--profile", action="store_true", help="cProfile intake and scoring (one thread each, "
+                    "run one after the other) instead of timing them")
     args = ap.parse_args()
     if args.compare:
         return compare(args)
+    if args.profile:
+        return profile(args)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model
         if model_dir is None:
@@ -120,6 +125,43 @@ def main() -> int:
     print(f"peak RSS of this serving process:  {rss_mb:10.1f} MiB; tensorflow imported: "
           f"{'tensorflow' in sys.modules}")
     return 0
+
+
+def profile(args: argparse.Namespace) -> int:
+    """The network thread's work (every message through Intake, windows queued) and then the scoring
+    thread's (the queued windows in batches of batch_max), each under cProfile in this thread: the top
+    functions by own time, so the costs of the intake path and of the scoring path are seen apart."""
+    import cProfile
+    import pstats
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model
+        if model_dir is None:
+            train_small(Path(tmp))
+            model_dir = str(Path(tmp) / "model")
+        cfg = config_from_dict({"daemon": {"model": model_dir, "max_devices": args.devices, "queue_size": 1_000_000},
+                                "scoring": {"batch_max": 64}})
+        msgs = payloads(args.devices, args.readings)
+        metrics = DaemonMetrics()
+        model = ServingModel.load(cfg)
+        scoring = ScoringLoop(metrics, AlertPublisher(CountingPublisher(), "bench"), cfg.daemon.queue_size,
+                              cfg.scoring.batch_max, cfg.daemon.batch_wait_seconds)
+        intake = Intake(cfg, model, scoring, metrics)
+        for label, work in (("intake (network thread)", lambda: [intake.on_message(t, r) for t, r in msgs]),
+                            ("scoring (scoring thread)", lambda: _score_queued(scoring))):
+            prof = cProfile.Profile()
+            t0 = time.perf_counter()
+            prof.runcall(work)
+            elapsed = time.perf_counter() - t0
+            print(f"\n== {label}: {len(msgs)} readings in {elapsed:.2f} s under the profiler "
+                  f"({len(msgs) / elapsed:.0f} readings/s)")
+            pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+    return 0
+
+
+def _score_queued(scoring: ScoringLoop) -> None:
+    while not scoring.queue.empty():
+        scoring.process(scoring._take_batch())
 
 
 def compare(args: argparse.Namespace) -> int:

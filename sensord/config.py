@@ -450,7 +450,9 @@ class DaemonConfig:
     models: list[ModelRouteConfig] = field(default_factory=list)
     queue_size: Annotated[StrictInt, Field(ge=1, le=1_000_000), RESTART_ONLY] = 10_000
     max_devices: Annotated[StrictInt, Field(ge=1, le=100_000)] = 100
-    batch_wait_seconds: Annotated[StrictFloat, Field(ge=0.0, le=5.0), RESTART_ONLY] = 0.02
+    # 0: adaptive batching (an idle scorer scores at once whatever has queued; under load batches fill while
+    # the previous one is scored). > 0 also waits up to this long for a batch to fill: latency, rarely worth it.
+    batch_wait_seconds: Annotated[StrictFloat, Field(ge=0.0, le=5.0), RESTART_ONLY] = 0.0
     # Readings stamped further ahead of this host's clock are rejected (future_timestamp).
     max_clock_skew_seconds: PositiveFloat = 300.0
     # This many consecutive out-of-order readings mean the device's clock jumped back: its window restarts.

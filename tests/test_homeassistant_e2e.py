@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from broker import MosquittoBroker, MqttRecorder
+from broker import MosquittoBroker, MqttRecorder, RecordedMessage
 from e2e_support import (
     TINY_WINDOW,
     DaemonProcess,
@@ -178,9 +178,15 @@ def test_each_device_appears_in_home_assistant_with_valid_retained_configs(
             d.wait_metric("sensord_windows_scored_total", 1.0, device=device)
         d.wait_log("home assistant discovery published for device=Pump 2.b")
 
-        # A Home Assistant starting now: it subscribes and gets the retained configs.
-        with MqttRecorder(broker.host, broker.port, f"{discovery}/#") as ha:
-            configs = wait_until(lambda: len(ha.messages()) >= 4 and ha.messages(), 10, "four retained configs")
+        # A Home Assistant starting now: it subscribes and gets the retained configs. (The log line comes when
+        # the daemon hands them to paho, a moment before they reach the broker: a subscription in that moment
+        # gets them live, without the retain flag, so a fresh one is tried until the broker holds them.)
+        def subscribe_now() -> list[RecordedMessage] | None:
+            with MqttRecorder(broker.host, broker.port, f"{discovery}/#") as ha:
+                got: list[RecordedMessage] = wait_until(lambda: len(ha.messages()) >= 4 and ha.messages(), 10,
+                                                        "four configs")
+            return got if all(m.retain for m in got) else None
+        configs = wait_until(subscribe_now, 20, "four retained configs", interval=0.2)
         assert len(configs) == 4 and all(m.retain for m in configs)
         by_topic = {m.topic: json.loads(m.payload) for m in configs}
         with MqttRecorder(broker.host, broker.port, f"{prefix}/#") as own:
@@ -243,6 +249,13 @@ def _retained(broker: MosquittoBroker, topic_filter: str, marker_topic: str) -> 
         return {m.topic: m.payload for m in rec.messages() if m.retain}
 
 
+def _retained_at_least(broker: MosquittoBroker, topic_filter: str, marker_topic: str,
+                       n: int) -> dict[str, bytes] | None:
+    """:func:`_retained` once it holds ``n`` messages (else None, for wait_until to try a fresh subscription)."""
+    got = _retained(broker, topic_filter, marker_topic)
+    return got if len(got) >= n else None
+
+
 def test_a_forgotten_device_disappears_from_home_assistant_and_comes_back_with_its_readings(
         broker: MosquittoBroker, topic_root: str, tmp_path: Path, bundle_and_rows: tuple[Path, Series]) -> None:
     """Through a real broker: after ``daemon.device_forget_seconds`` of silence the device's retained discovery
@@ -270,7 +283,9 @@ def test_a_forgotten_device_disappears_from_home_assistant_and_comes_back_with_i
         pub = QosPublisher(broker)
         send_window(again=False)
         d.wait_log("home assistant discovery published for device=pump1")
-        configs = _retained(broker, f"{discovery}/#", marker)
+        # (The log line comes when paho is handed the configs, a moment before they reach the broker.)
+        configs = wait_until(lambda: _retained_at_least(broker, f"{discovery}/#", marker, 2), 10,
+                             "the two retained configs")
         assert len(configs) == 2, configs
         for topic, body in configs.items():
             m = DISCOVERY_TOPIC.fullmatch(topic)
@@ -286,7 +301,8 @@ def test_a_forgotten_device_disappears_from_home_assistant_and_comes_back_with_i
         d.wait_log("home assistant discovery published for device=pump1", timeout=15)
         wait_until(lambda: d.log().count("home assistant discovery published for device=pump1") == 2, 15,
                    "the second announcement")
-        again = _retained(broker, f"{discovery}/#", marker)
+        again = wait_until(lambda: _retained_at_least(broker, f"{discovery}/#", marker, 2), 10,
+                           "the two retained configs again")
         assert again == configs
         assert d.alive()
     finally:
