@@ -323,26 +323,29 @@ class ScoringLoop:
                     self._idle.set()
 
     def process(self, batch: list[QueueItem]) -> None:
-        """Score consecutive windows that share a model in one call, then decide in arrival order.
+        """Score the windows of each model in one call, then decide in arrival order.
+
+        With a model per device (``daemon.models``) the windows of different models arrive interleaved;
+        grouping them keeps one interpreter call per model and batch instead of one per run of neighbours.
 
         A failure is confined to the window it belongs to: a batch whose scoring fails is scored again
         window by window, and detection and publishing errors of one window are counted
         (``sensord_window_errors_total{stage}``) and logged without touching the others.
         """
-        start = 0
-        while start < len(batch):
-            model = batch[start][0]
-            stop = start
-            while stop < len(batch) and batch[stop][0] is model:
-                stop += 1
-            for win, error, shares in self._score(model, [w for _, w in batch[start:stop]]):
-                if shares is None:
-                    continue
-                try:
-                    self._decide(model, win, error, shares)
-                except Exception:  # noqa: BLE001 - one device's window must not cost another's
-                    self._window_error("detection", win.device)
-            start = stop
+        groups: dict[int, tuple[ServingModel, list[int]]] = {}
+        for i, (model, _) in enumerate(batch):
+            groups.setdefault(id(model), (model, []))[1].append(i)
+        scored: list[tuple[Window, float, np.ndarray | None]] = [(w, float("nan"), None) for _, w in batch]
+        for model, rows in groups.values():
+            for i, result in zip(rows, self._score(model, [batch[i][1] for i in rows]), strict=True):
+                scored[i] = result
+        for (model, _), (win, error, shares) in zip(batch, scored, strict=True):
+            if shares is None:
+                continue
+            try:
+                self._decide(model, win, error, shares)
+            except Exception:  # noqa: BLE001 - one device's window must not cost another's
+                self._window_error("detection", win.device)
 
     def _score(self, model: ServingModel, windows: list[Window]) -> list[tuple[Window, float, np.ndarray | None]]:
         t0 = time.perf_counter()

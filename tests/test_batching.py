@@ -188,3 +188,24 @@ def test_windows_that_arrive_during_the_yield_join_the_batch(
     assert arrivals == [[99.0]]
     scorer.release()
     assert sl.drain(5.0) is True
+
+
+def test_interleaved_windows_of_two_models_are_scored_one_call_per_model_and_decided_in_order(
+        loop: tuple[ScoringLoop, BlockingScorer, ServingModel]) -> None:
+    """Devices bound to different models (daemon.models) queue their windows interleaved: one batch is
+    one scorer call per model, not one per run of neighbours, and decisions keep the arrival order."""
+    sl, scorer_a, model_a = loop
+    scorer_b = BlockingScorer()
+    model_b = fake_model(scorer_b)
+    decided: list[tuple[str, float]] = []
+
+    def decide(model: ServingModel, win: Window, error: float, shares: np.ndarray) -> None:
+        decided.append(("a" if model is model_a else "b", win.end))
+    sl._decide = decide  # type: ignore[method-assign]
+    batch = [(model_a if i % 2 == 0 else model_b, window(float(i), f"d{i % 2}")) for i in range(6)]
+    for _ in range(2):
+        scorer_a.release()
+        scorer_b.release()
+    sl.process(batch)
+    assert scorer_a.batches == [[0.0, 2.0, 4.0]] and scorer_b.batches == [[1.0, 3.0, 5.0]]
+    assert decided == [("a", 0.0), ("b", 1.0), ("a", 2.0), ("b", 3.0), ("a", 4.0), ("b", 5.0)]
