@@ -769,4 +769,10 @@ def restart_changes(old: SensordConfig, new: SensordConfig) -> list[str]:
 
 
 def config_to_dict(cfg: SensordConfig) -> dict[str, Any]:
-    return asdict(cfg)
+    """A plain document that :func:`config_from_dict` reads back as ``cfg`` (how ``train --per-device`` hands the
+    config to its workers). ``daemon.model`` is left out when ``daemon.models`` names the bundles: both set is
+    an error, and the default ``model`` is not the user's choice."""
+    raw = asdict(cfg)
+    if raw["daemon"]["models"]:
+        del raw["daemon"]["model"]
+    return raw

@@ -116,6 +116,17 @@ data:
     assert config_from_dict(config_to_dict(cfg)) == cfg
 
 
+def test_round_trip_with_daemon_models() -> None:
+    """``train --per-device`` hands its workers ``config_to_dict(cfg)``: with ``daemon.models`` the document
+    must not also carry the default ``daemon.model`` (both set is a config error)."""
+    cfg = config_from_dict({"daemon": {"models": [{"match": "pump*", "path": "/m/{device}", "fallback": "/m/pump"},
+                                                  {"match": "*", "path": "/m/other"}]}})
+    raw = config_to_dict(cfg)
+    assert "model" not in raw["daemon"]
+    assert config_from_dict(raw) == cfg
+    assert config_to_dict(SensordConfig())["daemon"]["model"] == SensordConfig().daemon.model
+
+
 # --- error messages ---------------------------------------------------------------------
 
 
