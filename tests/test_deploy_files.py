@@ -45,6 +45,7 @@ GAUGES = {
     "sensord_reconstruction_error",
     "sensord_anomaly_score",
     "sensord_threshold",
+    "sensord_model_threshold",
     "sensord_anomaly_state",
     "sensord_queue_depth",
     "sensord_mqtt_connected",
@@ -243,7 +244,7 @@ def test_dashboard_uses_known_metrics(dashboard: dict[str, Any]) -> None:
     # And it shows what the brief asks for.
     expected = {
         "sensord_reconstruction_error",
-        "sensord_threshold",
+        "sensord_model_threshold",
         "sensord_anomaly_score",
         "sensord_anomaly_state",
         "sensord_alerts_raised_total",
@@ -294,7 +295,7 @@ def test_dashboard_structure(dashboard: dict[str, Any]) -> None:
     assert len(ids) == len(set(ids)), "duplicate panel ids"
 
     assert 'sensord_reconstruction_error{device=~"$device"}' in exprs
-    assert "sensord_threshold" in exprs
+    assert "max by (model_id) (sensord_model_threshold)" in exprs
     assert any(
         "histogram_quantile(0.95" in e and "sensord_scoring_duration_seconds_bucket" in e
         for e in exprs

@@ -121,9 +121,11 @@ def build() -> dict[str, Any]:
          .with_row(_row(1, "Detection", 0))
          .with_panel(_timeseries(2, "Reconstruction error per device",
                                  "Autoencoder reconstruction error of the latest scored window per device; the dashed "
-                                 "red line is the alert threshold (sensord_threshold).", _grid(0, 1, 16, 9),
+                                 "red lines are the alert thresholds, one per model served "
+                                 "(sensord_model_threshold).", _grid(0, 1, 16, 9),
                                  [_query("A", f"sensord_reconstruction_error{{{DEVICE}}}", "{{device}}"),
-                                  _query("B", "sensord_threshold", "threshold")], "short", min_zero=False)
+                                  _query("B", "max by (model_id) (sensord_model_threshold)", "threshold {{model_id}}")],
+                                 "short", min_zero=False)
                      .override_by_query("B", threshold_line))
          .with_panel(_stat(3, "Anomalous devices", "Number of selected devices currently in the anomalous state.",
                            _grid(16, 1, 4, 4), _query("A", f"sum(sensord_anomaly_state{{{DEVICE}}}) or vector(0)",
