@@ -86,12 +86,11 @@ class Daemon:
         try:
             self.mqtt = MqttConnection(cfg.mqtt, self._on_message, self._on_connected,
                                        cfg.mqtt.client_id or default_client_id(self.config_path),
-                                       on_acknowledged=self._on_acknowledged)
+                                       on_acknowledged=self._on_acknowledged, on_subscribed=self._on_subscribed)
         except ConfigError as exc:  # TLS files: name the config file too
             raise ConfigError(exc.errors, self.config_path) from None
         for topic in self.mqtt.subscribed:
             self.metrics.mqtt_subscribed.labels(topic).set(0)
-        self.mqtt.on_subscribed = lambda topic, granted: self.metrics.mqtt_subscribed.labels(topic).set(int(granted))
         state_dir = cfg.daemon.state_dir
         self.outbox = Outbox(self.mqtt, None if state_dir is None else Path(state_dir) / "outbox",
                              cfg.daemon.outbox_max_alerts, self.metrics)
@@ -150,6 +149,9 @@ class Daemon:
 
     def _send_command(self, topic: str, payload: bytes) -> None:
         self.mqtt.publish(topic, payload, qos=0)
+
+    def _on_subscribed(self, topic_filter: str, granted: bool) -> None:
+        self.metrics.mqtt_subscribed.labels(topic_filter).set(int(granted))
 
     def _on_acknowledged(self) -> None:
         self.outbox.sweep()  # an acknowledged alert leaves the outbox at once, not at the next tick

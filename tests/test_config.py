@@ -460,3 +460,13 @@ def test_conv_stride_out_of_range_names_the_key() -> None:
     errs = _errors({"model": {"conv_stride": 0}})
     assert len(errs) == 1 and errs[0].startswith("model.conv_stride:")
     assert _errors({"model": {"conv_stride": 5}})[0].startswith("model.conv_stride:")
+
+
+@pytest.mark.parametrize("bad", [0, -1, "soon"])
+def test_sparkplug_rebirth_interval_must_be_positive_or_null(bad: object) -> None:
+    with pytest.raises(ConfigError, match=r"mqtt\.subscriptions\.0\.rebirth_interval_seconds"):
+        config_from_dict({"mqtt": {"subscriptions": [{"topic": "spBv1.0/plant/#", "format": "sparkplug_b",
+                                                      "rebirth_interval_seconds": bad}]}})
+    cfg = config_from_dict({"mqtt": {"subscriptions": [{"topic": "spBv1.0/plant/#", "format": "sparkplug_b",
+                                                        "rebirth_interval_seconds": None}]}})
+    assert cfg.mqtt.subscription_list()[0].rebirth_interval_seconds is None
