@@ -153,9 +153,21 @@ def _guarded(app: Callable[..., Iterable[bytes]], auth: BasicAuth,
     return guarded
 
 
-class _DeviceFamily:
-    """One per-device metric family whose values live in a plain dict the daemon writes (see
-    :class:`DaemonMetrics`): read only when scraped.
+class PlainCounter:
+    """A counter that one thread increments: ``inc`` is a plain addition, no lock (read when scraped)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class _PlainFamily:
+    """One metric family whose values live in plain Python values the daemon writes (per-device dicts, a
+    :class:`PlainCounter`; see :class:`DaemonMetrics`): read only when scraped.
 
     A ``prometheus_client`` label child per device and series is an object with its own lock; updating a
     dozen of them per scored window was most of the scoring thread's Python time, and holding them cost
@@ -185,7 +197,7 @@ class DaemonMetrics:
 
     The per-device series updated with every reading or window (windows scored, error, score, state,
     channel shares, last reading) are plain dicts here (:meth:`window_scored`, :attr:`last_reading`,
-    :attr:`anomaly_state`), exposed through :class:`_DeviceFamily`. Each dict is written by one thread
+    :attr:`anomaly_state`), exposed through :class:`_PlainFamily`. Each dict is written by one thread
     (last reading: the network thread; the others: the scoring thread) and copied whole when scraped (a
     dict copy is atomic under the interpreter lock), so no lock is taken per update.
     """
@@ -199,7 +211,9 @@ class DaemonMetrics:
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         GCCollector(registry=r)
-        self.messages_received = Counter("sensord_messages_received", "MQTT messages received", registry=r)
+        self.messages_received = PlainCounter()  # once per message: no lock (the network thread counts)
+        _PlainFamily(r, "counter", "sensord_messages_received", "MQTT messages received",
+                      lambda: [([], self.messages_received.value)], ())
         self.messages_rejected = Counter("sensord_messages_rejected", "MQTT messages rejected whole, by reason",
                                          ["reason"], registry=r)
         self.readings_rejected = Counter("sensord_readings_rejected", "Readings rejected, by reason",
@@ -214,18 +228,18 @@ class DaemonMetrics:
         self.anomaly_state: dict[str, float] = {}
         self.channel_error_share: dict[str, tuple[tuple[str, ...], Sequence[float]]] = {}
         self.last_reading: dict[str, float] = {}
-        _DeviceFamily(r, "counter", "sensord_windows_scored", "Windows scored", self._per_device(self.windows_scored))
-        _DeviceFamily(r, "gauge", "sensord_reconstruction_error",
+        _PlainFamily(r, "counter", "sensord_windows_scored", "Windows scored", self._per_device(self.windows_scored))
+        _PlainFamily(r, "gauge", "sensord_reconstruction_error",
                       "Reconstruction error of the device's last scored window",
                       self._per_device(self.reconstruction_error))
-        _DeviceFamily(r, "gauge", "sensord_anomaly_score", "Last window's error divided by the threshold",
+        _PlainFamily(r, "gauge", "sensord_anomaly_score", "Last window's error divided by the threshold",
                       self._per_device(self.anomaly_score))
-        _DeviceFamily(r, "gauge", "sensord_channel_error_share",
+        _PlainFamily(r, "gauge", "sensord_channel_error_share",
                       "Share of the device's last window error due to each channel "
                       "(0-1; a device's channels sum to 1): which sensors drive the score",
                       self._shares, ("device", "channel"))
         self.threshold = Gauge("sensord_threshold", "Alert threshold on the reconstruction error", registry=r)
-        _DeviceFamily(r, "gauge", "sensord_anomaly_state", "1 while an alert is raised for the device",
+        _PlainFamily(r, "gauge", "sensord_anomaly_state", "1 while an alert is raised for the device",
                       self._per_device(self.anomaly_state))
         self.alerts_raised = Counter("sensord_alerts_raised", "Alerts raised", ["device"], registry=r)
         self.batch_size = Histogram("sensord_scoring_batch_size", "Windows per interpreter call",
@@ -247,7 +261,7 @@ class DaemonMetrics:
         self.mqtt_session_takeovers = Counter("sensord_mqtt_session_takeovers", "Disconnections because another "
                                               "client connected with our client id", registry=r)
         self.devices = Gauge("sensord_devices", "Devices currently tracked", registry=r)
-        _DeviceFamily(r, "gauge", "sensord_last_reading_timestamp_seconds", "When (this host's clock, Unix "
+        _PlainFamily(r, "gauge", "sensord_last_reading_timestamp_seconds", "When (this host's clock, Unix "
                       "seconds) the device's last reading was accepted", self._per_device(self.last_reading))
         self.devices_rejected = Counter("sensord_devices_rejected",
                                         "Readings refused because max_devices was reached", registry=r)
@@ -276,14 +290,14 @@ class DaemonMetrics:
                                ["model_id"], registry=r)
         self.model_threshold = Gauge("sensord_model_threshold", "Alert threshold of each model being served",
                                      ["model_id"], registry=r)
-        self.device_model = Gauge("sensord_device_model_info", "1 for the model that scores the device",
-                                  ["device", "model_id"], registry=r)
+        self._device_models: dict[str, str] = {}  # device -> the id of the model that scores it
+        _PlainFamily(r, "gauge", "sensord_device_model_info", "1 for the model that scores the device",
+                      lambda: [([device, model_id], 1.0) for device, model_id in list(self._device_models.items())],
+                      ("device", "model_id"))
         self.reload_failures = Counter("sensord_reload_failures", "Reloads (SIGHUP) refused: a bad config, or a "
                                        "bad bundle (counted per bundle; its previous version keeps serving)",
                                        registry=r)
         self._served: set[str] = set()
-        self._device_models: dict[str, str] = {}
-        self._device_lock = threading.Lock()
         for reason in MESSAGE_REJECT_REASONS:
             self.messages_rejected.labels(reason)
         for reason in READING_REJECT_REASONS:
@@ -341,20 +355,10 @@ class DaemonMetrics:
 
     def bind_device(self, device: str, model_id: str) -> None:
         """``sensord_device_model_info{device,model_id}``: the model that scores ``device`` (one series)."""
-        with self._device_lock:
-            old = self._device_models.get(device)
-            if old == model_id:
-                return
-            if old is not None:
-                self.device_model.remove(device, old)
-            self._device_models[device] = model_id
-            self.device_model.labels(device, model_id).set(1)
+        self._device_models[device] = model_id
 
     def unbind_device(self, device: str) -> None:
-        with self._device_lock:
-            old = self._device_models.pop(device, None)
-            if old is not None:
-                self.device_model.remove(device, old)
+        self._device_models.pop(device, None)
 
     def serve(self, host: str, port: int, timeout: float = 10.0, max_connections: int = 16,
               web: WebConfig | None = None) -> int:
