@@ -412,6 +412,8 @@ def main() -> int:
                     "wait20:daemon.batch_wait_seconds=0.02")
     ap.add_argument("--latency", action=argparse.BooleanOptionalAction, default=True,
                     help="the fixed-rate latency runs (--no-latency: saturation and sweep only)")
+    ap.add_argument("--saturation", action=argparse.BooleanOptionalAction, default=True,
+                    help="the backlog drains against the bare subscriber (--no-saturation: latency and sweep only)")
     ap.add_argument("--json", help="also write every run's figures here")
     args = ap.parse_args()
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
@@ -435,7 +437,8 @@ def main() -> int:
         # Backlogs larger than the helper broker's default per-client queue (100 000) must stay whole.
         with MosquittoBroker(extra_config="max_queued_messages 0\n") as broker:
             readings = max(2 * length, args.messages // args.devices)
-            sat = saturation(broker, variants, model, tmp, args.devices, readings, length, args.repeats, True, "sat")
+            sat = saturation(broker, variants, model, tmp, args.devices, readings, length, args.repeats, True,
+                             "sat") if args.saturation else {}
             lat: dict[str, list[dict[str, float]]] = {v.label: [] for v in variants}
             for rep in range(args.repeats if args.latency else 0):
                 for v in variants:  # interleaved
@@ -455,16 +458,17 @@ def main() -> int:
     load = f"load average {report['load_before'][0]:.1f} before, {report['load_after'][0]:.1f} after (2 cores)"
     print(f"sensord end-to-end through a private Mosquitto; {args.devices} devices, window {length}, "
           f"medians of {args.repeats} interleaved repeats; {load}")
-    bare = med(sat["bare"])
-    print(f"\nsaturation: a backlog of {args.devices} x {readings} readings (+ sentinel) drained from a persistent "
-          f"session, QoS 1")
-    print(f"  {'consumer':<28} {'readings/s':>11} {'x bare':>7} {'RSS MiB':>8} {'dropped':>8} {'batch':>6}")
-    print(f"  {'bare paho + json.loads':<28} {bare['rate']:11.0f} {1.0:7.2f} {bare['rss_mib']:8.0f} {'-':>8} "
-          f"{'-':>6}")
-    for v in variants:
-        m = med(sat[v.label])
-        print(f"  {'sensord run (' + v.label + ')':<28} {m['rate']:11.0f} {m['rate'] / bare['rate']:7.2f} "
-              f"{m['rss_mib']:8.0f} {m['dropped']:8.0f} {m['batch']:6.1f}")
+    if args.saturation:
+        bare = med(sat["bare"])
+        print(f"\nsaturation: a backlog of {args.devices} x {readings} readings (+ sentinel) drained from a "
+              f"persistent session, QoS 1")
+        print(f"  {'consumer':<28} {'readings/s':>11} {'x bare':>7} {'RSS MiB':>8} {'dropped':>8} {'batch':>6}")
+        print(f"  {'bare paho + json.loads':<28} {bare['rate']:11.0f} {1.0:7.2f} {bare['rss_mib']:8.0f} {'-':>8} "
+              f"{'-':>6}")
+        for v in variants:
+            m = med(sat[v.label])
+            print(f"  {'sensord run (' + v.label + ')':<28} {m['rate']:11.0f} {m['rate'] / bare['rate']:7.2f} "
+                  f"{m['rss_mib']:8.0f} {m['dropped']:8.0f} {m['batch']:6.1f}")
     print(f"\nlatency at {args.rate:.0f} readings/s for {args.seconds:.0f} s, publish of the reading that completes a "
           f"window -> its message on {{prefix}}/scores/{{device}}; start-up = process start -> retained online")
     print(f"  {'daemon':<28} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'start-up s':>10} {'batch':>6} "
