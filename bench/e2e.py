@@ -350,9 +350,12 @@ def latency_run(broker: MosquittoBroker, daemon: Daemon, rate: float, seconds: f
         achieved = n / (time.perf_counter() - start)
         _wait(lambda: len(got) >= len(sent), 60, f"{len(sent)} scores (have {len(got)})", daemon.proc)
         lat = np.array([got[k] - sent[k] for k in sent]) * 1000.0
-        batch = _mean_batch(_metric_sums(daemon.metrics_port))
-        return {"batch": batch, "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
-                "max": float(lat.max()), "windows": float(len(lat)), "rate": achieved, "startup": startup}
+        rss = _rss_mib(daemon.proc.pid) if daemon.proc is not None else float("nan")
+        sums = _metric_sums(daemon.metrics_port)
+        dropped = sums["sensord_windows_dropped_total"] + sums["sensord_windows_throttled_total"]
+        return {"batch": _mean_batch(sums), "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
+                "max": float(lat.max()), "windows": float(len(lat)), "rate": achieved, "startup": startup,
+                "rss_mib": rss, "dropped": dropped}
     finally:
         pub.loop_stop()
         daemon.stop()
@@ -474,11 +477,11 @@ def main() -> int:
     print(f"\nlatency at {args.rate:.0f} readings/s for {args.seconds:.0f} s, publish of the reading that completes a "
           f"window -> its message on {{prefix}}/scores/{{device}}; start-up = process start -> retained online")
     print(f"  {'daemon':<28} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'start-up s':>10} {'batch':>6} "
-          f"{'sent/s':>7}")
+          f"{'sent/s':>7} {'dropped':>7} {'RSS MiB':>7}")
     for v in variants if args.latency else []:
         m = med(lat[v.label])
         print(f"  {'sensord run (' + v.label + ')':<28} {m['p50']:7.2f} {m['p99']:7.2f} {m['max']:7.1f} "
-              f"{m['startup']:10.2f} {m['batch']:6.1f} {m['rate']:7.0f}")
+              f"{m['startup']:10.2f} {m['batch']:6.1f} {m['rate']:7.0f} {m['dropped']:7.0f} {m['rss_mib']:7.0f}")
     if sw:
         print("\ndevice sweep (sensord run, this code; one run each): the same kind of backlog over more devices")
         print(f"  {'devices':>8} {'messages':>9} {'readings/s':>11} {'windows scored':>15} {'dropped':>8} "
