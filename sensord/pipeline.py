@@ -149,6 +149,12 @@ class ScoringLoop:
     scored, so a quiet daemon scores each window as it comes and a busy one scores up to ``batch_max`` per call.
     """
 
+    # Under load (the previous batch had at least LOADED_BATCH windows) a batch may wait up to LOADED_WAIT
+    # seconds to fill: while the scorer waits it leaves the interpreter lock to intake, which at saturation
+    # is the busy side. A quiet daemon (batches of one or two) never waits.
+    LOADED_BATCH = 8
+    LOADED_WAIT = 0.002
+
     def __init__(self, metrics: DaemonMetrics, alerts: AlertPublisher, queue_size: int,
                  batch_max: int, batch_wait: float,
                  on_event: Callable[[AlertEvent, str], None] | None = None,
@@ -169,6 +175,7 @@ class ScoringLoop:
         metrics.queue_depth.set_function(lambda: self.queue.qsize())  # read when scraped, never updated
         self.batch_max = batch_max
         self.batch_wait = batch_wait
+        self._last_batch = 0  # size of the previous batch (load, for LOADED_BATCH)
         self.on_event = on_event
         self.detectors: dict[str, AlertDetector] = {}
         self.stale: set[str] = set()  # devices announced stale; the next window of one announces it back
@@ -296,8 +303,14 @@ class ScoringLoop:
         does not want the lock, the yield returns at once, and the batch is scored: no timer, no waiting
         for windows that are not already on their way.
 
-        Only an explicit ``batch_wait`` > 0 (``daemon.batch_wait_seconds``) also waits up to that long
-        for more windows to arrive.
+        Under load (the previous batch had ``LOADED_BATCH`` windows or more) the batch also waits up to
+        ``LOADED_WAIT`` (2 ms) for more windows: the scorer leaves the lock to intake meanwhile and scores
+        larger batches (bench/e2e.py, saturation, beside the same code without it: mean batch 29-34
+        against 18, 1.20x and 1.04x the rate in two runs of 5 repeats, 0.83-1.65x between repeats; latency
+        at 1 000 readings/s, batches of 1-2, unchanged). A quiet daemon never waits.
+
+        An explicit ``batch_wait`` > 0 (``daemon.batch_wait_seconds``) waits up to that long instead,
+        loaded or not.
         """
         try:
             first = self._taken(self.queue.get(timeout=0.2))
@@ -312,8 +325,12 @@ class ScoringLoop:
             self._take_queued(batch)
             if len(batch) == n:  # nothing came while intake had the lock: it is idle, score now
                 break
-        if self.batch_wait > 0:
-            deadline = time.monotonic() + self.batch_wait
+        wait = self.batch_wait
+        if wait <= 0 and self._last_batch >= self.LOADED_BATCH:
+            wait = self.LOADED_WAIT  # under load: let the batch fill a little (see LOADED_BATCH)
+        self._last_batch = len(batch)
+        if wait > 0:
+            deadline = time.monotonic() + wait
             while len(batch) < self.batch_max and not self._flush.is_set():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
