@@ -84,6 +84,55 @@ def expected_channels(cfg: SensordConfig, entry: int) -> tuple[list[str], str]:
     return list(cfg.data.channels), "data.channels"
 
 
+def check_bundles(cfg: SensordConfig) -> tuple[list[str], list[str]]:
+    """Load and self-check every bundle ``daemon.models`` names now (``sensord check-config``), as ``run``
+    would: each fixed path and fallback, and each per-device directory whose device the entry matches.
+
+    Returns every problem found (naming the entry, ``daemon.models.<i>.path`` or ``.fallback``, the
+    directory and what is wrong) and one line per bundle that passed.
+    """
+    problems: list[str] = []
+    passed: list[str] = []
+    loaded: dict[str, ServingModel | None] = {}
+    found = False
+    for i, entry in enumerate(cfg.daemon.models):
+        todo: list[tuple[str, str]] = []
+        if not entry.per_device:
+            todo.append((f"daemon.models.{i}.path", entry.path))
+        else:
+            if entry.fallback is not None:
+                todo.append((f"daemon.models.{i}.fallback", entry.fallback))
+            todo += [(f"daemon.models.{i}.path ({device})", path)
+                     for device, path in sorted(per_device_dirs(entry.path).items())
+                     if fnmatch.fnmatchcase(device, entry.match)]
+        for key, path in todo:
+            found = True
+            want, name = expected_channels(cfg, i)
+            k = _key(path)
+            if k not in loaded:
+                try:
+                    loaded[k] = ServingModel.load(cfg, path, own_window=True, channels=(want, name))
+                except (BundleError, ConfigError) as exc:
+                    loaded[k] = None
+                    problems.append(f"{key}: {'; '.join(exc.errors) if isinstance(exc, ConfigError) else exc}")
+                    continue
+                model = loaded[k]
+                assert model is not None
+                checked = "self-check passed" if model.bundle.reference is not None else "no reference windows"
+                passed.append(f"{key}: {model.bundle.path} model {model.bundle.model_id}, "
+                              f"{len(model.bundle.channels)} channels, window {model.bundle.window_length}, "
+                              f"{checked}")
+                continue
+            model = loaded[k]
+            if model is not None and want and list(want) != list(model.bundle.channels):
+                problems.append(f"{key}: {model.bundle.path}: channels {list(model.bundle.channels)} do not match "
+                                f"the configured {name} {list(want)}")
+    if cfg.daemon.models and not found:
+        problems.append("daemon.models: no bundle found: no per-device directory exists yet and no entry names a "
+                        "fixed path or a fallback")
+    return problems, passed
+
+
 class ModelSet:
     """The loaded bundles and the rule that binds a device to one of them."""
 

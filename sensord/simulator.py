@@ -72,6 +72,7 @@ _C_KNOCK_ON = {
     "motor_current": ("vibration", 0.5), "discharge_temperature": ("oil_temperature", 0.5),
     "oil_temperature": ("discharge_temperature", 0.5), "vibration": ("motor_current", 0.5),
 }
+_C_LOAD_REVERT, _C_DT_TAU, _C_OIL_TAU = 1.0 / 60.0, 60.0, 90.0
 _C_DEFAULT_CHANNEL = {"step": "motor_current", "drift": "discharge_temperature", "spikes": "vibration",
                       "stuck": "discharge_pressure"}
 
@@ -233,12 +234,12 @@ class CompressorSimulator:
                 excursion[f.start:f.start + f.duration] += 0.2 * np.sin(np.pi * frac)
         load, dtemp, oil = np.empty(seconds), np.empty(seconds), np.empty(seconds)
         steps = self._rng.standard_normal(seconds) * _LOAD_STEP
-        for i in range(seconds):
-            self._load += _LOAD_REVERT * (setpoint[i] - self._load) + steps[i]
+        for i in range(seconds):  # a compressor holds its set-point more tightly than the pump
+            self._load += _C_LOAD_REVERT * (setpoint[i] - self._load) + steps[i]
             self._load = min(max(self._load, 0.3), 1.0)
             load[i] = self._load + excursion[i]
-            self._dt += (self._dt_target(ts[i], load[i]) - self._dt) / 300.0
-            self._oil += (self._dt - 25.0 - self._oil) / 240.0
+            self._dt += (self._dt_target(ts[i], load[i]) - self._dt) / _C_DT_TAU
+            self._oil += (self._dt - 25.0 - self._oil) / _C_OIL_TAU
             dtemp[i], oil[i] = self._dt, self._oil
         self._t += seconds
         clean = np.column_stack([

@@ -366,3 +366,43 @@ def test_record_and_check_config_take_the_channels_from_a_fixed_bundle_of_daemon
     assert config_from_dict({"daemon": {"models": [{"path": "/m/{device}"}, {"path": "/m/o"}]}}) \
         .daemon.reference_model() == "/m/o"
     assert config_from_dict({"daemon": {"model": "/m/one"}}).daemon.reference_model() == "/m/one"
+
+
+@pytest.mark.training
+def test_check_config_loads_and_self_checks_every_bundle_of_daemon_models(trained: Path, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    import hashlib
+
+    import yaml
+
+    from sensord.cli import main
+    models_dir = _layout(trained, tmp_path)
+    _train_compressor(tmp_path / "compressor")
+    doc = {"mqtt": {"device_topic": "s/{device}/t", "subscriptions": ["s/+/t"]}, "metrics": {"enabled": False},
+           "daemon": {"models": [{"match": "pump-*", "path": str(models_dir / "{device}"),
+                                  "fallback": str(models_dir / "default"), "channels": list(CHANNELS)},
+                                 {"match": "compressor-*", "path": str(tmp_path / "compressor")}]}}
+    cfg_path = tmp_path / "sensord.yaml"
+    cfg_path.write_text(yaml.safe_dump(doc))
+    assert main(["check-config", "--config", str(cfg_path)]) == 0
+    out = capsys.readouterr().out
+    assert "(4 bundles of daemon.models)" in out and "daemon.models.0.path (pump-b)" in out, out
+    assert "daemon.models.1.path: " + str(tmp_path / "compressor") in out and "self-check passed" in out, out
+
+    # A flatbuffer changed after training, a bundle reading other channels than its entry's, a missing one.
+    weights = models_dir / "pump-a" / "model.tflite"
+    data = bytearray(weights.read_bytes())
+    data[-200] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    meta = json.loads((models_dir / "pump-a" / "bundle.json").read_text())
+    meta["tflite_sha256"] = hashlib.sha256(bytes(data)).hexdigest()  # (a recomputed checksum)
+    (models_dir / "pump-a" / "bundle.json").write_text(json.dumps(meta))
+    shutil.copytree(tmp_path / "compressor", models_dir / "pump-c")
+    doc["daemon"]["models"].append({"match": "fan-*", "path": str(tmp_path / "nowhere")})
+    cfg_path.write_text(yaml.safe_dump(doc))
+    assert main(["check-config", "--config", str(cfg_path)]) == 78
+    err = capsys.readouterr().err
+    assert "daemon.models.0.path (pump-a): " in err, err
+    assert "daemon.models.0.path (pump-c): " in err and "daemon.models.0.channels" in err, err
+    assert f"daemon.models.2.path: {tmp_path / 'nowhere'}: model bundle directory not found" in err, err
+    assert "pump-b" not in err, err
