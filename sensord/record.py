@@ -427,10 +427,13 @@ def print_summary(s: RecordSummary, out: Path, stream: IO[str] | None = None) ->
         print(f"ignored: {s.ignored_devices} devices not matching --devices", file=w)
     if not s.rows:
         top = (s.messages_rejected + s.readings_rejected).most_common(1)
-        if top:
+        if top and top[0][0] == "no_model":
+            print("nothing recorded: most readings were rejected as no_model: no daemon.models entry matching "
+                  "these devices names their channels, and data.channels is not set", file=w)
+        elif top:
             print(f"nothing recorded: most readings were rejected as {top[0][0]}; check that the subscriptions' "
-                  "field names and data.channels match what the devices send (see README, Input formats)",
-                  file=w)
+                  "field names and data.channels (or the daemon.models entries' channels) match what the devices "
+                  "send (see README, Input formats)", file=w)
         else:
             print("nothing recorded: no message arrived on the configured subscriptions", file=w)
 
