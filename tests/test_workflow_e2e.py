@@ -141,10 +141,22 @@ def serve_and_check(tmp_path: Path, name: str, doc: dict[str, Any], devices: lis
                     prefix: str) -> DaemonProcess:
     """Start a daemon on ``doc``, stream labelled run ``run`` of every device and check that each raised
     exactly one alert inside its fault with the model id of ``bundles[device]``, and that ``evaluate``
-    with that bundle decides the same. Returns the daemon (still running) for more checks."""
+    with that bundle decides the same. Returns the daemon (still running) for more checks; stops it if a
+    check fails."""
     ids = {d.name: json.loads((bundles[d.name] / "bundle.json").read_text())["model_id"] for d in devices}
     online = [m for m in rec.messages(f"{prefix}/status") if m.payload == b"online"]
     daemon = DaemonProcess(tmp_path, name, doc)
+    try:
+        _check_serving(tmp_path, name, daemon, devices, run, bundles, ids, online, pub, rec, topic, prefix)
+    except BaseException:
+        daemon.stop()
+        raise
+    return daemon
+
+
+def _check_serving(tmp_path: Path, name: str, daemon: DaemonProcess, devices: list[Device], run: int,
+                   bundles: dict[str, Path], ids: dict[str, str], online: list[Any], pub: QosPublisher,
+                   rec: MqttRecorder, topic: str, prefix: str) -> None:
     wait_until(lambda: len([m for m in rec.messages(f"{prefix}/status") if m.payload == b"online"]) > len(online),
                30, f"{name} online")
     seen = {d.name: len(rec.messages(f"{prefix}/alerts/{d.name}")) for d in devices}
@@ -186,7 +198,6 @@ def serve_and_check(tmp_path: Path, name: str, doc: dict[str, Any], devices: lis
         assert offline == [(a["state"], a["window_end"]) for a in live[d.name]], (name, d.name, offline, live)
         np.testing.assert_allclose([a["score"] for a in report["alerts"]],
                                    [a["score"] for a in live[d.name]], rtol=1e-3, atol=1e-4)
-    return daemon
 
 
 def test_record_train_per_device_and_per_group_run_and_evaluate_agree(broker: MosquittoBroker, topic_root: str,
