@@ -18,12 +18,14 @@ from typing import Any
 import numpy as np
 
 from .base import (
-    Bounds,
     ChannelUpdate,
     Item,
+    LayoutFor,
     MessageRejected,
     Reading,
     device_id_problem,
+    fixed_layout,
+    no_model,
     timestamp_or_arrival,
     topic_pattern,
 )
@@ -62,9 +64,9 @@ class JsonParser:
                  timestamp_field: str, values_field: str, clock: Callable[[], float] = time.time,
                  max_clock_skew: float | None = None,
                  bounds: tuple[Iterable[float], Iterable[float]] | None = None,
-                 partial: bool = False) -> None:
-        self.channels = tuple(channels)
-        self.bounds = Bounds(bounds)
+                 partial: bool = False, layouts: LayoutFor | None = None) -> None:
+        self.channels = tuple(channels)  # (the channels of every device unless ``layouts`` says otherwise)
+        self.layout_for = fixed_layout(channels, bounds, layouts)
         self.max_clock_skew = max_clock_skew
         self.device_field = device_field
         self.timestamp_field = timestamp_field
@@ -132,21 +134,25 @@ class JsonParser:
             return Reading(device, arrival, None, (
                 "future_timestamp", f"timestamp {ts:.3f} is {ts - arrival:.0f} s ahead of this host's clock "
                 f"(daemon.max_clock_skew_seconds={self.max_clock_skew:g})"))
+        layout = self.layout_for(device)
+        if layout is None:
+            return no_model(device, ts)
         source = lookup(item, self.values_field)
         if source is _MISSING:
             source = item
         if not isinstance(source, dict):
             return Reading(device, ts, None, ("bad_value", f"{self.values_field!r} must be an object"))
-        values = np.empty(len(self.channels), dtype=np.float64)  # float64: 1e39 stays finite, to be clipped
+        values = np.empty(len(layout.channels), dtype=np.float64)  # float64: 1e39 stays finite, to be clipped
         present: dict[str, float] = {}
         clipped = False
-        for j, ch in enumerate(self.channels):
+        bounds = layout.bounds
+        for j, ch in enumerate(layout.channels):
             v = source.get(ch)
             if v is None:
                 if self.partial:
                     continue
                 return Reading(device, ts, None, ("missing_channel", f"channel {ch!r} missing"))
-            got = self.bounds.value(j, v, numeric_strings=True)
+            got = bounds.value(j, v, numeric_strings=True)
             if isinstance(got, str):
                 return Reading(device, ts, None, ("bad_value", f"channel {ch!r}: {got}"))
             values[j], c = got
