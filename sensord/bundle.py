@@ -113,8 +113,10 @@ class ModelBundle:
         os.replace(tmp, self.path / BUNDLE_JSON)
 
     @classmethod
-    def load(cls, path: str | Path, expect_channels: Sequence[str] | None = None) -> ModelBundle:
-        """Load and check every part; ``expect_channels`` (the config's ``data.channels``) must match if given.
+    def load(cls, path: str | Path, expect_channels: Sequence[str] | None = None,
+             channels_key: str = "data.channels") -> ModelBundle:
+        """Load and check every part; ``expect_channels`` (the config's ``data.channels``, or the
+        ``channels_key`` named) must match if given.
 
         The window length is checked where the windows are made (:func:`sensord.windows.window_spec`).
         """
@@ -166,7 +168,7 @@ class ModelBundle:
             raise BundleError(f"{tflite}: checksum mismatch (bundle.json says {expected_sha[:12]}…, "
                               f"file is {actual[:12]}…): the model file was changed or copied incompletely")
         if expect_channels is not None and len(expect_channels) and list(expect_channels) != channels:
-            raise BundleError(f"{p}: channels {channels} do not match the configured data.channels "
+            raise BundleError(f"{p}: channels {channels} do not match the configured {channels_key} "
                               f"{list(expect_channels)}")
         for key in ("model", "training"):
             if not isinstance(meta.get(key, {}), dict):

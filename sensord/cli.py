@@ -94,12 +94,19 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             if all(k in sections for k in _MODEL_SECTIONS) else None
     errors += referenced_file_problems(sections.get("mqtt"), sections.get("metrics"))[1]
     model_error: SensordError | None = None
+    checked_models: list[str] = []
     if args.model and cfg is not None:
         from .pipeline import ServingModel
         try:
             ServingModel.load(cfg, args.model, own_window=bool(cfg.daemon.models))  # exactly what ``run`` checks
         except SensordError as exc:
             model_error = exc
+    elif not args.model and full is not None and full.daemon.models:
+        # Every bundle ``run`` would serve: loaded, checked against its entry and self-checked.
+        from .models import check_bundles
+        problems, passed = check_bundles(full)
+        errors += problems
+        checked_models = passed
     elif not args.model and full is not None and full.assembly.sample_period_seconds is None \
             and full.assembly_needed() is not None:
         # The assembly clock is then the model's: look at the bundle ``run`` would serve, if it is there.
@@ -124,7 +131,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         return EX_CONFIG
     if model_error is not None:
         return model_error.exit_status
-    print(f"OK {args.config}" + (f" (model {args.model})" if args.model else ""))
+    print(f"OK {args.config}" + (f" (model {args.model})" if args.model else "")
+          + (f" ({len(checked_models)} bundles of daemon.models)" if checked_models else ""))
+    for line in checked_models:
+        print(f"  {line}")
     return EX_OK
 
 

@@ -419,6 +419,18 @@ class ModelRouteConfig:
     path: StrictStr
     match: StrictStr = "*"  # an fnmatch glob on the device id (case-sensitive)
     fallback: StrictStr | None = None
+    # The channels these devices send, in order (default: data.channels). Models of one daemon may read
+    # different channels (a pump, a compressor); ``sensord record`` writes these before any bundle exists,
+    # and a bundle found here with other channels is refused.
+    channels: list[StrictStr] = field(default_factory=list)
+
+    @field_validator("channels")
+    @classmethod
+    def _unique_channels(cls, v: list[StrictStr]) -> list[StrictStr]:
+        dupes = sorted({c for c in v if v.count(c) > 1})
+        if dupes:
+            raise ValueError(f"must not repeat a channel, got duplicates {dupes}")
+        return v
 
     @model_validator(mode="after")
     def _layout(self) -> ModelRouteConfig:
@@ -482,9 +494,9 @@ class DaemonConfig:
         return v
 
     def reference_model(self) -> str:
-        """The bundle that stands for the daemon's channels and clock where no model is loaded (``record``,
-        ``check-config``): ``model``, or the first fixed path or fallback of ``models`` (every model of one
-        daemon reads the same channels)."""
+        """The bundle that stands for the daemon's channels and clock where no model is loaded and no
+        ``daemon.models`` entry names the device's (``record``, ``check-config``): ``model``, or the first
+        fixed path or fallback of ``models``."""
         for entry in self.models:
             path = entry.fallback if entry.per_device else entry.path
             if path is not None:

@@ -16,6 +16,13 @@ channel, is read in time order instead). The gap policy is the daemon's: a chann
 ``assembly.max_staleness_seconds``, a tick without a fresh value of every channel has no row (the
 series has a gap there, and windows do not span gaps longer than ``window.max_gap_seconds``), a
 value stamped at or before a tick already decided is dropped (``late_value``).
+
+A wide file with empty cells (a channel not sampled on that line, as exports of report-by-exception
+data have) follows the same rule, through the same code: each non-empty cell is a value, and rows are
+made on the clock as for a long file (resampled to the sampling period, a value held for at most
+``assembly.max_staleness_seconds``, no row where a channel has no value that fresh, so the series splits
+there). A wide file without empty cells gives its rows as written. A cell that is neither empty nor a
+finite number is an error naming its line and column.
 """
 
 from __future__ import annotations
@@ -111,30 +118,35 @@ def _load_long(p: Path, header: list[str], numbered: list[tuple[int, list[str]]]
         raise DataError(f"{p}: no line of channel {label!r} (the label, 0/1) in column {header[ch_i]!r} "
                         "(use --label-column)")
     names = tuple(wanted) + ((label,) if has_labels else ())
-    out: list[Series] = []
-    for device, values in per_device.items():
-        where = f"{p}#{device}" if dev_i is not None else str(p)
-        period = assembly.period(model_period) or _median_step(values, names)
-        if period is None:
-            raise DataError(f"{where}: cannot tell the sampling period (no channel has two timestamps): set "
-                            "assembly.sample_period_seconds")
-        rows, problems = _assemble(device, values, names, period, assembly)
-        if 4 * problems["late_value"] >= len(values):  # not arrival order: exported channel by channel, say
-            log.warning("%s: %d of %d values come after a later one: the file is not in time order; read in "
-                        "time order instead", where, problems["late_value"], len(values))
-            rows, problems = _assemble(device, sorted(values, key=lambda x: (x[0], x[1])), names, period, assembly)
-        if not rows:
-            raise DataError(f"{where}: no complete row on the {period:g} s clock: no tick had a value of every "
-                            f"channel ({', '.join(names)}) at most {assembly.staleness(period):g} s old "
-                            "(assembly.max_staleness_seconds)")
-        table = np.stack([v for _, v in rows])
-        labels = (table[:, -1] > 0.5).astype(np.int8) if has_labels else None
-        n = len(wanted)
-        log.info("%s: %d rows on a %g s clock from %d values%s", where, len(rows), period, len(values),
-                 "".join(f", {k} {reason}" for reason, k in sorted(problems.items())))
-        out.append(Series(np.array([t for t, _ in rows], dtype=np.float64), table[:, :n].astype(np.float32),
-                          tuple(wanted), labels, where))
-    return out
+    return [_on_clock(f"{p}#{device}" if dev_i is not None else str(p), device, values, names, len(wanted),
+                      has_labels, assembly, model_period)
+            for device, values in per_device.items()]
+
+
+def _on_clock(where: str, device: str, values: list[tuple[float, int, str, float]], names: tuple[str, ...],
+              n: int, has_labels: bool, assembly: AssemblyConfig, model_period: float | None) -> Series:
+    """Single values ``(timestamp, line, channel, value)`` -> one series on the clock, by the daemon's gap
+    policy (see the module doc): the one rule for long files and wide ones with empty cells. ``names``
+    are the ``n`` channels, then the label if ``has_labels``."""
+    period = assembly.period(model_period) or _median_step(values, names)
+    if period is None:
+        raise DataError(f"{where}: cannot tell the sampling period (no channel has two timestamps): set "
+                        "assembly.sample_period_seconds")
+    rows, problems = _assemble(device, values, names, period, assembly)
+    if 4 * problems["late_value"] >= len(values):  # not arrival order: exported channel by channel, say
+        log.warning("%s: %d of %d values come after a later one: the file is not in time order; read in "
+                    "time order instead", where, problems["late_value"], len(values))
+        rows, problems = _assemble(device, sorted(values, key=lambda x: (x[0], x[1])), names, period, assembly)
+    if not rows:
+        raise DataError(f"{where}: no complete row on the {period:g} s clock: no tick had a value of every "
+                        f"channel ({', '.join(names)}) at most {assembly.staleness(period):g} s old "
+                        "(assembly.max_staleness_seconds)")
+    table = np.stack([v for _, v in rows])
+    labels = (table[:, -1] > 0.5).astype(np.int8) if has_labels else None
+    log.info("%s: %d rows on a %g s clock from %d values%s", where, len(rows), period, len(values),
+             "".join(f", {k} {reason}" for reason, k in sorted(problems.items())))
+    return Series(np.array([t for t, _ in rows], dtype=np.float64), table[:, :n].astype(np.float32),
+                  tuple(names[:n]), labels, where)
 
 
 def _assemble(device: str, values: list[tuple[float, int, str, float]], names: Sequence[str], period: float,
@@ -272,6 +284,7 @@ def load_recordings(path: str | Path, cfg: DataConfig | None = None,
     ts = np.empty(n, dtype=np.float64)
     vals = np.empty((n, len(ch_i)), dtype=np.float32)
     labels = np.zeros(n, dtype=np.int8) if has_labels else None
+    gaps = 0  # empty cells (channel or label): the rows are then made on the clock, see below
     for r, row in enumerate(body):
         line = line_of[r]
         if len(row) < len(header):
@@ -282,6 +295,10 @@ def load_recordings(path: str | Path, cfg: DataConfig | None = None,
             raise DataError(f"{p}:{line}: column {ts_col!r}: not a timestamp: {row[ts_i]!r}") from None
         for j, ci in enumerate(ch_i):
             cell = row[ci]
+            if not cell.strip():
+                vals[r, j] = np.nan
+                gaps += 1
+                continue
             try:
                 v = float(cell)
             except ValueError:
@@ -291,6 +308,10 @@ def load_recordings(path: str | Path, cfg: DataConfig | None = None,
                 raise DataError(f"{p}:{line}: column {header[ci]!r}: not a finite number: {cell!r}")
             vals[r, j] = v
         if lab_i is not None and labels is not None:
+            if not row[lab_i].strip():
+                labels[r] = -1
+                gaps += 1
+                continue
             try:
                 labels[r] = 1 if float(row[lab_i]) > 0.5 else 0
             except ValueError:
@@ -298,4 +319,17 @@ def load_recordings(path: str | Path, cfg: DataConfig | None = None,
     if np.any(np.diff(ts) < 0):
         bad = line_of[int(np.argmax(np.diff(ts) < 0)) + 1]
         raise DataError(f"{p}:{bad}: timestamps go backwards; rows must be in time order")
-    return [Series(ts, vals, tuple(wanted), labels, str(p))]
+    if not gaps:
+        return [Series(ts, vals, tuple(wanted), labels, str(p))]
+    # Empty cells: each non-empty cell is a value, made into rows by the long layout's rule (the daemon's
+    # assembler: resampled to the sampling period, a value held up to assembly.max_staleness_seconds, no
+    # row where a channel has none that fresh, so the series splits there).
+    names = tuple(wanted) + ((cfg.label_column,) if labels is not None else ())
+    values = [(float(ts[r]), line_of[r], name, float(vals[r, j]))
+              for r in range(n) for j, name in enumerate(wanted) if not np.isnan(vals[r, j])]
+    if labels is not None:
+        values += [(float(ts[r]), line_of[r], cfg.label_column, float(labels[r])) for r in range(n) if labels[r] >= 0]
+        values.sort(key=lambda x: (x[0], x[1]))
+    log.info("%s: %d empty cells: rows made on the sampling clock (assembly section)", p, gaps)
+    return [_on_clock(str(p), "", values, names, len(wanted), labels is not None, assembly or AssemblyConfig(),
+                      period)]

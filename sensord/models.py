@@ -6,11 +6,13 @@ binds a device id to one of them: the first ``daemon.models`` entry whose ``matc
 id and that has a bundle for it. A per-device entry (``path`` with ``{device}``) has one when the
 directory named after the device was there at start-up or at the last SIGHUP, else its ``fallback``.
 
-Every model of one daemon reads the same channels (one reading path, one set of parsers, built
-for one channel list), and on the same assembly clock when channels arrive separately: a bundle
-that differs is refused by name. Per-device models with the same sensors — other scalers,
-thresholds, window lengths — are what this serves: with ``daemon.models`` each model cuts the
-windows it was trained with (length, hop, gap recorded in its bundle), not the ``window`` section's.
+Models of one daemon may read different channels (a pump and a compressor) on different sampling
+periods: each device's readings are parsed, assembled and windowed with the channels, clip bounds and
+clock of the model bound to it (:meth:`ModelSet.layout_for`, which the parsers ask per device), and
+a device that no model serves is rejected as ``no_model`` before anything is assembled for it. An
+entry's ``channels`` (else ``data.channels``), if given, is what its bundles must read. With
+``daemon.models`` each model cuts the windows it was trained with (length, hop, gap recorded in its
+bundle), not the ``window`` section's.
 
 A reload (:meth:`ModelSet.load` with ``previous``) loads every bundle again; one that cannot be
 loaded is refused by name and its previous version keeps serving, the others switch.
@@ -25,10 +27,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from .bundle import BundleError
 from .config import ConfigError, ModelRouteConfig, SensordConfig
+from .formats.base import Layout
 from .pipeline import ServingModel
 
 log = logging.getLogger(__name__)
@@ -75,18 +76,61 @@ def per_device_dirs(template: str) -> dict[str, str]:
     return found
 
 
-def mismatch(cfg: SensordConfig, model: ServingModel, reference: ServingModel) -> str | None:
-    """Why ``model`` cannot share ``reference``'s reading path (channels, assembly clock), or None."""
-    a, b = model.bundle, reference.bundle
-    if a.channels != b.channels:
-        return (f"its channels {list(a.channels)} differ from those of {b.path} {list(b.channels)}: every model "
-                "of one daemon must read the same channels, in the same order")
-    if cfg.assembly_needed() is not None and cfg.assembly.sample_period_seconds is None \
-            and a.sample_period_seconds != b.sample_period_seconds:
-        return (f"its sampling period {a.sample_period_seconds} s differs from that of {b.path} "
-                f"({b.sample_period_seconds} s) and the channels are assembled on one clock: set "
-                "assembly.sample_period_seconds")
-    return None
+def expected_channels(cfg: SensordConfig, entry: int) -> tuple[list[str], str]:
+    """The channels a bundle of ``daemon.models[entry]`` must read (empty: any), and the key that says so:
+    the entry's ``channels``, else ``data.channels`` (also for ``daemon.model``)."""
+    if cfg.daemon.models and cfg.daemon.models[entry].channels:
+        return list(cfg.daemon.models[entry].channels), f"daemon.models.{entry}.channels"
+    return list(cfg.data.channels), "data.channels"
+
+
+def check_bundles(cfg: SensordConfig) -> tuple[list[str], list[str]]:
+    """Load and self-check every bundle ``daemon.models`` names now (``sensord check-config``), as ``run``
+    would: each fixed path and fallback, and each per-device directory whose device the entry matches.
+
+    Returns every problem found (naming the entry, ``daemon.models.<i>.path`` or ``.fallback``, the
+    directory and what is wrong) and one line per bundle that passed.
+    """
+    problems: list[str] = []
+    passed: list[str] = []
+    loaded: dict[str, ServingModel | None] = {}
+    found = False
+    for i, entry in enumerate(cfg.daemon.models):
+        todo: list[tuple[str, str]] = []
+        if not entry.per_device:
+            todo.append((f"daemon.models.{i}.path", entry.path))
+        else:
+            if entry.fallback is not None:
+                todo.append((f"daemon.models.{i}.fallback", entry.fallback))
+            todo += [(f"daemon.models.{i}.path ({device})", path)
+                     for device, path in sorted(per_device_dirs(entry.path).items())
+                     if fnmatch.fnmatchcase(device, entry.match)]
+        for key, path in todo:
+            found = True
+            want, name = expected_channels(cfg, i)
+            k = _key(path)
+            if k not in loaded:
+                try:
+                    loaded[k] = ServingModel.load(cfg, path, own_window=True, channels=(want, name))
+                except (BundleError, ConfigError) as exc:
+                    loaded[k] = None
+                    problems.append(f"{key}: {'; '.join(exc.errors) if isinstance(exc, ConfigError) else exc}")
+                    continue
+                model = loaded[k]
+                assert model is not None
+                checked = "self-check passed" if model.bundle.reference is not None else "no reference windows"
+                passed.append(f"{key}: {model.bundle.path} model {model.bundle.model_id}, "
+                              f"{len(model.bundle.channels)} channels, window {model.bundle.window_length}, "
+                              f"{checked}")
+                continue
+            model = loaded[k]
+            if model is not None and want and list(want) != list(model.bundle.channels):
+                problems.append(f"{key}: {model.bundle.path}: channels {list(model.bundle.channels)} do not match "
+                                f"the configured {name} {list(want)}")
+    if cfg.daemon.models and not found:
+        problems.append("daemon.models: no bundle found: no per-device directory exists yet and no entry names a "
+                        "fixed path or a fallback")
+    return problems, passed
 
 
 class ModelSet:
@@ -103,6 +147,8 @@ class ModelSet:
                     seen.setdefault(id(m), m)
         self.models: list[ServingModel] = list(seen.values())  # each once, in configuration order
         self.by_path = by_path or {}  # the bundle loaded from each directory (a reload keeps a refused one's)
+        self._layouts: dict[int, Layout] = {}  # each model's channels, clip bounds and assembly clock
+        self._device_layouts: dict[str, Layout | None] = {}  # the layout each device was given
 
     @classmethod
     def single(cls, model: ServingModel, cfg: SensordConfig) -> ModelSet:
@@ -122,22 +168,41 @@ class ModelSet:
                 return model
         return None
 
-    # -- the reading path every model shares -------------------------------------------------------
+    # -- what the reading path asks per device ------------------------------------------------------
+
+    def layout_for(self, device: str) -> Layout | None:
+        """The channels, clip bounds and assembly clock ``device``'s readings are taken with: those of the
+        model bound to it (None: no model serves it). Remembered per device (bounded), as the parsers ask
+        for every reading."""
+        try:
+            return self._device_layouts[device]
+        except KeyError:
+            pass
+        model = self.bind(device)
+        layout = None if model is None else self.layout(model)
+        if len(self._device_layouts) >= 10 * self.cfg.daemon.max_devices:  # bounded: hostile ids
+            self._device_layouts.clear()
+        self._device_layouts[device] = layout
+        return layout
+
+    def layout(self, model: ServingModel) -> Layout:
+        """``model``'s channels, clip bounds (``scoring.clip_spreads``) and assembly clock."""
+        layout = self._layouts.get(id(model))
+        if layout is None:
+            period = self.cfg.assembly_period(model.bundle.sample_period_seconds, f"model {model.bundle.path}")
+            layout = self._layouts[id(model)] = Layout.of(model.bundle.channels, (model.low, model.high), period)
+        return layout
 
     @property
     def channels(self) -> tuple[str, ...]:
+        """The first model's channels (what a single-model daemon reads for every device)."""
         primary = self.primary
         return () if primary is None else primary.bundle.channels
 
     def period(self) -> float | None:
-        """The assembly clock (the models agree on it when it is needed; see :func:`mismatch`)."""
+        """The first model's assembly clock (see :meth:`layout_for` for each device's own)."""
         primary = self.primary
-        return None if primary is None else self.cfg.assembly_period(primary.bundle.sample_period_seconds,
-                                                                     f"model {primary.bundle.path}")
-
-    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
-        """Clip bounds wide enough for every model (an overflow guard; each model's scaler is its own)."""
-        return (np.minimum.reduce([m.low for m in self.models]), np.maximum.reduce([m.high for m in self.models]))
+        return None if primary is None else self.layout(primary).period
 
     # -- loading -------------------------------------------------------------------------------------
 
@@ -153,18 +218,22 @@ class ModelSet:
         entries = cfg.daemon.models or [ModelRouteConfig(path=cfg.daemon.model)]
         loaded: dict[str, ServingModel] = {}
         refused: list[Refusal] = []
-        reference: list[ServingModel] = []  # the first model: the channels every other one must have
 
-        def get(path: str) -> ServingModel | None:
+        def get(path: str, entry: int) -> ServingModel | None:
             key = _key(path)
             if key in loaded:
-                return loaded[key]
+                model = loaded[key]
+                want, name = expected_channels(cfg, entry)
+                if not want or list(want) == list(model.bundle.channels):
+                    return model
+                problem = f"channels {list(model.bundle.channels)} do not match the configured {name} {list(want)}"
+                if previous is None:
+                    raise BundleError(f"{model.bundle.path}: {problem}")
+                refused.append(Refusal(path, f"{model.bundle.path}: {problem}"))
+                return None
             try:
-                model = ServingModel.load(cfg, path, own_window=bool(cfg.daemon.models))
-                if reference:
-                    problem = mismatch(cfg, model, reference[0])
-                    if problem is not None:
-                        raise BundleError(f"{model.bundle.path}: {problem}")
+                model = ServingModel.load(cfg, path, own_window=bool(cfg.daemon.models),
+                                          channels=expected_channels(cfg, entry))
             except (BundleError, ConfigError) as exc:
                 if previous is None:
                     raise
@@ -174,20 +243,18 @@ class ModelSet:
                     return None
                 model = old
             loaded[key] = model
-            if not reference:
-                reference.append(model)
             return model
 
         routes = []
-        for entry in entries:
+        for i, entry in enumerate(entries):
             if not entry.per_device:
-                routes.append(Route(entry.match, get(entry.path), {}, None))
+                routes.append(Route(entry.match, get(entry.path, i), {}, None))
                 continue
-            fallback = get(entry.fallback) if entry.fallback is not None else None
+            fallback = get(entry.fallback, i) if entry.fallback is not None else None
             own = {}
             for device, path in sorted(per_device_dirs(entry.path).items()):
                 if fnmatch.fnmatchcase(device, entry.match):
-                    model = get(path)
+                    model = get(path, i)
                     if model is not None:
                         own[device] = model
             routes.append(Route(entry.match, None, own, fallback))

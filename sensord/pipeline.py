@@ -29,7 +29,7 @@ from .assembly import Assembler
 from .bundle import ModelBundle
 from .config import DetectorConfig, SensordConfig
 from .detector import AlertDetector, AlertEvent, Decision
-from .formats.base import Parser, RebirthRequest, escape
+from .formats.base import NO_MODEL, Parser, RebirthRequest, escape
 from .homeassistant import HomeAssistantDiscovery
 from .metrics import DaemonMetrics
 from .ratelimit import RateLimitedLog
@@ -58,14 +58,18 @@ class ServingModel:
     high: np.ndarray
 
     @classmethod
-    def load(cls, cfg: SensordConfig, path: str | None = None, own_window: bool = False) -> ServingModel:
+    def load(cls, cfg: SensordConfig, path: str | None = None, own_window: bool = False,
+             channels: tuple[list[str], str] | None = None) -> ServingModel:
         """Load and validate the bundle (``daemon.model``, or ``path``) against the config (raises BundleError).
 
         ``own_window``: the windows the bundle was trained with (length, hop, gap), not the config's
         ``window`` section — what ``daemon.models`` serves, where models may have different window lengths.
+        ``channels``: the channels the bundle must read and the key naming them (default ``data.channels``;
+        a ``daemon.models`` entry's own, see :func:`sensord.models.expected_channels`).
         ``sensord check-config --model`` loads through here too, so it refuses exactly what ``run`` would.
         """
-        bundle = ModelBundle.load(path or cfg.daemon.model, cfg.data.channels or None)
+        want, key = channels if channels is not None else (cfg.data.channels, "data.channels")
+        bundle = ModelBundle.load(path or cfg.daemon.model, want or None, key)
         cfg.assembly_period(bundle.sample_period_seconds, f"model {bundle.path}")  # ConfigError if none
         spec = window_spec(None if own_window else cfg.window, bundle)
         scorer = Scorer(bundle, max_batch=cfg.scoring.batch_max)
@@ -548,21 +552,15 @@ class Intake:
         return primary
 
     def _path(self, cfg: SensordConfig, models: ModelSet) -> ReadingPath:
-        """The model-independent reading path (parsers, assembler), for the models' channels and clock (every
-        model of a daemon has the same: see sensord/models.py)."""
-        return ReadingPath(cfg, models.channels, models.period(), models.bounds(), self._warn)
+        """The reading path (parsers, assemblers): each device's readings are taken with the channels, clip
+        bounds and clock of the model bound to it (:meth:`ModelSet.layout_for`; sensord/models.py)."""
+        return ReadingPath(cfg, models.channels, models.period(), None, self._warn, models.layout_for)
 
     def _bind(self, device: str) -> ServingModel | None:
         """The model of a device seen for the first time (None: counted as ``no_model``, logged once)."""
         model = self.models.bind(device)
         if model is None:
-            self.metrics.readings_rejected.labels("no_model").inc()
-            if device not in self._unmatched:
-                if len(self._unmatched) >= 10 * self.cfg.daemon.max_devices:  # bounded: hostile ids
-                    self._unmatched.clear()
-                self._unmatched.add(device)
-                log.warning("device=%s matches no model (daemon.models): its readings are counted as "
-                            "rejected (reason no_model) and never scored", escape(device))
+            self._unbound(device)
             return None
         self.bound[device] = model
         self.metrics.bind_device(device, model.bundle.model_id)
@@ -591,8 +589,22 @@ class Intake:
         self._warn.warning(f"reading:{reason}", "reading rejected reason=%s device=%s: %s", reason, escape(device),
                            escape(detail))
 
+    def _unbound(self, device: str) -> None:
+        """A reading of a device no model serves: counted as ``no_model``, logged once per device."""
+        self.metrics.readings_rejected.labels(NO_MODEL).inc()
+        if device not in self._unmatched:
+            if len(self._unmatched) >= 10 * self.cfg.daemon.max_devices:  # bounded: hostile ids
+                self._unmatched.clear()
+            self._unmatched.add(device)
+            log.warning("device=%s matches no model (daemon.models): its readings are counted as "
+                        "rejected (reason no_model) and never scored", escape(device))
+
     # RowSink: what the reading path delivers (sensord/readings.py)
-    reject = _reject
+    def reject(self, reason: str, device: str, detail: str) -> None:
+        if reason == NO_MODEL:
+            self._unbound(device)
+        else:
+            self._reject(reason, device, detail)
 
     def message_rejected(self, reason: str) -> None:
         self.metrics.messages_rejected.labels(reason).inc()

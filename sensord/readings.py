@@ -18,7 +18,17 @@ import numpy as np
 
 from .assembly import Assembler
 from .config import SensordConfig
-from .formats.base import ChannelUpdate, DeviceDeath, MessageRejected, Parser, RebirthRequest, escape, topic_matches
+from .formats.base import (
+    ChannelUpdate,
+    DeviceDeath,
+    Layout,
+    LayoutFor,
+    MessageRejected,
+    Parser,
+    RebirthRequest,
+    escape,
+    topic_matches,
+)
 from .formats.build import build_parser
 from .formats.sparkplug_b import SparkplugParser
 from .ratelimit import RateLimitedLog
@@ -54,7 +64,12 @@ class RowSink(Protocol):
 
 
 class ReadingPath:
-    """The parsers of every subscription and the clock assembler, for ``channels`` (a model's or the config's).
+    """The parsers of every subscription and the clock assemblers, for each device's channels.
+
+    Without ``layouts`` every device has ``channels`` (a model's or the config's), clipped to ``bounds``
+    and assembled on ``period``. With ``layouts`` (the daemon's models, ``record``'s per-device channels)
+    each device has the channels, bounds and clock of its own layout, and a device with none is rejected
+    as ``no_model``; ``channels`` and ``period`` then only name the first layout (:attr:`assembler`).
 
     ``period`` is the assembly clock (``SensordConfig.assembly_period``); None means no assembler, and
     single channels are then rejected as ``missing_channel``. ``bounds`` clip values (the daemon's
@@ -62,27 +77,55 @@ class ReadingPath:
     """
 
     def __init__(self, cfg: SensordConfig, channels: Sequence[str], period: float | None,
-                 bounds: Bounds | None = None, warn: RateLimitedLog | None = None) -> None:
+                 bounds: Bounds | None = None, warn: RateLimitedLog | None = None,
+                 layouts: LayoutFor | None = None) -> None:
         self.cfg = cfg
         self.channels = tuple(channels)
         self.period = period
         self.warn = warn if warn is not None else RateLimitedLog(log, cfg.logging.rate_limit_seconds)
+        if layouts is None:
+            one = Layout.of(self.channels, bounds, period)
+            layouts = lambda _device: one  # noqa: E731
+        self.layout_for: LayoutFor = layouts
         self.parsers: list[tuple[str, Parser]] = [
-            (sub.topic, build_parser(sub, cfg.mqtt, self.channels, cfg.daemon.max_clock_skew_seconds, bounds))
+            (sub.topic, build_parser(sub, cfg.mqtt, self.channels, cfg.daemon.max_clock_skew_seconds, bounds,
+                                     layouts))
             for sub in cfg.mqtt.subscription_list()]
-        a = cfg.assembly
-        self.assembler = None if period is None else Assembler(self.channels, period, a.staleness(period),
-                                                               a.late_tolerance_seconds)
+        # One assembler per (channels, clock): devices of one model kind share it.
+        self.assemblers: dict[tuple[object, ...], Assembler] = {}
+        if period is not None:
+            self._assembler_for(self.channels, period)
 
-    def _clock(self) -> tuple[object, ...]:
+    def _clock(self, channels: tuple[str, ...], period: float) -> tuple[object, ...]:
         a = self.cfg.assembly
-        return self.channels, self.period, a.staleness(self.period), a.late_tolerance_seconds
+        return channels, period, a.staleness(period), a.late_tolerance_seconds
+
+    def _assembler_for(self, channels: tuple[str, ...], period: float) -> Assembler:
+        key = self._clock(channels, period)
+        assembler = self.assemblers.get(key)
+        if assembler is None:
+            a = self.cfg.assembly
+            assembler = self.assemblers[key] = Assembler(channels, period, a.staleness(period),
+                                                         a.late_tolerance_seconds)
+        return assembler
+
+    @property
+    def assembler(self) -> Assembler | None:
+        """The assembler of ``channels`` on ``period`` (the only one when every device has those)."""
+        return None if self.period is None else self.assemblers.get(self._clock(self.channels, self.period))
 
     def carry_over(self, old: ReadingPath) -> None:
         """After a reload: keep what the old path learnt that the new one cannot know yet: the held values
-        of the assembler when its clock is unchanged, and Sparkplug aliases (named only at BIRTH)."""
-        if old.assembler is not None and self._clock() == old._clock():
-            self.assembler = old.assembler
+        of each assembler whose channels and clock are unchanged (minus the devices whose channels or clock
+        changed), and Sparkplug aliases (named only at BIRTH)."""
+        for key, assembler in old.assemblers.items():
+            if key in self.assemblers and self.assemblers[key].devices:
+                continue
+            for device in list(assembler.devices):
+                layout = self.layout_for(device)
+                if layout is None or layout.period is None or self._clock(layout.channels, layout.period) != key:
+                    assembler.forget(device)
+            self.assemblers[key] = assembler
         for (topic, parser), (old_topic, old_parser) in zip(self.parsers, old.parsers, strict=False):
             if topic == old_topic and isinstance(parser, SparkplugParser) and isinstance(old_parser, SparkplugParser):
                 parser.aliases = old_parser.aliases
@@ -97,12 +140,12 @@ class ReadingPath:
         return self.parsers[0][1]
 
     def tracks(self, device: str) -> bool:
-        """Whether the assembler holds values of ``device``."""
-        return self.assembler is not None and device in self.assembler
+        """Whether an assembler holds values of ``device``."""
+        return any(device in a for a in self.assemblers.values())
 
     def assembling(self) -> list[str]:
-        """The devices the assembler holds values of."""
-        return [] if self.assembler is None else list(self.assembler.devices)
+        """The devices the assemblers hold values of."""
+        return list(dict.fromkeys(d for a in self.assemblers.values() for d in a.devices))
 
     def refusal(self, device: str, known: Collection[str]) -> tuple[str, str] | None:
         """Why ``device`` may not become a tracked device, as ``(reason, detail)``, or None if it may.
@@ -122,8 +165,8 @@ class ReadingPath:
         return None
 
     def forget(self, device: str) -> None:
-        if self.assembler is not None:
-            self.assembler.forget(device)
+        for a in self.assemblers.values():
+            a.forget(device)
 
     def take(self, topic: str, payload: bytes, retained: bool, sink: RowSink) -> None:
         """One message: screened, parsed, assembled; everything it yields goes to ``sink``.
@@ -166,13 +209,17 @@ class ReadingPath:
 
     def _assemble(self, update: ChannelUpdate, sink: RowSink) -> None:
         """Single channels -> rows on the assembly clock -> the sink."""
-        if self.assembler is None:  # (start-up requires the period for every format that sends these)
+        layout = self.layout_for(update.device)
+        if layout is None:  # (the parser has said so already)
+            return
+        if layout.period is None:  # (start-up requires the period for every format that sends these)
             sink.reject("missing_channel", update.device, "channels arrive separately but "
                         "assembly.sample_period_seconds is not set")
             return
         if not sink.admit(update.device):
             return
-        done = self.assembler.add(update.device, update.timestamp, update.values)
+        done = self._assembler_for(layout.channels, layout.period).add(update.device, update.timestamp,
+                                                                        update.values)
         if not done.problems or done.rows:
             sink.touch(update.device, update.timestamp)
         for reason, detail in done.problems:

@@ -2,11 +2,13 @@
 
 It takes readings exactly as ``sensord run`` does (the daemon's MQTT connection code, every
 subscription's parser, the clock assembler: :class:`sensord.readings.ReadingPath`) but needs no model:
-the channels come from ``data.channels`` (else from the bundle at ``daemon.model`` if there is one),
-the clock from ``assembly.sample_period_seconds`` (else that bundle's). Each device's rows go to
+each device's channels are those of the ``daemon.models`` entry that matches it (its bundle's when one
+is there, else the entry's ``channels``), else ``data.channels``, else the bundle at ``daemon.model``
+(:class:`RecordingChannels`), so a pump and a compressor with other sensors are recorded side by side;
+the clock is ``assembly.sample_period_seconds`` (else that bundle's). Each device's rows go to
 ``<out>/<device>.csv`` in the wide format ``sensord train`` reads (``timestamp`` in Unix seconds, then
-one column per channel), each line written whole and flushed as it comes, so a recording stopped by
-``--duration``, SIGINT or SIGTERM (or a power cut) ends on a complete line.
+one column per channel of that device), each line written whole and flushed as it comes, so a recording
+stopped by ``--duration``, SIGINT or SIGTERM (or a power cut) ends on a complete line.
 
 A row is refused for the reasons, under the names, the daemon counts in
 ``sensord_readings_rejected_total`` / ``sensord_messages_rejected_total``; a row stamped before the
@@ -40,7 +42,7 @@ import numpy as np
 from .bundle import BundleError, ModelBundle
 from .config import ConfigError, SensordConfig
 from .errors import UsageError
-from .formats.base import RebirthRequest, escape
+from .formats.base import Layout, LayoutFor, RebirthRequest, escape
 from .ratelimit import RateLimitedLog
 from .readings import ReadingPath
 from .windows import ReadingRejected, WindowBuffer, WindowSpec
@@ -100,6 +102,72 @@ def recording_source(cfg: SensordConfig) -> tuple[tuple[str, ...], float | None]
     return channels, cfg.assembly_period(bundle.sample_period_seconds if bundle else None, where)
 
 
+class RecordingChannels:
+    """Each device's channels and clock for ``record`` (a :data:`~sensord.formats.base.LayoutFor`), without
+    serving any model.
+
+    The first ``daemon.models`` entry that matches the device and names its channels decides: its bundle
+    for the device (a per-device directory, else the fallback; a fixed path) if one is there, else the
+    entry's ``channels``; an entry that gives neither is passed over, as the daemon passes over an entry
+    without a bundle. Otherwise the config's channels (:func:`recording_source`). None: no channels for
+    the device (its readings are rejected as ``no_model``).
+    """
+
+    def __init__(self, cfg: SensordConfig) -> None:
+        self.cfg = cfg
+        self.default: Layout | None = None
+        try:
+            channels, period = recording_source(cfg)
+            self.default = Layout.of(channels, None, period)
+        except ConfigError as exc:
+            from .models import per_device_dirs
+            models = cfg.daemon.models
+            if not any(e.channels for e in models) and not any(per_device_dirs(e.path) for e in models
+                                                               if e.per_device):
+                if models and exc.errors[-1].startswith("data.channels"):
+                    raise ConfigError([*exc.errors[:-1], exc.errors[-1] + " (or give each daemon.models entry "
+                                       "its channels)"]) from None
+                raise
+            # No channels for devices that match no entry; the clock, if needed, must be set in the config.
+            cfg.assembly_period(None, f"no model bundle at daemon.models ({cfg.daemon.reference_model()})")
+        self._bundles: dict[str, ModelBundle | None] = {}
+        self._devices: dict[str, Layout | None] = {}
+
+    def _bundle(self, path: str, entry: int) -> ModelBundle | None:
+        if path not in self._bundles:
+            from .models import expected_channels
+            want, key = expected_channels(self.cfg, entry)
+            try:
+                self._bundles[path] = ModelBundle.load(path, want or None, key)
+            except BundleError:
+                self._bundles[path] = None  # (not trained yet: the entry's channels stand for it)
+        return self._bundles[path]
+
+    def _resolve(self, device: str) -> Layout | None:
+        for i, entry in enumerate(self.cfg.daemon.models):
+            if not fnmatch.fnmatchcase(device, entry.match):
+                continue
+            paths = [entry.path] if not entry.per_device else \
+                [entry.path.replace("{device}", device), *([entry.fallback] if entry.fallback else [])]
+            for path in paths:
+                bundle = self._bundle(path, i)
+                if bundle is not None:
+                    return Layout.of(bundle.channels, None, self.cfg.assembly.period(bundle.sample_period_seconds))
+            if entry.channels:
+                return Layout.of(entry.channels, None, self.cfg.assembly.period(None))
+        return self.default
+
+    def __call__(self, device: str) -> Layout | None:
+        try:
+            return self._devices[device]
+        except KeyError:
+            pass
+        layout = self._devices[device] = self._resolve(device)
+        if len(self._devices) > 10 * self.cfg.daemon.max_devices:  # bounded: hostile ids
+            self._devices.clear()
+        return layout
+
+
 @dataclass
 class _Recording:
     """One device's CSV file and the checks its rows pass (the daemon's :class:`WindowBuffer` checks)."""
@@ -107,6 +175,7 @@ class _Recording:
     path: Path
     file: IO[str]
     check: WindowBuffer
+    channels: tuple[str, ...]
     rows: int = 0
     first: float = math.nan
     last: float = math.nan
@@ -115,6 +184,7 @@ class _Recording:
 @dataclass
 class RecordSummary:
     devices: dict[str, tuple[int, float, float, Path]] = field(default_factory=dict)  # rows, first, last, file
+    device_channels: dict[str, tuple[str, ...]] = field(default_factory=dict)
     messages: int = 0
     messages_rejected: Counter[str] = field(default_factory=Counter)
     readings_rejected: Counter[str] = field(default_factory=Counter)
@@ -140,22 +210,19 @@ class Recorder:
     """
 
     def __init__(self, cfg: SensordConfig, out: Path, channels: tuple[str, ...], period: float | None,
-                 devices: str | None = None) -> None:
+                 devices: str | None = None, layouts: LayoutFor | None = None) -> None:
         self.cfg = cfg
         self.out = out
-        self.channels = channels
+        self.channels = channels  # (every device's, unless ``layouts`` gives each its own)
         self.devices_glob = devices
         self._warn = RateLimitedLog(log, cfg.logging.rate_limit_seconds)
-        self.path = ReadingPath(cfg, channels, period, None, self._warn)
+        self.path = ReadingPath(cfg, channels, period, None, self._warn, layouts)
         self.files: dict[str, _Recording] = {}
         self._ignored: set[str] = set()
         self._lock = threading.Lock()
         self._closed = False
         self.stats = RecordSummary(channels=channels)
         self.send_command: Callable[[str, bytes], object] | None = None  # set once connected (Sparkplug rebirth)
-        header = io.StringIO()
-        csv.writer(header, lineterminator="\n").writerow(["timestamp", *channels])
-        self._header = header.getvalue()
 
     # -- intake ----------------------------------------------------------------------------------
 
@@ -242,11 +309,15 @@ class Recorder:
         rec.last = timestamp
 
     def _open(self, device: str) -> _Recording:
+        layout = self.path.layout_for(device)
+        channels = layout.channels if layout is not None else self.channels  # (rows come only with a layout)
         path = self.out / f"{device}.csv"
         f = path.open("x", encoding="utf-8", newline="")  # never over a file (checked empty at start)
-        f.write(self._header)
+        header = io.StringIO()
+        csv.writer(header, lineterminator="\n").writerow(["timestamp", *channels])
+        f.write(header.getvalue())
         f.flush()
-        rec = self.files[device] = _Recording(path, f, WindowBuffer(WindowSpec(2), len(self.channels), device))
+        rec = self.files[device] = _Recording(path, f, WindowBuffer(WindowSpec(2), len(channels), device), channels)
         log.info("new device=%s: recording to %s", escape(device), path)
         return rec
 
@@ -256,9 +327,11 @@ class Recorder:
         with self._lock:
             s = self.stats
             s.devices = {d: (r.rows, r.first, r.last, r.path) for d, r in sorted(self.files.items())}
+            s.device_channels = {d: r.channels for d, r in sorted(self.files.items())}
             s.ignored_devices = len(self._ignored)
             return replace(s, messages_rejected=Counter(s.messages_rejected),
-                           readings_rejected=Counter(s.readings_rejected), devices=dict(s.devices))
+                           readings_rejected=Counter(s.readings_rejected), devices=dict(s.devices),
+                           device_channels=dict(s.device_channels))
 
     def close(self) -> None:
         """Stop taking messages; flush, sync and close every file (idempotent)."""
@@ -330,14 +403,21 @@ def print_summary(s: RecordSummary, out: Path, stream: IO[str] | None = None) ->
     """What was recorded where, and every rejection by reason (the daemon's names), with a hint when
     nothing could be recorded: a wrong field or channel name shows up here at once."""
     w = stream or sys.stdout
-    channels = s.channels
-    print(f"recorded {len(s.devices)} devices, {s.rows} readings of {len(channels)} channels "
-          f"({', '.join(channels)}) in {hms(s.seconds)} into {out} (stopped: {s.stopped_by})", file=w)
+    kinds = sorted(set(s.device_channels.values())) or [s.channels]
+    channels = kinds[0]
+    what = f"{len(channels)} channels ({', '.join(channels)})" if len(kinds) == 1 else \
+        f"{len(kinds)} sets of channels (below)"
+    print(f"recorded {len(s.devices)} devices, {s.rows} readings of {what} in {hms(s.seconds)} into {out} "
+          f"(stopped: {s.stopped_by})", file=w)
     if s.devices:
         width = max(6, *(len(d) for d in s.devices))
         print(f"  {'device':<{width}} {'readings':>9}  {'first':<20}  {'last':<20}  file", file=w)
         for device, (rows, first, last, path) in s.devices.items():
             print(f"  {device:<{width}} {rows:>9}  {_iso(first):<20}  {_iso(last):<20}  {path}", file=w)
+    if len(kinds) > 1:
+        for kind in kinds:
+            names = [d for d, chs in s.device_channels.items() if chs == kind]
+            print(f"  channels of {', '.join(names)}: {', '.join(kind)}", file=w)
     taken = s.messages - sum(s.messages_rejected.values())
     print(f"messages: {s.messages} received, {taken} taken, {sum(s.messages_rejected.values())} rejected"
           + (f" ({_reasons(s.messages_rejected)})" if s.messages_rejected else ""), file=w)
@@ -347,10 +427,13 @@ def print_summary(s: RecordSummary, out: Path, stream: IO[str] | None = None) ->
         print(f"ignored: {s.ignored_devices} devices not matching --devices", file=w)
     if not s.rows:
         top = (s.messages_rejected + s.readings_rejected).most_common(1)
-        if top:
+        if top and top[0][0] == "no_model":
+            print("nothing recorded: most readings were rejected as no_model: no daemon.models entry matching "
+                  "these devices names their channels, and data.channels is not set", file=w)
+        elif top:
             print(f"nothing recorded: most readings were rejected as {top[0][0]}; check that the subscriptions' "
-                  "field names and data.channels match what the devices send (see README, Input formats)",
-                  file=w)
+                  "field names and data.channels (or the daemon.models entries' channels) match what the devices "
+                  "send (see README, Input formats)", file=w)
         else:
             print("nothing recorded: no message arrived on the configured subscriptions", file=w)
 
@@ -360,9 +443,10 @@ def record(cfg: SensordConfig, config_path: str, out: Path, duration: float, dev
     """Record until ``duration`` has passed or SIGINT/SIGTERM; the files are complete either way."""
     from .source import MqttConnection, default_client_id
 
-    channels, period = recording_source(cfg)
+    layouts = RecordingChannels(cfg)
+    channels, period = (layouts.default.channels, layouts.default.period) if layouts.default else ((), None)
     prepare_out(out)
-    recorder = Recorder(cfg, out, channels, period, devices)
+    recorder = Recorder(cfg, out, channels, period, devices, layouts)
     stop = threading.Event()
     stopped_by = ["duration reached"]
 
@@ -382,8 +466,9 @@ def record(cfg: SensordConfig, config_path: str, out: Path, duration: float, dev
             return  # a refusal is logged as an ERROR by the connection; a disconnect resets every filter
         if not subscribed.is_set():
             subscribed.set()
-            log.info("subscribed to %s: recording %d channels (%s)%s", ", ".join(cfg.mqtt.topic_filters()),
-                     len(channels), ", ".join(channels),
+            each = "" if not cfg.daemon.models else " (or those of the daemon.models entry a device matches)"
+            log.info("subscribed to %s: recording %d channels (%s)%s%s", ", ".join(cfg.mqtt.topic_filters()),
+                     len(channels), ", ".join(channels), each,
                      f" on a {period:g} s clock" if recorder.path.assembler is not None and period else "")
 
     try:

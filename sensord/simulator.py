@@ -1,4 +1,5 @@
-"""Built-in simulator of a pump-like machine with 8 correlated 1 Hz sensor channels.
+"""Built-in simulators: a pump-like machine with 8 correlated 1 Hz sensor channels, and a compressor-like
+one with 6 other channels (:class:`CompressorSimulator`), so one box can watch machines of two kinds.
 
 Tests, the README example and the demo need realistic data without downloading
 anything, so this module models a small centrifugal pump from a few latent drivers:
@@ -58,6 +59,23 @@ _LOAD_MEAN, _LOAD_REVERT, _LOAD_STEP = 0.7, 1.0 / 300.0, 0.0065
 _TEMP_TAU, _TC_TAU = 600.0, 120.0
 FAULT_SECONDS, GAP_SECONDS, LEAD_SECONDS = 120, 240, 600
 
+# The compressor: other sensors, other names (a model for the pumps cannot read it).
+COMPRESSOR_CHANNELS: tuple[str, ...] = (
+    "suction_pressure", "discharge_pressure", "motor_current", "discharge_temperature", "oil_temperature",
+    "vibration",
+)
+_C_IDX = {name: i for i, name in enumerate(COMPRESSOR_CHANNELS)}
+_C_NOISE = np.array([0.01, 0.03, 0.15, 0.1, 0.08, 0.05])
+_C_SPREAD = np.array([0.03, 0.35, 2.2, 1.5, 1.0, 0.2])
+_C_KNOCK_ON = {
+    "suction_pressure": ("discharge_pressure", 0.5), "discharge_pressure": ("motor_current", 0.5),
+    "motor_current": ("vibration", 0.5), "discharge_temperature": ("oil_temperature", 0.5),
+    "oil_temperature": ("discharge_temperature", 0.5), "vibration": ("motor_current", 0.5),
+}
+_C_LOAD_REVERT, _C_DT_TAU, _C_OIL_TAU = 1.0 / 60.0, 60.0, 90.0
+_C_DEFAULT_CHANNEL = {"step": "motor_current", "drift": "discharge_temperature", "spikes": "vibration",
+                      "stuck": "discharge_pressure"}
+
 
 @dataclass(frozen=True)
 class FaultSpec:
@@ -73,9 +91,9 @@ class FaultSpec:
         if self.kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {self.kind!r}; "
                              f"valid kinds: {', '.join(FAULT_KINDS)}")
-        if self.channel not in _IDX:
-            raise ValueError(f"unknown channel {self.channel!r}; "
-                             f"valid channels: {', '.join(CHANNELS)}")
+        if self.channel not in _IDX and self.channel not in COMPRESSOR_CHANNELS:
+            raise ValueError(f"unknown channel {self.channel!r}; valid channels: {', '.join(CHANNELS)} "
+                             f"(pump), {', '.join(COMPRESSOR_CHANNELS)} (compressor)")
         if self.start < 0 or self.duration <= 0:
             raise ValueError(f"fault needs start >= 0 and duration > 0, "
                              f"got start={self.start}, duration={self.duration}")
@@ -123,6 +141,8 @@ class PumpSimulator:
         if seconds <= 0:
             raise ValueError(f"seconds must be positive, got {seconds}")
         for f in faults:
+            if f.channel not in _IDX:
+                raise ValueError(f"fault channel {f.channel!r} is not a pump channel: {', '.join(CHANNELS)}")
             if f.start + f.duration > seconds:
                 raise ValueError(f"fault {f} ends after the series ({seconds} s)")
         ts = self._t + np.arange(seconds, dtype=np.float64)
@@ -169,21 +189,93 @@ class PumpSimulator:
         return SimulatedSeries(ts, values, labels, CHANNELS)
 
 
-def _inject(values: np.ndarray, f: FaultSpec, rng: np.random.Generator) -> None:
-    """Apply one fault in place; magnitudes are in healthy-spread units (see ``_SPREAD``)."""
-    j, seg = _IDX[f.channel], slice(f.start, f.start + f.duration)
+class CompressorSimulator:
+    """A stateful compressor-like machine (1 Hz, :data:`COMPRESSOR_CHANNELS`), the pump's counterpart.
+
+    One latent ``load`` (a mean-reverting walk, as the pump's) drives every channel: discharge pressure
+    and motor current rise with it, suction pressure falls, the discharge temperature follows it with a
+    lag and the oil temperature lags that; vibration follows the current. The same faults apply.
+    """
+
+    channels = COMPRESSOR_CHANNELS
+
+    def __init__(self, seed: int = 0, start: datetime | None = None) -> None:
+        start = start or datetime(2024, 1, 1, tzinfo=UTC)
+        if start.tzinfo is None:
+            start = start.replace(tzinfo=UTC)
+        self._seed = seed
+        self._rng = np.random.default_rng([seed, 7])
+        self._t = float(start.timestamp())
+        self._load = 0.6
+        self._dt = self._dt_target(self._t, self._load)
+        self._oil = self._dt - 25.0
+
+    @staticmethod
+    def _dt_target(t: float, load: float) -> float:
+        return float(PumpSimulator._ambient(t)) + 50.0 + 40.0 * load
+
+    def generate(self, seconds: int, faults: Sequence[FaultSpec] = ()) -> SimulatedSeries:
+        """Advance the machine by ``seconds`` samples (1 Hz) and inject ``faults``."""
+        if seconds <= 0:
+            raise ValueError(f"seconds must be positive, got {seconds}")
+        for f in faults:
+            if f.channel not in _C_IDX:
+                raise ValueError(f"fault channel {f.channel!r} is not a compressor channel: "
+                                 f"{', '.join(COMPRESSOR_CHANNELS)}")
+            if f.start + f.duration > seconds:
+                raise ValueError(f"fault {f} ends after the series ({seconds} s)")
+        ts = self._t + np.arange(seconds, dtype=np.float64)
+        fault_rng = np.random.default_rng([self._seed, int(self._t), 7])
+        setpoint = 0.6 + 0.1 * np.sin(2 * np.pi * ts / _DAY)
+        excursion = np.zeros(seconds)
+        for f in faults:
+            if f.kind == "stuck":
+                frac = (np.arange(f.duration) + 0.5) / f.duration
+                excursion[f.start:f.start + f.duration] += 0.2 * np.sin(np.pi * frac)
+        load, dtemp, oil = np.empty(seconds), np.empty(seconds), np.empty(seconds)
+        steps = self._rng.standard_normal(seconds) * _LOAD_STEP
+        for i in range(seconds):  # a compressor holds its set-point more tightly than the pump
+            self._load += _C_LOAD_REVERT * (setpoint[i] - self._load) + steps[i]
+            self._load = min(max(self._load, 0.3), 1.0)
+            load[i] = self._load + excursion[i]
+            self._dt += (self._dt_target(ts[i], load[i]) - self._dt) / _C_DT_TAU
+            self._oil += (self._dt - 25.0 - self._oil) / _C_OIL_TAU
+            dtemp[i], oil[i] = self._dt, self._oil
+        self._t += seconds
+        clean = np.column_stack([
+            2.0 - 0.3 * load,  # suction pressure, bar
+            6.0 + 4.0 * load,  # discharge pressure, bar
+            10.0 + 25.0 * load,  # motor current, A
+            dtemp,  # discharge temperature, C
+            oil,  # oil temperature, C (lags the discharge)
+            1.0 + 2.0 * load,  # vibration, mm/s RMS
+        ])
+        values = clean + self._rng.standard_normal(clean.shape) * _C_NOISE
+        labels = np.zeros(seconds, dtype=np.int8)
+        for f in faults:
+            _inject(values, f, fault_rng, _C_IDX, _C_SPREAD, _C_KNOCK_ON)
+            labels[f.start:f.start + f.duration] = 1
+        return SimulatedSeries(ts, values, labels, COMPRESSOR_CHANNELS)
+
+
+def _inject(values: np.ndarray, f: FaultSpec, rng: np.random.Generator, index: dict[str, int] | None = None,
+            spread: np.ndarray | None = None, knock_on: dict[str, tuple[str, float]] | None = None) -> None:
+    """Apply one fault in place; magnitudes are in healthy-spread units (see ``_SPREAD``; the pump's
+    unless the machine's ``index``, ``spread`` and ``knock_on`` are given)."""
+    idx, spr, knock = index or _IDX, spread if spread is not None else _SPREAD, knock_on or _KNOCK_ON
+    j, seg = idx[f.channel], slice(f.start, f.start + f.duration)
     if f.kind == "step":
-        values[seg, j] += 5.0 * _SPREAD[j]
-        partner, frac = _KNOCK_ON[f.channel]
-        values[seg, _IDX[partner]] += 5.0 * frac * _SPREAD[_IDX[partner]]
+        values[seg, j] += 5.0 * spr[j]
+        partner, frac = knock[f.channel]
+        values[seg, idx[partner]] += 5.0 * frac * spr[idx[partner]]
     elif f.kind == "drift":
         # sqrt growth: ~4.6 spreads after the first third, 8 by the end.
         ramp = (np.arange(f.duration) + 1.0) / f.duration
-        values[seg, j] += 8.0 * _SPREAD[j] * np.sqrt(ramp)
+        values[seg, j] += 8.0 * spr[j] * np.sqrt(ramp)
     elif f.kind == "spikes":
         t = f.start + int(rng.integers(0, 3))
         while t < f.start + f.duration:
-            values[t, j] += rng.uniform(6.0, 12.0) * _SPREAD[j]
+            values[t, j] += rng.uniform(6.0, 12.0) * spr[j]
             t += int(rng.integers(1, 4))  # every 1-3 s
     elif f.kind == "stuck":
         values[seg, j] = values[f.start - 1, j] if f.start > 0 else values[0, j]

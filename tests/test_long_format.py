@@ -102,3 +102,60 @@ def test_a_channel_the_model_needs_but_the_file_lacks_is_named(tmp_path: Path) -
         load_csv(path, DataConfig(channels=["a", "b"]))
     with pytest.raises(DataError, match="no line of channel 'anomaly'"):
         load_csv(path, require_labels=True)
+
+
+# -- wide files with empty cells: the same rule (sensord.assembly.Assembler) ---------------------------------
+
+WIDE_WITH_GAPS = ["timestamp,a,b,anomaly",
+                  "10,1,2,0",
+                  "11,,3,",        # a held (1 s old), the label too
+                  "12,,4,1",       # a held (2 s old)
+                  "13,,,",         # nothing new: a and b held
+                  "14,,5,",        # a 4 s old > 3: no row at 14 (the series splits)
+                  "15,6,7,",
+                  "16,8,8,0"]
+
+
+def test_a_wide_file_with_empty_cells_follows_the_long_layouts_policy(tmp_path: Path) -> None:
+    assembly = AssemblyConfig(max_staleness_seconds=3.0)
+    wide = load_csv(write(tmp_path / "w.csv", WIDE_WITH_GAPS), assembly=assembly, period=1.0, require_labels=True)
+    assert wide.channels == ("a", "b")
+    assert wide.timestamps.tolist() == [10.0, 11.0, 12.0, 13.0, 15.0, 16.0]
+    assert wide.values.tolist() == [[1, 2], [1, 3], [1, 4], [1, 4], [6, 7], [8, 8]]
+    assert wide.labels is not None and wide.labels.tolist() == [0, 0, 1, 1, 1, 0]
+    # exactly what the same values give as a long file: one rule, in one place
+    long = ["timestamp,channel,value"]
+    for row in WIDE_WITH_GAPS[1:]:
+        t, *cells = row.split(",")
+        long += [f"{t},{ch},{v}" for ch, v in zip(("a", "b", "anomaly"), cells, strict=True) if v]
+    lg = load_csv(write(tmp_path / "l.csv", long), channels=("a", "b"), assembly=assembly, period=1.0,
+                  require_labels=True)
+    assert lg.timestamps.tolist() == wide.timestamps.tolist() and lg.values.tolist() == wide.values.tolist()
+    assert lg.labels is not None and lg.labels.tolist() == wide.labels.tolist()
+
+
+def test_a_wide_file_with_empty_cells_is_resampled_to_the_sampling_period(tmp_path: Path) -> None:
+    """Rows on the grid k * period: the model's (or assembly.sample_period_seconds), else the file's median step."""
+    lines = ["timestamp,a,b", "0,1,1", "0.5,2,", "1,3,3", "2,,4", "2.5,5,5", "3,6,6"]
+    s = load_csv(write(tmp_path / "w.csv", lines), assembly=AssemblyConfig(max_staleness_seconds=2.0), period=1.0)
+    assert s.timestamps.tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert s.values.tolist() == [[1, 1], [3, 3], [3, 4], [6, 6]]
+    full = load_csv(write(tmp_path / "full.csv", ["timestamp,a,b", "0,1,1", "0.5,2,2", "1,3,3"]), period=1.0)
+    assert full.timestamps.tolist() == [0.0, 0.5, 1.0]  # (no empty cell: the rows as written, as before)
+
+
+@pytest.mark.parametrize(("line", "error"), [
+    ("12,x,4", r"w\.csv:4: column 'a': not a number: 'x'"),
+    ("12,nan,4", r"w\.csv:4: column 'a': not a finite number: 'nan'"),
+    ("12,,oops", r"w\.csv:4: column 'b': not a number: 'oops'"),
+    ("twelve,,4", r"w\.csv:4: column 'timestamp': not a timestamp"),
+])
+def test_unusable_cells_of_a_wide_file_with_gaps_name_line_and_column(tmp_path: Path, line: str, error: str) -> None:
+    with pytest.raises(DataError, match=error):
+        load_csv(write(tmp_path / "w.csv", ["timestamp,a,b", "10,1,2", "11,,3", line]), period=1.0)
+
+
+def test_a_wide_file_whose_gaps_leave_no_row_says_so(tmp_path: Path) -> None:
+    lines = ["timestamp,a,b", "10,1,", "20,,2", "30,3,"]
+    with pytest.raises(DataError, match=r"w\.csv: no complete row on the 1 s clock.*max_staleness_seconds"):
+        load_csv(write(tmp_path / "w.csv", lines), assembly=AssemblyConfig(max_staleness_seconds=3.0), period=1.0)

@@ -23,7 +23,7 @@ from sensord.detector import AlertDetector
 from sensord.metrics import DaemonMetrics
 from sensord.models import ModelSet, Route, per_device_dirs
 from sensord.pipeline import Intake, ScoringLoop
-from sensord.simulator import CHANNELS, PumpSimulator
+from sensord.simulator import CHANNELS, COMPRESSOR_CHANNELS, CompressorSimulator, PumpSimulator
 from sensord.sinks import AlertPublisher
 from sensord.state import StateStore
 
@@ -205,15 +205,106 @@ def test_each_device_is_bound_to_its_model_and_windows_carry_it(trained: Path, t
     assert scoring.model_ids == {"pump-a": a.bundle.model_id, "pump-b": b.bundle.model_id}
 
 
+def _train_compressor(path: Path, period: float = 2.0) -> None:
+    """A compressor bundle: other channels (6, other names) and another sampling period."""
+    from sensord.training import train_bundle
+    healthy = CompressorSimulator(seed=3).generate(600)
+    train_bundle(Series(healthy.timestamps[0] + period * np.arange(600), healthy.values.astype(np.float32),
+                        COMPRESSOR_CHANNELS, None, "compressor"),
+                 config_from_dict({**PCA, "window": {"length": 6}}), path)
+
+
+def _mixed_cfg(models: Path, comp: Path, **entry: Any) -> Any:
+    return config_from_dict({
+        "mqtt": {"subscriptions": [{"topic": "s/+/t", "device_topic": "s/{device}/t"},
+                                   {"topic": "c/+/+", "format": "topic_per_channel",
+                                    "device_topic": "c/{device}/{channel}"}]},
+        "detector": {"raise_after": 1, "clear_after": 1},
+        "daemon": {"models": [{"match": "pump-*", "path": str(models / "{device}"),
+                               "fallback": str(models / "default")},
+                              {"match": "compressor-*", "path": str(comp), **entry}]},
+        "logging": {"rate_limit_seconds": 60.0}})
+
+
+def _send_compressor(intake: Intake, device: str, rows: int, period: float = 2.0) -> None:
+    series = CompressorSimulator(seed=5).generate(rows)
+    for i in range(rows):
+        body = {"ts": 1_700_000_000.0 + period * i,
+                "values": dict(zip(COMPRESSOR_CHANNELS, series.values[i].tolist(), strict=True))}
+        intake.on_message(f"s/{device}/t", json.dumps(body).encode())
+
+
 @pytest.mark.training
-def test_a_model_with_other_channels_is_refused_by_name(trained: Path, tmp_path: Path) -> None:
+def test_models_with_other_channels_and_periods_serve_side_by_side(trained: Path, tmp_path: Path) -> None:
     models_dir = _layout(trained, tmp_path)
-    meta = json.loads((models_dir / "pump-b" / "bundle.json").read_text())
-    meta["channels"] = [f"x{i}" for i in range(len(meta["channels"]))]
-    (models_dir / "pump-b" / "bundle.json").write_text(json.dumps(meta))
+    _train_compressor(tmp_path / "compressor")
+    cfg = _mixed_cfg(models_dir, tmp_path / "compressor")
+    models, refused = ModelSet.load(cfg)
+    assert refused == []
+    comp = models.bind("compressor-1")
+    assert comp is not None and comp.bundle.channels == COMPRESSOR_CHANNELS
+    assert comp.bundle.sample_period_seconds == 2.0
+    assert models.layout_for("pump-a").channels == CHANNELS  # type: ignore[union-attr]
+    assert models.layout_for("compressor-1").period == 2.0  # type: ignore[union-attr]
+    assert models.layout_for("fan-1") is None
+
+    intake, scoring, metrics = _intake(cfg, models)
+    _send(intake, "pump-a", 12)
+    _send_compressor(intake, "compressor-1", 8)  # JSON with the compressor's own field names
+    _send(intake, "compressor-2", 3)  # a pump's fields from a compressor: not its model's channels
+    # topic per channel, assembled on the compressor's own 2 s clock (the pumps' is 1 s)
+    sim = CompressorSimulator(seed=6).generate(9)
+    for i in range(9):
+        for j, ch in enumerate(COMPRESSOR_CHANNELS):
+            intake.on_message(f"c/compressor-3/{ch}", json.dumps({"value": float(sim.values[i, j]),
+                                                                   "ts": 1_700_000_000.0 + 2 * i}).encode())
+    intake.on_message("c/pump-a/temperature", b"50")  # a pump channel on the per-channel topics: fine
+    intake.on_message("c/pump-a/suction_pressure", b"1")  # the compressor's channel on a pump
+    queued = [scoring.queue.get_nowait() for _ in range(scoring.queue.qsize())]
+    by_device: dict[str, list[Any]] = {}
+    for model, window in queued:
+        by_device.setdefault(window.device, []).append((model, window))
+        assert window.values.shape == (model.spec.length, len(model.bundle.channels))
+    assert {d: len(w) for d, w in by_device.items()} == {"pump-a": 3, "compressor-1": 3, "compressor-3": 4}
+    assert all(m is comp for d in ("compressor-1", "compressor-3") for m, _ in by_device[d])
+    ends = [w.end for _, w in by_device["compressor-3"]]
+    assert np.diff(ends).tolist() == [2.0, 2.0, 2.0]  # rows on its own clock (each tick whole at once)
+    np.testing.assert_allclose(by_device["compressor-3"][-1][1].values[-1], sim.values[8].astype(np.float32),
+                               rtol=1e-5)
+    value = metrics.registry.get_sample_value
+    assert value("sensord_readings_rejected_total", {"reason": "missing_channel"}) == 3
+    assert value("sensord_readings_rejected_total", {"reason": "unknown_channel"}) == 1
+    scoring.process(queued)
+    assert scoring.model_ids == {"pump-a": _id(models_dir, "pump-a"), "compressor-1": comp.bundle.model_id,
+                                 "compressor-3": comp.bundle.model_id}
+
+    # A reload where pump-b's bundle becomes a compressor's: its window restarts with the new channels.
+    _send(intake, "pump-b", 4)
+    assert intake.buffers["pump-b"].channels == len(CHANNELS)
+    shutil.rmtree(models_dir / "pump-b")
+    shutil.copytree(tmp_path / "compressor", models_dir / "pump-b")
+    new, refused = ModelSet.load(cfg, models)
+    assert refused == []
+    intake.swap(cfg, new)
+    assert "pump-b" not in intake.buffers
+    _send(intake, "pump-b", 2)  # the old channels are now missing ones
+    _send_compressor(intake, "pump-b", 6)
+    assert value("sensord_readings_rejected_total", {"reason": "missing_channel"}) == 5
+    assert intake.buffers["pump-b"].channels == len(COMPRESSOR_CHANNELS)
+    model, window = scoring.queue.get_nowait()
+    assert window.device == "pump-b" and model.bundle.channels == COMPRESSOR_CHANNELS
+
+
+@pytest.mark.training
+def test_an_entry_s_channels_refuse_a_bundle_that_reads_others(trained: Path, tmp_path: Path) -> None:
+    models_dir = _layout(trained, tmp_path)
+    _train_compressor(tmp_path / "compressor")
     with pytest.raises(BundleError) as info:
-        ModelSet.load(_cfg(models_dir))
-    assert str(models_dir / "pump-b") in str(info.value) and "same channels" in str(info.value)
+        ModelSet.load(_mixed_cfg(models_dir, tmp_path / "compressor", channels=list(CHANNELS)))
+    msg = str(info.value)
+    assert str(tmp_path / "compressor") in msg and "daemon.models.1.channels" in msg, msg
+    models, _ = ModelSet.load(_mixed_cfg(models_dir, tmp_path / "compressor", channels=list(COMPRESSOR_CHANNELS)))
+    assert len(models.models) == 4
 
 
 @pytest.mark.training
@@ -275,3 +366,43 @@ def test_record_and_check_config_take_the_channels_from_a_fixed_bundle_of_daemon
     assert config_from_dict({"daemon": {"models": [{"path": "/m/{device}"}, {"path": "/m/o"}]}}) \
         .daemon.reference_model() == "/m/o"
     assert config_from_dict({"daemon": {"model": "/m/one"}}).daemon.reference_model() == "/m/one"
+
+
+@pytest.mark.training
+def test_check_config_loads_and_self_checks_every_bundle_of_daemon_models(trained: Path, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    import hashlib
+
+    import yaml
+
+    from sensord.cli import main
+    models_dir = _layout(trained, tmp_path)
+    _train_compressor(tmp_path / "compressor")
+    doc = {"mqtt": {"device_topic": "s/{device}/t", "subscriptions": ["s/+/t"]}, "metrics": {"enabled": False},
+           "daemon": {"models": [{"match": "pump-*", "path": str(models_dir / "{device}"),
+                                  "fallback": str(models_dir / "default"), "channels": list(CHANNELS)},
+                                 {"match": "compressor-*", "path": str(tmp_path / "compressor")}]}}
+    cfg_path = tmp_path / "sensord.yaml"
+    cfg_path.write_text(yaml.safe_dump(doc))
+    assert main(["check-config", "--config", str(cfg_path)]) == 0
+    out = capsys.readouterr().out
+    assert "(4 bundles of daemon.models)" in out and "daemon.models.0.path (pump-b)" in out, out
+    assert "daemon.models.1.path: " + str(tmp_path / "compressor") in out and "self-check passed" in out, out
+
+    # A flatbuffer changed after training, a bundle reading other channels than its entry's, a missing one.
+    weights = models_dir / "pump-a" / "model.tflite"
+    data = bytearray(weights.read_bytes())
+    data[-200] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    meta = json.loads((models_dir / "pump-a" / "bundle.json").read_text())
+    meta["tflite_sha256"] = hashlib.sha256(bytes(data)).hexdigest()  # (a recomputed checksum)
+    (models_dir / "pump-a" / "bundle.json").write_text(json.dumps(meta))
+    shutil.copytree(tmp_path / "compressor", models_dir / "pump-c")
+    doc["daemon"]["models"].append({"match": "fan-*", "path": str(tmp_path / "nowhere")})
+    cfg_path.write_text(yaml.safe_dump(doc))
+    assert main(["check-config", "--config", str(cfg_path)]) == 78
+    err = capsys.readouterr().err
+    assert "daemon.models.0.path (pump-a): " in err, err
+    assert "daemon.models.0.path (pump-c): " in err and "daemon.models.0.channels" in err, err
+    assert f"daemon.models.2.path: {tmp_path / 'nowhere'}: model bundle directory not found" in err, err
+    assert "pump-b" not in err, err

@@ -14,7 +14,7 @@ from test_formats import spb_payload
 from sensord.config import ConfigError, config_from_dict
 from sensord.dataio import load_csv
 from sensord.errors import UsageError
-from sensord.record import Recorder, parse_duration, prepare_out, recording_source
+from sensord.record import Recorder, RecordingChannels, parse_duration, prepare_out, print_summary, recording_source
 
 CHANNELS = ("temp", "flow", "amps")
 ROWS = 30
@@ -116,6 +116,58 @@ def test_channels_and_clock_come_from_the_config_without_a_model() -> None:
         recording_source(config(assembly={}))
     json_only = config(assembly={}, mqtt={"subscriptions": ["s/+/telemetry"], "device_topic": "s/{device}/telemetry"})
     assert recording_source(json_only) == (CHANNELS, None)  # whole rows need no clock
+
+
+OTHER = ("suction", "discharge")
+
+
+def test_each_device_is_recorded_with_the_channels_of_the_daemon_models_entry_it_matches(tmp_path: Path) -> None:
+    """A pump and a compressor with other sensors, recorded side by side before any model exists: each
+    with its entry's ``channels`` (the compressor's on the per-channel topics, assembled as well)."""
+    cfg = config(data={}, daemon={"models": [
+        {"match": "comp*", "path": str(tmp_path / "models" / "comp"), "channels": list(OTHER)},
+        {"match": "p*", "path": str(tmp_path / "models" / "{device}"), "channels": list(CHANNELS)}]})
+    layouts = RecordingChannels(cfg)
+    assert layouts.default is None  # no data.channels, no bundle: devices matching no entry have none
+    rec = Recorder(cfg, tmp_path, (), None, layouts=layouts)
+    for i in range(3):
+        ts = 1_700_000_000.0 + i
+        rec.on_message("s/pump1/telemetry", json.dumps({"ts": ts, "temp": i, "flow": 2, "amps": 3}).encode())
+        rec.on_message("s/comp1/telemetry", json.dumps({"ts": ts, "suction": 1.5, "discharge": 8 + i}).encode())
+        for ch in OTHER:
+            rec.on_message(f"p/comp2/{ch}", json.dumps({"value": i, "ts": ts}).encode())
+        rec.on_message("s/fan/telemetry", json.dumps({"ts": ts, "temp": 1, "flow": 2, "amps": 3}).encode())
+    rec.on_message("s/comp1/telemetry", json.dumps({"ts": 1_700_000_009.0, "temp": 1, "flow": 2, "amps": 3}).encode())
+    rec.close()
+    s = rec.summary()
+    assert dict(s.readings_rejected) == {"no_model": 3, "missing_channel": 1}
+    assert load_csv(tmp_path / "pump1.csv").channels == CHANNELS
+    comp = load_csv(tmp_path / "comp1.csv")
+    assert comp.channels == OTHER and comp.values[:, 1].tolist() == [8, 9, 10]
+    assert load_csv(tmp_path / "comp2.csv").channels == OTHER
+    assert not (tmp_path / "fan.csv").exists()
+    out = tmp_path / "summary.txt"
+    with out.open("w") as f:
+        print_summary(s, tmp_path, f)
+    text = out.read_text()
+    assert "2 sets of channels" in text and "channels of comp1, comp2: suction, discharge" in text, text
+
+
+def test_a_device_s_bundle_gives_its_channels_before_the_entry_s(tmp_path: Path) -> None:
+    from sensord.dataio import Series
+    from sensord.training import train_bundle  # (a PCA bundle: closed form, quick)
+    rng = np.random.default_rng(2)
+    train_bundle(Series(1_700_000_000.0 + np.arange(200), rng.normal(size=(200, 2)).astype(np.float32), OTHER,
+                        None, "c"), config_from_dict({"model": {"kind": "pca"}, "window": {"length": 5}}),
+                 tmp_path / "models" / "comp1")
+    cfg = config(daemon={"models": [{"match": "comp*", "path": str(tmp_path / "models" / "{device}"),
+                                     "channels": ["x", "y"]}]})
+    layouts = RecordingChannels(cfg)
+    assert layouts("comp1").channels == ("x", "y")  # type: ignore[union-attr]  # its bundle reads others: refused
+    cfg = config(daemon={"models": [{"match": "comp*", "path": str(tmp_path / "models" / "{device}")}]}, data={})
+    layouts = RecordingChannels(cfg)
+    assert layouts("comp1").channels == OTHER  # type: ignore[union-attr]
+    assert layouts("comp2") is None and layouts("pump") is None
 
 
 def test_out_must_not_hold_recordings(tmp_path: Path) -> None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -247,3 +247,43 @@ class Bounds:
             return float(v), clipped
         except OverflowError:  # an int beyond float range, no bounds to clip it to
             return "number out of range"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The channels a device's rows have (its model's, in the model's order), their clip bounds, and the
+    clock single channels are assembled on (None: no assembly).
+
+    One daemon may serve models with different channels (a pump and a compressor), so a parser asks for
+    the layout of each device it finds (:data:`LayoutFor`) instead of holding one channel list.
+    """
+
+    channels: tuple[str, ...]
+    bounds: Bounds = field(compare=False)
+    period: float | None = None
+    index: dict[str, int] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def of(cls, channels: Sequence[str], bounds: tuple[Iterable[float], Iterable[float]] | None = None,
+           period: float | None = None) -> Layout:
+        chs = tuple(channels)
+        return cls(chs, Bounds(bounds), period, {ch: j for j, ch in enumerate(chs)})
+
+
+# The layout of a device's rows, or None when no model is bound to it (its readings are ``no_model``).
+LayoutFor = Callable[[str], Layout | None]
+NO_MODEL = "no_model"
+
+
+def fixed_layout(channels: Sequence[str], bounds: tuple[Iterable[float], Iterable[float]] | None = None,
+                 layouts: LayoutFor | None = None) -> LayoutFor:
+    """``layouts`` if given, else one layout for every device (a parser built for one channel list)."""
+    if layouts is not None:
+        return layouts
+    one = Layout.of(channels, bounds)
+    return lambda _device: one
+
+
+def no_model(device: str, timestamp: float) -> Reading:
+    """The rejection of a reading of a device that no model serves (no channels to read it with)."""
+    return Reading(device, timestamp, None, (NO_MODEL, "no model (daemon.models) serves this device"))

@@ -18,12 +18,14 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 
 from .base import (
-    Bounds,
     ChannelUpdate,
     Item,
+    LayoutFor,
     MessageRejected,
     Reading,
     device_id_problem,
+    fixed_layout,
+    no_model,
     topic_pattern,
 )
 
@@ -89,15 +91,13 @@ class InfluxLineParser:
                  precision: str = "ns", clock: Callable[[], float] = time.time,
                  max_clock_skew: float | None = None,
                  bounds: tuple[Iterable[float], Iterable[float]] | None = None,
-                 measurement: str | None = None, partial: bool = False) -> None:
-        self.channels = tuple(channels)
-        self.index = {ch: j for j, ch in enumerate(self.channels)}
+                 measurement: str | None = None, partial: bool = False, layouts: LayoutFor | None = None) -> None:
+        self.layout_for = fixed_layout(channels, bounds, layouts)
         self.device_tag = device_tag
         self.topic_re = topic_pattern(device_topic, ("device",)) if device_topic else None
         self.unit = PRECISION_SECONDS[precision]
         self.clock = clock
         self.max_clock_skew = max_clock_skew
-        self.bounds = Bounds(bounds)
         self.measurement = measurement
         self.partial = partial
 
@@ -154,6 +154,9 @@ class InfluxLineParser:
             if self.max_clock_skew is not None and ts > arrival + self.max_clock_skew:
                 return Reading(device, arrival, None, ("future_timestamp", f"line {n}: timestamp {ts:.3f} is "
                                                        f"{ts - arrival:.0f} s ahead of this host's clock"))
+        layout = self.layout_for(device)
+        if layout is None:
+            return no_model(device, ts)
         values: dict[str, float] = {}
         clipped = False
         for fld in split(parts[1], ",", quotes=True):
@@ -165,10 +168,10 @@ class InfluxLineParser:
                 value = field_value(kv[1])
             except (ValueError, OverflowError) as exc:
                 return Reading(device, ts, None, ("malformed_line", f"line {n}: field {key[:40]!r}: {exc}"))
-            j = self.index.get(key)
+            j = layout.index.get(key)
             if j is None:
                 continue
-            got = self.bounds.value(j, value, numeric_strings=False)
+            got = layout.bounds.value(j, value, numeric_strings=False)
             if isinstance(got, str):
                 return Reading(device, ts, None, ("bad_value", f"line {n}: channel {key!r}: {got}"))
             values[key], c = got
@@ -177,8 +180,8 @@ class InfluxLineParser:
             if not values:
                 return Reading(device, ts, None, ("missing_channel", f"line {n}: none of the model's channels"))
             return ChannelUpdate(device, ts, values, clipped)
-        missing = [ch for ch in self.channels if ch not in values]
+        missing = [ch for ch in layout.channels if ch not in values]
         if missing:
             return Reading(device, ts, None, ("missing_channel", f"line {n}: channel {missing[0]!r} missing"))
-        return Reading(device, ts, np.array([values[ch] for ch in self.channels], dtype=np.float64),
+        return Reading(device, ts, np.array([values[ch] for ch in layout.channels], dtype=np.float64),
                        clipped=clipped)

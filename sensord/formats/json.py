@@ -19,12 +19,15 @@ import msgspec
 import numpy as np
 
 from .base import (
-    Bounds,
     ChannelUpdate,
     Item,
+    Layout,
+    LayoutFor,
     MessageRejected,
     Reading,
     device_id_problem,
+    fixed_layout,
+    no_model,
     timestamp_or_arrival,
     topic_pattern,
 )
@@ -72,9 +75,9 @@ class JsonParser:
                  timestamp_field: str, values_field: str, clock: Callable[[], float] = time.time,
                  max_clock_skew: float | None = None,
                  bounds: tuple[Iterable[float], Iterable[float]] | None = None,
-                 partial: bool = False) -> None:
-        self.channels = tuple(channels)
-        self.bounds = Bounds(bounds)
+                 partial: bool = False, layouts: LayoutFor | None = None) -> None:
+        self.channels = tuple(channels)  # (the channels of every device unless ``layouts`` says otherwise)
+        self.layout_for = fixed_layout(channels, bounds, layouts)
         self.max_clock_skew = max_clock_skew
         self.device_field = device_field
         self.timestamp_field = timestamp_field
@@ -152,25 +155,29 @@ class JsonParser:
             return Reading(device, arrival, None, (
                 "future_timestamp", f"timestamp {ts:.3f} is {ts - arrival:.0f} s ahead of this host's clock "
                 f"(daemon.max_clock_skew_seconds={self.max_clock_skew:g})"))
+        layout = self.layout_for(device)
+        if layout is None:
+            return no_model(device, ts)
         source = lookup(item, self.values_field)
         if source is _MISSING:
             source = item
         if not isinstance(source, dict):
             return Reading(device, ts, None, ("bad_value", f"{self.values_field!r} must be an object"))
         if not self.partial:
-            row = self._row(source)
+            row = self._row(source, layout)
             if row is not None:
                 return Reading(device, ts, np.array(row, dtype=np.float64))
-        values = np.empty(len(self.channels), dtype=np.float64)  # float64: 1e39 stays finite, to be clipped
+        values = np.empty(len(layout.channels), dtype=np.float64)  # float64: 1e39 stays finite, to be clipped
         present: dict[str, float] = {}
         clipped = False
-        for j, ch in enumerate(self.channels):
+        bounds = layout.bounds
+        for j, ch in enumerate(layout.channels):
             v = source.get(ch)
             if v is None:
                 if self.partial:
                     continue
                 return Reading(device, ts, None, ("missing_channel", f"channel {ch!r} missing"))
-            got = self.bounds.value(j, v, numeric_strings=True)
+            got = bounds.value(j, v, numeric_strings=True)
             if isinstance(got, str):
                 return Reading(device, ts, None, ("bad_value", f"channel {ch!r}: {got}"))
             values[j], c = got
@@ -182,12 +189,13 @@ class JsonParser:
             return ChannelUpdate(device, ts, present, clipped)
         return Reading(device, ts, values, clipped=clipped)
 
-    def _row(self, source: dict[str, Any]) -> list[float] | None:
+    @staticmethod
+    def _row(source: dict[str, Any], layout: Layout) -> list[float] | None:
         """The common case cheaply: every channel a JSON float (or, within the bounds, an integer) that
         needs no clipping; None for anything else, which the general loop above decides (and words)."""
-        low, high = self.bounds.low, self.bounds.high
+        low, high = layout.bounds.low, layout.bounds.high
         row: list[float] = []
-        for j, ch in enumerate(self.channels):
+        for j, ch in enumerate(layout.channels):
             v: Any = source.get(ch)
             t = type(v)
             if t is float:

@@ -34,7 +34,19 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from .base import Bounds, ChannelUpdate, DeviceDeath, Item, MessageRejected, Reading, RebirthRequest, device_id_problem
+from .base import (
+    ChannelUpdate,
+    DeviceDeath,
+    Item,
+    Layout,
+    LayoutFor,
+    MessageRejected,
+    Reading,
+    RebirthRequest,
+    device_id_problem,
+    fixed_layout,
+    no_model,
+)
 from .proto import sparkplug_b_pb2
 
 NAMESPACE = "spBv1.0"
@@ -112,21 +124,21 @@ class SparkplugParser:
     def __init__(self, channels: Sequence[str], clock: Callable[[], float] = time.time,
                  max_clock_skew: float | None = None,
                  bounds: tuple[Iterable[float], Iterable[float]] | None = None,
-                 rebirth_interval: float | None = 30.0) -> None:
-        self.channels = {ch: j for j, ch in enumerate(channels)}
+                 rebirth_interval: float | None = 30.0, layouts: LayoutFor | None = None) -> None:
+        self.layout_for = fixed_layout(channels, bounds, layouts)
         self.rebirth_interval = rebirth_interval  # None: never ask for a rebirth
         self.nodes: dict[tuple[str, str], _Node] = {}
         self.clock = clock
         self.max_clock_skew = max_clock_skew
-        self.bounds = Bounds(bounds)
         # (group, edge, device or None) -> alias -> metric name
         self.aliases: dict[tuple[str, str, str | None], dict[int, str]] = {}
 
-    def _channel(self, name: str) -> str | None:
-        if name in self.channels:
+    @staticmethod
+    def _channel(layout: Layout, name: str) -> str | None:
+        if name in layout.index:
             return name
         last = name.rsplit("/", 1)[-1]
-        return last if last in self.channels else None
+        return last if last in layout.index else None
 
     def parse(self, topic: str, payload: bytes) -> list[Item]:
         arrival = self.clock()
@@ -172,6 +184,7 @@ class SparkplugParser:
             return [*out, DeviceDeath(device)]
         table = self.aliases.setdefault(key, {}) if t.kind.endswith("BIRTH") else self.aliases.get(key, {})
         default_ts = msg.timestamp / 1000.0 if msg.HasField("timestamp") else arrival
+        layout = self.layout_for(device)
         updates: dict[float, dict[str, float]] = {}
         for metric in msg.metrics:
             name: str | None = metric.name if metric.HasField("name") else None
@@ -187,7 +200,9 @@ class SparkplugParser:
                         continue
             if name is None:
                 continue
-            ch = self._channel(name)
+            if layout is None:  # (a BIRTH's aliases are still learnt: a reload may bind the device)
+                continue
+            ch = self._channel(layout, name)
             if ch is None or metric.is_null:
                 continue
             kind = metric.WhichOneof("value")
@@ -195,7 +210,7 @@ class SparkplugParser:
                 out.append(Reading(device, arrival, None, ("bad_value", f"metric {name[:60]!r}: {kind or 'no value'} "
                                                            "is not a number")))
                 continue
-            got = self.bounds.value(self.channels[ch], getattr(metric, kind), numeric_strings=False)
+            got = layout.bounds.value(layout.index[ch], getattr(metric, kind), numeric_strings=False)
             if isinstance(got, str):
                 out.append(Reading(device, arrival, None, ("bad_value", f"metric {name[:60]!r}: {got}")))
                 continue
@@ -205,6 +220,8 @@ class SparkplugParser:
                                                            f"{ts:.3f} is ahead of this host's clock")))
                 continue
             updates.setdefault(ts, {})[ch] = got[0]
+        if layout is None and t.kind.endswith("DATA"):
+            out.append(no_model(device, arrival))
         out.extend(ChannelUpdate(device, ts, values) for ts, values in sorted(updates.items()))
         return out
 

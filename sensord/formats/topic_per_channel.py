@@ -14,12 +14,14 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from .base import (
-    Bounds,
     ChannelUpdate,
     Item,
+    LayoutFor,
     MessageRejected,
     Reading,
     device_id_problem,
+    fixed_layout,
+    no_model,
     timestamp_or_arrival,
     topic_pattern,
 )
@@ -39,12 +41,12 @@ class TopicPerChannelParser:
     def __init__(self, channels: Sequence[str], template: str, clock: Callable[[], float] = time.time,
                  max_clock_skew: float | None = None,
                  bounds: tuple[Iterable[float], Iterable[float]] | None = None,
-                 value_field: str = "value", timestamp_field: str = "ts") -> None:
-        self.channels = {ch: j for j, ch in enumerate(channels)}
+                 value_field: str = "value", timestamp_field: str = "ts",
+                 layouts: LayoutFor | None = None) -> None:
+        self.layout_for = fixed_layout(channels, bounds, layouts)
         self.pattern = topic_pattern(template, ("device", "channel"))
         self.clock = clock
         self.max_clock_skew = max_clock_skew
-        self.bounds = Bounds(bounds)
         self.value_field = value_field
         self.timestamp_field = timestamp_field
 
@@ -57,7 +59,10 @@ class TopicPerChannelParser:
         problem = device_id_problem(device)
         if problem is not None:
             return [Reading(device, arrival, None, ("bad_device_id", problem))]
-        j = self.channels.get(channel)
+        layout = self.layout_for(device)
+        if layout is None:
+            return [no_model(device, arrival)]
+        j = layout.index.get(channel)
         if j is None:
             return [Reading(device, arrival, None, ("unknown_channel", f"channel {channel[:60]!r} is not a model "
                                                                         "channel"))]
@@ -82,7 +87,7 @@ class TopicPerChannelParser:
         if self.max_clock_skew is not None and ts > arrival + self.max_clock_skew:
             return [Reading(device, arrival, None, (
                 "future_timestamp", f"timestamp {ts:.3f} is {ts - arrival:.0f} s ahead of this host's clock"))]
-        got = self.bounds.value(j, raw_value, numeric_strings=True)
+        got = layout.bounds.value(j, raw_value, numeric_strings=True)
         if isinstance(got, str):
             return [Reading(device, ts, None, ("bad_value", f"channel {channel!r}: {got}"))]
         return [ChannelUpdate(device, ts, {channel: got[0]}, got[1])]
