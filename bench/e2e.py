@@ -238,9 +238,11 @@ def publish_all(broker: MosquittoBroker, msgs: list[tuple[str, bytes]]) -> float
     """Publish at QoS 1 and wait until the broker has acknowledged all; readings/s of the publisher."""
     pub = _client(broker, f"e2e-pub-{time.monotonic_ns()}")
     t = time.perf_counter()
-    infos = [pub.publish(topic, body, qos=1) for topic, body in msgs]
-    for info in infos:
-        info.wait_for_publish(120)
+    chunk = 30_000  # acknowledged before the next: paho's message ids wrap at 65 535 (a backlog of 600 000)
+    for i in range(0, len(msgs), chunk):
+        infos = [pub.publish(topic, body, qos=1) for topic, body in msgs[i:i + chunk]]
+        for info in infos:
+            info.wait_for_publish(120)
     rate = len(msgs) / (time.perf_counter() - t)
     pub.loop_stop()
     pub.disconnect()
@@ -348,9 +350,12 @@ def latency_run(broker: MosquittoBroker, daemon: Daemon, rate: float, seconds: f
         achieved = n / (time.perf_counter() - start)
         _wait(lambda: len(got) >= len(sent), 60, f"{len(sent)} scores (have {len(got)})", daemon.proc)
         lat = np.array([got[k] - sent[k] for k in sent]) * 1000.0
-        batch = _mean_batch(_metric_sums(daemon.metrics_port))
-        return {"batch": batch, "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
-                "max": float(lat.max()), "windows": float(len(lat)), "rate": achieved, "startup": startup}
+        rss = _rss_mib(daemon.proc.pid) if daemon.proc is not None else float("nan")
+        sums = _metric_sums(daemon.metrics_port)
+        dropped = sums["sensord_windows_dropped_total"] + sums["sensord_windows_throttled_total"]
+        return {"batch": _mean_batch(sums), "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
+                "max": float(lat.max()), "windows": float(len(lat)), "rate": achieved, "startup": startup,
+                "rss_mib": rss, "dropped": dropped}
     finally:
         pub.loop_stop()
         daemon.stop()
@@ -412,6 +417,8 @@ def main() -> int:
                     "wait20:daemon.batch_wait_seconds=0.02")
     ap.add_argument("--latency", action=argparse.BooleanOptionalAction, default=True,
                     help="the fixed-rate latency runs (--no-latency: saturation and sweep only)")
+    ap.add_argument("--saturation", action=argparse.BooleanOptionalAction, default=True,
+                    help="the backlog drains against the bare subscriber (--no-saturation: latency and sweep only)")
     ap.add_argument("--json", help="also write every run's figures here")
     args = ap.parse_args()
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
@@ -435,7 +442,8 @@ def main() -> int:
         # Backlogs larger than the helper broker's default per-client queue (100 000) must stay whole.
         with MosquittoBroker(extra_config="max_queued_messages 0\n") as broker:
             readings = max(2 * length, args.messages // args.devices)
-            sat = saturation(broker, variants, model, tmp, args.devices, readings, length, args.repeats, True, "sat")
+            sat = saturation(broker, variants, model, tmp, args.devices, readings, length, args.repeats, True,
+                             "sat") if args.saturation else {}
             lat: dict[str, list[dict[str, float]]] = {v.label: [] for v in variants}
             for rep in range(args.repeats if args.latency else 0):
                 for v in variants:  # interleaved
@@ -455,24 +463,25 @@ def main() -> int:
     load = f"load average {report['load_before'][0]:.1f} before, {report['load_after'][0]:.1f} after (2 cores)"
     print(f"sensord end-to-end through a private Mosquitto; {args.devices} devices, window {length}, "
           f"medians of {args.repeats} interleaved repeats; {load}")
-    bare = med(sat["bare"])
-    print(f"\nsaturation: a backlog of {args.devices} x {readings} readings (+ sentinel) drained from a persistent "
-          f"session, QoS 1")
-    print(f"  {'consumer':<28} {'readings/s':>11} {'x bare':>7} {'RSS MiB':>8} {'dropped':>8} {'batch':>6}")
-    print(f"  {'bare paho + json.loads':<28} {bare['rate']:11.0f} {1.0:7.2f} {bare['rss_mib']:8.0f} {'-':>8} "
-          f"{'-':>6}")
-    for v in variants:
-        m = med(sat[v.label])
-        print(f"  {'sensord run (' + v.label + ')':<28} {m['rate']:11.0f} {m['rate'] / bare['rate']:7.2f} "
-              f"{m['rss_mib']:8.0f} {m['dropped']:8.0f} {m['batch']:6.1f}")
+    if args.saturation:
+        bare = med(sat["bare"])
+        print(f"\nsaturation: a backlog of {args.devices} x {readings} readings (+ sentinel) drained from a "
+              f"persistent session, QoS 1")
+        print(f"  {'consumer':<28} {'readings/s':>11} {'x bare':>7} {'RSS MiB':>8} {'dropped':>8} {'batch':>6}")
+        print(f"  {'bare paho + json.loads':<28} {bare['rate']:11.0f} {1.0:7.2f} {bare['rss_mib']:8.0f} {'-':>8} "
+              f"{'-':>6}")
+        for v in variants:
+            m = med(sat[v.label])
+            print(f"  {'sensord run (' + v.label + ')':<28} {m['rate']:11.0f} {m['rate'] / bare['rate']:7.2f} "
+                  f"{m['rss_mib']:8.0f} {m['dropped']:8.0f} {m['batch']:6.1f}")
     print(f"\nlatency at {args.rate:.0f} readings/s for {args.seconds:.0f} s, publish of the reading that completes a "
           f"window -> its message on {{prefix}}/scores/{{device}}; start-up = process start -> retained online")
     print(f"  {'daemon':<28} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'start-up s':>10} {'batch':>6} "
-          f"{'sent/s':>7}")
+          f"{'sent/s':>7} {'dropped':>7} {'RSS MiB':>7}")
     for v in variants if args.latency else []:
         m = med(lat[v.label])
         print(f"  {'sensord run (' + v.label + ')':<28} {m['p50']:7.2f} {m['p99']:7.2f} {m['max']:7.1f} "
-              f"{m['startup']:10.2f} {m['batch']:6.1f} {m['rate']:7.0f}")
+              f"{m['startup']:10.2f} {m['batch']:6.1f} {m['rate']:7.0f} {m['dropped']:7.0f} {m['rss_mib']:7.0f}")
     if sw:
         print("\ndevice sweep (sensord run, this code; one run each): the same kind of backlog over more devices")
         print(f"  {'devices':>8} {'messages':>9} {'readings/s':>11} {'windows scored':>15} {'dropped':>8} "

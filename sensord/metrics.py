@@ -14,7 +14,7 @@ import logging
 import socket
 import ssl
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -31,6 +31,7 @@ from prometheus_client import (
     disable_created_metrics,
     make_wsgi_app,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from .ratelimit import RateLimitedLog
 from .webconfig import AUTH_FAILURE_REASONS, BasicAuth, WebConfig
@@ -152,8 +153,54 @@ def _guarded(app: Callable[..., Iterable[bytes]], auth: BasicAuth,
     return guarded
 
 
+class PlainCounter:
+    """A counter that one thread increments: ``inc`` is a plain addition, no lock (read when scraped)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class _PlainFamily:
+    """One metric family whose values live in plain Python values the daemon writes (per-device dicts, a
+    :class:`PlainCounter`; see :class:`DaemonMetrics`): read only when scraped.
+
+    A ``prometheus_client`` label child per device and series is an object with its own lock; updating a
+    dozen of them per scored window was most of the scoring thread's Python time, and holding them cost
+    about 10 KiB per device (bench/e2e.py's device sweep). A dict entry costs neither, and the exposition
+    (names, types, help, labels, order) is the same.
+    """
+
+    def __init__(self, registry: CollectorRegistry, kind: str, name: str, documentation: str,
+                 samples: Callable[[], Iterable[tuple[list[str], float]]], labels: tuple[str, ...] = ("device",)
+                 ) -> None:
+        self._family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+        self.name, self.documentation, self.labels, self._samples = name, documentation, list(labels), samples
+        registry.register(self)
+
+    def describe(self) -> list[Metric]:
+        return [self._family(self.name, self.documentation, labels=self.labels)]
+
+    def collect(self) -> list[Metric]:
+        family = self._family(self.name, self.documentation, labels=self.labels)
+        for labels, value in self._samples():
+            family.add_metric(labels, value)
+        return [family]
+
+
 class DaemonMetrics:
-    """All metrics, registered on a private registry (several daemons can live in one test process)."""
+    """All metrics, registered on a private registry (several daemons can live in one test process).
+
+    The per-device series updated with every reading or window (windows scored, error, score, state,
+    channel shares, last reading) are plain dicts here (:meth:`window_scored`, :attr:`last_reading`,
+    :attr:`anomaly_state`), exposed through :class:`_PlainFamily`. Each dict is written by one thread
+    (last reading: the network thread; the others: the scoring thread) and copied whole when scraped (a
+    dict copy is atomic under the interpreter lock), so no lock is taken per update.
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
@@ -164,7 +211,9 @@ class DaemonMetrics:
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         GCCollector(registry=r)
-        self.messages_received = Counter("sensord_messages_received", "MQTT messages received", registry=r)
+        self.messages_received = PlainCounter()  # once per message: no lock (the network thread counts)
+        _PlainFamily(r, "counter", "sensord_messages_received", "MQTT messages received",
+                      lambda: [([], self.messages_received.value)], ())
         self.messages_rejected = Counter("sensord_messages_rejected", "MQTT messages rejected whole, by reason",
                                          ["reason"], registry=r)
         self.readings_rejected = Counter("sensord_readings_rejected", "Readings rejected, by reason",
@@ -172,19 +221,26 @@ class DaemonMetrics:
         self.sparkplug_rebirth_requests = Counter(
             "sensord_sparkplug_rebirth_requests", "Sparkplug B rebirth commands (NCMD) sent to edge nodes whose "
             "data could not be read (no NBIRTH seen, or a sequence gap)", registry=r)
-        self.windows_scored = Counter("sensord_windows_scored", "Windows scored", ["device"], registry=r)
-        self.reconstruction_error = Gauge("sensord_reconstruction_error",
-                                          "Reconstruction error of the device's last scored window",
-                                          ["device"], registry=r)
-        self.anomaly_score = Gauge("sensord_anomaly_score", "Last window's error divided by the threshold",
-                                   ["device"], registry=r)
-        self.channel_error_share = Gauge("sensord_channel_error_share",
-                                         "Share of the device's last window error due to each channel "
-                                         "(0-1; a device's channels sum to 1): which sensors drive the score",
-                                         ["device", "channel"], registry=r)
+        # Per device: device -> value (see the class docstring); channel shares: device -> (channels, shares).
+        self.windows_scored: dict[str, float] = {}
+        self.reconstruction_error: dict[str, float] = {}
+        self.anomaly_score: dict[str, float] = {}
+        self.anomaly_state: dict[str, float] = {}
+        self.channel_error_share: dict[str, tuple[tuple[str, ...], Sequence[float]]] = {}
+        self.last_reading: dict[str, float] = {}
+        _PlainFamily(r, "counter", "sensord_windows_scored", "Windows scored", self._per_device(self.windows_scored))
+        _PlainFamily(r, "gauge", "sensord_reconstruction_error",
+                      "Reconstruction error of the device's last scored window",
+                      self._per_device(self.reconstruction_error))
+        _PlainFamily(r, "gauge", "sensord_anomaly_score", "Last window's error divided by the threshold",
+                      self._per_device(self.anomaly_score))
+        _PlainFamily(r, "gauge", "sensord_channel_error_share",
+                      "Share of the device's last window error due to each channel "
+                      "(0-1; a device's channels sum to 1): which sensors drive the score",
+                      self._shares, ("device", "channel"))
         self.threshold = Gauge("sensord_threshold", "Alert threshold on the reconstruction error", registry=r)
-        self.anomaly_state = Gauge("sensord_anomaly_state", "1 while an alert is raised for the device",
-                                   ["device"], registry=r)
+        _PlainFamily(r, "gauge", "sensord_anomaly_state", "1 while an alert is raised for the device",
+                      self._per_device(self.anomaly_state))
         self.alerts_raised = Counter("sensord_alerts_raised", "Alerts raised", ["device"], registry=r)
         self.batch_size = Histogram("sensord_scoring_batch_size", "Windows per interpreter call",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r)
@@ -205,8 +261,8 @@ class DaemonMetrics:
         self.mqtt_session_takeovers = Counter("sensord_mqtt_session_takeovers", "Disconnections because another "
                                               "client connected with our client id", registry=r)
         self.devices = Gauge("sensord_devices", "Devices currently tracked", registry=r)
-        self.last_reading = Gauge("sensord_last_reading_timestamp_seconds", "When (this host's clock, Unix "
-                                  "seconds) the device's last reading was accepted", ["device"], registry=r)
+        _PlainFamily(r, "gauge", "sensord_last_reading_timestamp_seconds", "When (this host's clock, Unix "
+                      "seconds) the device's last reading was accepted", self._per_device(self.last_reading))
         self.devices_rejected = Counter("sensord_devices_rejected",
                                         "Readings refused because max_devices was reached", registry=r)
         self.values_clipped = Counter("sensord_values_clipped", "Readings clipped to the healthy range +- "
@@ -234,14 +290,14 @@ class DaemonMetrics:
                                ["model_id"], registry=r)
         self.model_threshold = Gauge("sensord_model_threshold", "Alert threshold of each model being served",
                                      ["model_id"], registry=r)
-        self.device_model = Gauge("sensord_device_model_info", "1 for the model that scores the device",
-                                  ["device", "model_id"], registry=r)
+        self._device_models: dict[str, str] = {}  # device -> the id of the model that scores it
+        _PlainFamily(r, "gauge", "sensord_device_model_info", "1 for the model that scores the device",
+                      lambda: [([device, model_id], 1.0) for device, model_id in list(self._device_models.items())],
+                      ("device", "model_id"))
         self.reload_failures = Counter("sensord_reload_failures", "Reloads (SIGHUP) refused: a bad config, or a "
                                        "bad bundle (counted per bundle; its previous version keeps serving)",
                                        registry=r)
         self._served: set[str] = set()
-        self._device_models: dict[str, str] = {}
-        self._device_lock = threading.Lock()
         for reason in MESSAGE_REJECT_REASONS:
             self.messages_rejected.labels(reason)
         for reason in READING_REJECT_REASONS:
@@ -253,6 +309,28 @@ class DaemonMetrics:
         self._peer_warnings = RateLimitedLog(log, _PEER_WARNING_INTERVAL)
         self._server: Any = None
         self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def _per_device(values: dict[str, float]) -> Callable[[], list[tuple[list[str], float]]]:
+        return lambda: [([device], value) for device, value in list(values.items())]
+
+    def _shares(self) -> list[tuple[list[str], float]]:
+        return [([device, channel], float(share))
+                for device, (channels, shares) in list(self.channel_error_share.items())
+                for channel, share in zip(channels, shares, strict=True)]
+
+    def window_scored(self, device: str, error: float, score: float, active: bool,
+                      channels: tuple[str, ...] = (), shares: Sequence[float] = ()) -> None:
+        """One scored window of ``device`` (scoring thread): counted, its error, score, state and (with
+        ``channels``) each channel's share of its error."""
+        self.windows_scored[device] = self.windows_scored.get(device, 0.0) + 1.0
+        self.reconstruction_error[device] = float(error)
+        self.anomaly_score[device] = float(score)
+        self.anomaly_state[device] = 1.0 if active else 0.0
+        if channels:
+            if len(shares) != len(channels):
+                raise ValueError(f"{len(shares)} shares for {len(channels)} channels")
+            self.channel_error_share[device] = (channels, shares)
 
     def set_model(self, model_id: str, created: str, window: int, hop: int, channels: tuple[str, ...],
                   threshold: float) -> None:
@@ -277,20 +355,10 @@ class DaemonMetrics:
 
     def bind_device(self, device: str, model_id: str) -> None:
         """``sensord_device_model_info{device,model_id}``: the model that scores ``device`` (one series)."""
-        with self._device_lock:
-            old = self._device_models.get(device)
-            if old == model_id:
-                return
-            if old is not None:
-                self.device_model.remove(device, old)
-            self._device_models[device] = model_id
-            self.device_model.labels(device, model_id).set(1)
+        self._device_models[device] = model_id
 
     def unbind_device(self, device: str) -> None:
-        with self._device_lock:
-            old = self._device_models.pop(device, None)
-            if old is not None:
-                self.device_model.remove(device, old)
+        self._device_models.pop(device, None)
 
     def serve(self, host: str, port: int, timeout: float = 10.0, max_connections: int = 16,
               web: WebConfig | None = None) -> int:
@@ -344,14 +412,11 @@ class DaemonMetrics:
     def forget_device(self, device: str) -> None:
         """Drop every series labelled with ``device`` (a forgotten device must not linger in /metrics)."""
         self.unbind_device(device)
-        for metric in (self.windows_scored, self.reconstruction_error, self.anomaly_score, self.anomaly_state,
-                       self.alerts_raised, self.windows_throttled, self.last_reading):
+        for values in (self.windows_scored, self.reconstruction_error, self.anomaly_score, self.anomaly_state,
+                       self.channel_error_share, self.last_reading):
+            values.pop(device, None)
+        for metric in (self.alerts_raised, self.windows_throttled):
             try:
                 metric.remove(device)
             except KeyError:  # never had that label
                 pass
-        # Per (device, channel): the channels it had are read back from the metric itself.
-        channels = {smp.labels["channel"] for fam in self.channel_error_share.collect() for smp in fam.samples
-                    if smp.labels.get("device") == device}
-        for channel in channels:
-            self.channel_error_share.remove(device, channel)

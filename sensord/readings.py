@@ -132,6 +132,8 @@ class ReadingPath:
 
     def parser_for(self, topic: str) -> Parser:
         """The parser of the first subscription whose filter matches ``topic`` (else the first one's)."""
+        if len(self.parsers) == 1:  # (the usual case: no matching needed)
+            return self.parsers[0][1]
         for topic_filter, parser in self.parsers:
             if topic_matches(topic_filter, topic):
                 return parser

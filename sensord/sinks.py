@@ -105,50 +105,28 @@ class AlertPublisher:
 class MetricsSink:
     """Per-window metric updates, kept here so the scoring loop only calls one thing per window.
 
-    A device's labelled series are looked up once and kept: ``labels()`` checks, joins and locks on every
-    call, and with one call per series and window it was most of the scoring thread's time (profiled with
-    ``bench/throughput.py --profile``). The kept series must go when the metric drops them, so forgetting a
-    device and a change of channels go through here (:meth:`forget`, :meth:`channels_changed`).
+    The per-device series are plain values in :class:`~sensord.metrics.DaemonMetrics` (read when scraped),
+    so a window costs a few dict stores, not a dozen locked label children (``bench/throughput.py
+    --profile``: that was most of the scoring thread's time). Forgetting a device and a change of
+    channels go through here too (:meth:`forget`, :meth:`channels_changed`).
     """
 
     def __init__(self, metrics: DaemonMetrics) -> None:
         self.m = metrics
-        self._series: dict[str, tuple[Any, Any, Any, Any]] = {}  # device -> scored, error, score, state
-        self._shares: dict[tuple[str, tuple[str, ...]], list[Any]] = {}  # (device, channels) -> share series
 
     def window(self, device: str, error: float, decision: Decision, channels: tuple[str, ...] = (),
                shares: Sequence[float] = ()) -> None:
         """One scored window: its error, score and state, and each channel's share of its error (the "why"
         an operator and an alert's text need: which sensors drive the score)."""
-        series = self._series.get(device)
-        if series is None:
-            m = self.m
-            series = self._series[device] = (m.windows_scored.labels(device), m.reconstruction_error.labels(device),
-                                             m.anomaly_score.labels(device), m.anomaly_state.labels(device))
-        scored, err, score, state = series
-        scored.inc()
-        if channels:
-            per_channel = self._shares.get((device, channels))
-            if per_channel is None:
-                per_channel = self._shares[(device, channels)] = [self.m.channel_error_share.labels(device, c)
-                                                                  for c in channels]
-            for child, share in zip(per_channel, shares, strict=True):
-                child.set(float(share))
-        err.set(error)
-        score.set(decision.score)
-        state.set(1 if decision.active else 0)
+        self.m.window_scored(device, error, decision.score, decision.active, channels, shares)
         if decision.event is not None and decision.event.state == "raised":
             self.m.alerts_raised.labels(device).inc()
 
     def forget(self, device: str) -> None:
-        """Drop every series of ``device`` (from the metrics and from what is kept here)."""
-        self._series.pop(device, None)
-        for key in [k for k in self._shares if k[0] == device]:
-            del self._shares[key]
+        """Drop every series of ``device``."""
         self.m.forget_device(device)
 
     def channels_changed(self) -> None:
         """The model now has other channels: the old channels' shares would be stale forever, so every
         share series goes; each device's come back with its next window."""
-        self._shares.clear()
         self.m.channel_error_share.clear()

@@ -31,6 +31,51 @@ from .credentials import read_secret
 log = logging.getLogger(__name__)
 
 
+class BufferedSocket:
+    """The broker socket with reads served from one buffer: one ``recv`` system call brings many messages.
+
+    paho-mqtt reads each packet with three calls (its first byte, its length, the rest), and every system
+    call hands the interpreter lock to the scoring thread if it wants it, so that the network thread then
+    waits for the lock again, three times a message. Here those reads come from a 64 KiB buffer,
+    refilled with one call when it runs dry. ``pending()`` tells paho's loop that bytes are buffered, as an
+    SSL socket's does, so it reads them before it waits on the socket again (:meth:`pending` is what paho
+    asks any socket for). Everything else goes to the wrapped socket.
+    """
+
+    CHUNK = 65536
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self._buf = b""
+        self._pos = 0
+
+    def recv(self, bufsize: int) -> bytes:
+        if self._pos >= len(self._buf):
+            data = self._sock.recv(max(bufsize, self.CHUNK))  # BlockingIOError and the like go to paho
+            if len(data) <= bufsize:
+                return data
+            self._buf, self._pos = data, 0
+        end = self._pos + bufsize
+        out = self._buf[self._pos:end]
+        self._pos = min(end, len(self._buf))
+        return out
+
+    def pending(self) -> int:
+        inner = self._sock.pending() if hasattr(self._sock, "pending") else 0
+        return len(self._buf) - self._pos + inner
+
+    def __getattr__(self, name: str) -> Any:  # send, setblocking, fileno, close, ...: the socket's own
+        return getattr(self._sock, name)
+
+
+class _Client(mqtt.Client):
+    """paho's client on a :class:`BufferedSocket` (``_create_socket`` is where paho 2.x makes its socket;
+    a paho without it simply reads unbuffered)."""
+
+    def _create_socket(self) -> Any:
+        return BufferedSocket(super()._create_socket())
+
+
 def default_client_id(config_path: str | None) -> str:
     """``sensord-<hostname>-<8 hex of the config file's absolute path>``: unique per host and instance.
 
@@ -122,7 +167,7 @@ class MqttConnection:
         # are away. Readings are acknowledged only once intake has taken them (manual ack), so one that
         # arrives while we shut down is not acknowledged and the broker delivers it again next time.
         self.persistent = cfg.session_expiry_seconds > 0
-        self.client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=self.client_id,
+        self.client = _Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=self.client_id,
                                   protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
                                   manual_ack=self.persistent,
                                   clean_session=None if v5 else not self.persistent)  # (v5: clean_start)

@@ -209,3 +209,26 @@ def test_interleaved_windows_of_two_models_are_scored_one_call_per_model_and_dec
     sl.process(batch)
     assert scorer_a.batches == [[0.0, 2.0, 4.0]] and scorer_b.batches == [[1.0, 3.0, 5.0]]
     assert decided == [("a", 0.0), ("b", 1.0), ("a", 2.0), ("b", 3.0), ("a", 4.0), ("b", 5.0)]
+
+
+def test_window_queue_is_a_bounded_fifo_whose_waiting_taker_wakes_on_a_put() -> None:
+    """The scoring queue (a deque, no lock): first in first out, full at its size, empty after a timeout,
+    and a taker blocked in get() is woken by the next put at once, not at the end of its timeout."""
+    from sensord.pipeline import WindowQueue
+
+    model = cast(ServingModel, SimpleNamespace())
+    q = WindowQueue(2)
+    q.put_nowait((model, window(1.0)))
+    q.put_nowait((model, window(2.0)))
+    with pytest.raises(queue.Full):
+        q.put_nowait((model, window(3.0)))
+    assert q.qsize() == 2 and [q.get_nowait()[1].end, q.get(timeout=1)[1].end] == [1.0, 2.0] and q.empty()
+    with pytest.raises(queue.Empty):
+        q.get(timeout=0.01)
+    got: list[float] = []
+    taker = threading.Thread(target=lambda: got.append(q.get(timeout=60)[1].end))
+    taker.start()
+    wait_until(lambda: q._waiting, 10, "the taker waiting")
+    q.put_nowait((model, window(4.0)))
+    taker.join(10)  # a taker that missed the put would still be waiting out its 60 s
+    assert not taker.is_alive() and got == [4.0]

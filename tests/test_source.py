@@ -474,3 +474,39 @@ def test_values_outside_the_bounds_are_clipped_nan_and_inf_left_alone() -> None:
     assert not r.clipped and r.values.tolist() == [1.0, 2.0, 3.0]
     (r,) = p.parse("plant/p1/telemetry", b'{"ts": 1, "a": NaN, "b": Infinity, "c": ' + b"9" * 400 + b"}")
     assert r.values is not None and np.isnan(r.values[0]) and np.isinf(r.values[1]) and r.values[2] == 10.0
+
+
+def test_buffered_socket_serves_pahos_small_reads_from_one_system_call() -> None:
+    """paho reads a packet as its first byte, its length, then the rest: all of them come from one recv,
+    ``pending()`` says what is buffered (so paho's loop reads on before waiting in select), and a read
+    past the buffer gets what is left, as a short read from a socket would."""
+    import socket
+
+    from sensord.source import BufferedSocket
+
+    a, b = socket.socketpair()
+    try:
+        b.setblocking(False)
+        calls: list[int] = []
+
+        class Counting:
+            def recv(self, n: int) -> bytes:
+                calls.append(n)
+                return b.recv(n)
+
+            def fileno(self) -> int:
+                return b.fileno()
+
+        s = BufferedSocket(Counting())
+        a.sendall(b"\x30\x05hello\x30\x03abc")
+        assert [s.recv(1), s.recv(1), s.recv(5), s.recv(1), s.recv(1)] == [b"\x30", b"\x05", b"hello", b"\x30", b"\x03"]
+        assert len(calls) == 1 and s.pending() == 3
+        assert s.recv(10) == b"abc" and s.pending() == 0  # short: only what was buffered
+        assert s.fileno() == b.fileno()  # everything else is the socket's
+        with pytest.raises(BlockingIOError):  # nothing buffered, nothing on the socket: as paho expects
+            s.recv(1)
+        a.close()
+        assert s.recv(1) == b""  # the peer closed: paho sees the connection lost
+    finally:
+        a.close()
+        b.close()

@@ -240,7 +240,7 @@ def test_storage_is_preallocated() -> None:
     L, C = 7, 3
     buf = WindowBuffer(WindowSpec(length=L, hop=2, max_gap_seconds=3.0), channels=C)
     ring, times = buf._ring, buf._times
-    assert ring.shape == (2 * L, C) and ring.dtype == np.float32
+    assert ring.shape == (L, C) and ring.dtype == np.float32  # one row per reading of a window
     t = 0.0
     for k in range(1000):
         t += 10.0 if k % 250 == 249 else 1.0  # a few gaps (restarts) too

@@ -15,11 +15,13 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from .base import (
     ChannelUpdate,
     Item,
+    Layout,
     LayoutFor,
     MessageRejected,
     Reading,
@@ -31,6 +33,15 @@ from .base import (
 )
 
 _MISSING = object()
+
+# msgspec's decoder is about 7x faster than json.loads on a reading (0.7 against 5.4 us); whatever it
+# refuses (NaN, numbers out of float range, integers past 4300 digits, a BOM or UTF-16, lone surrogates,
+# deep nesting, malformed text) goes to json.loads, which decides exactly as before: what it accepts is
+# accepted and what it refuses is rejected with its own message.
+_fast_decode = msgspec.json.Decoder().decode
+
+# Device ids already checked by device_id_problem (a bounded cache: hostile ids cannot grow it for ever).
+_KNOWN_IDS_MAX = 100_000
 
 
 def lookup(doc: dict[str, Any], path: str) -> Any:
@@ -74,6 +85,7 @@ class JsonParser:
         self.clock = clock
         self.partial = partial
         self._topic_re: re.Pattern[str] | None = None
+        self._known_ids: set[str] = set()  # device ids that passed device_id_problem
         if device_topic is not None:
             self._topic_re = topic_pattern(device_topic, ("device",))
 
@@ -86,7 +98,12 @@ class JsonParser:
     def parse(self, topic: str, payload: bytes) -> list[Item]:
         arrival = self.clock()
         try:
-            doc = json.loads(payload)
+            doc = _fast_decode(payload)
+        except Exception:  # noqa: BLE001 - the standard library decides, see _fast_decode
+            doc = _MISSING
+        try:
+            if doc is _MISSING:
+                doc = json.loads(payload)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise MessageRejected("malformed_json", f"payload is not JSON: {exc}") from None
         except ValueError as exc:  # e.g. an integer of more than 4300 digits (int_max_str_digits)
@@ -116,10 +133,14 @@ class JsonParser:
             if device is None:
                 raise MessageRejected("no_device", f"no device id in topic {topic!r}"
                                       + (f" or field {self.device_field!r}" if self.device_field else ""))
-            problem = device_id_problem(device)
-            if problem is not None:
-                readings.append(Reading(device, arrival, None, ("bad_device_id", problem)))
-                continue
+            if device not in self._known_ids:
+                problem = device_id_problem(device)
+                if problem is not None:
+                    readings.append(Reading(device, arrival, None, ("bad_device_id", problem)))
+                    continue
+                if len(self._known_ids) >= _KNOWN_IDS_MAX:
+                    self._known_ids.clear()
+                self._known_ids.add(device)
             readings.append(self._reading(device, item, arrival))
         return readings
 
@@ -142,6 +163,10 @@ class JsonParser:
             source = item
         if not isinstance(source, dict):
             return Reading(device, ts, None, ("bad_value", f"{self.values_field!r} must be an object"))
+        if not self.partial:
+            row = self._row(source, layout)
+            if row is not None:
+                return Reading(device, ts, np.array(row, dtype=np.float64))
         values = np.empty(len(layout.channels), dtype=np.float64)  # float64: 1e39 stays finite, to be clipped
         present: dict[str, float] = {}
         clipped = False
@@ -163,3 +188,23 @@ class JsonParser:
                 return Reading(device, ts, None, ("missing_channel", "none of the model's channels present"))
             return ChannelUpdate(device, ts, present, clipped)
         return Reading(device, ts, values, clipped=clipped)
+
+    @staticmethod
+    def _row(source: dict[str, Any], layout: Layout) -> list[float] | None:
+        """The common case cheaply: every channel a JSON float (or, within the bounds, an integer) that
+        needs no clipping; None for anything else, which the general loop above decides (and words)."""
+        low, high = layout.bounds.low, layout.bounds.high
+        row: list[float] = []
+        for j, ch in enumerate(layout.channels):
+            v: Any = source.get(ch)
+            t = type(v)
+            if t is float:
+                if low is not None and high is not None and (v < low[j] or v > high[j]):
+                    return None
+            elif t is int and low is not None and high is not None:
+                if not low[j] <= v <= high[j]:
+                    return None
+            else:
+                return None
+            row.append(v)
+        return row
