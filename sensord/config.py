@@ -42,6 +42,13 @@ PositiveFloat = Annotated[StrictFloat, Field(gt=0.0)]
 Port = Annotated[StrictInt, Field(ge=1, le=65535)]
 
 
+def unique_channels(v: list[str]) -> list[str]:
+    """A channel list with no name twice (a repeated name would read one value into two columns)."""
+    dupes = sorted({c for c in v if v.count(c) > 1})
+    if dupes:
+        raise ValueError(f"must not repeat a channel, got duplicates {dupes}")
+    return v
+
 class RestartOnly:
     """``Annotated`` metadata: a setting a reload (SIGHUP) cannot apply, because what it configures
     (the broker connection, the scoring thread, the state files) is built once at start-up.
@@ -90,10 +97,7 @@ class DataConfig:
     @field_validator("channels")
     @classmethod
     def _unique_channels(cls, v: list[StrictStr]) -> list[StrictStr]:
-        dupes = sorted({c for c in v if v.count(c) > 1})
-        if dupes:
-            raise ValueError(f"must not repeat a channel, got duplicates {dupes}")
-        return v
+        return unique_channels(v)
 
 
 @dataclass(config=_STRICT)
@@ -427,10 +431,7 @@ class ModelRouteConfig:
     @field_validator("channels")
     @classmethod
     def _unique_channels(cls, v: list[StrictStr]) -> list[StrictStr]:
-        dupes = sorted({c for c in v if v.count(c) > 1})
-        if dupes:
-            raise ValueError(f"must not repeat a channel, got duplicates {dupes}")
-        return v
+        return unique_channels(v)
 
     @model_validator(mode="after")
     def _layout(self) -> ModelRouteConfig:
