@@ -156,6 +156,9 @@ class TrainingConfig:
     # on the last validation_fraction only, scored by a model early-stopped on exactly those windows). The
     # K members are served as one ensemble. 0 or 1: off.
     cross_fit: Annotated[StrictInt, Field(ge=0, le=16)] = 0
+    # cross_fit: each member early-stops on the chronological tail (validation_fraction) of its own rows;
+    # false: no tail, each member trains for `epochs` on all its rows.
+    cross_fit_early_stop: StrictBool = True
     seed: StrictInt = 42
     shuffle: StrictBool = True
     noise_std: Annotated[StrictFloat, Field(ge=0.0)] = 0.0

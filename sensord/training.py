@@ -160,11 +160,12 @@ def cross_fit_folds(series: Series | Sequence[Series], cfg: SensordConfig) -> li
             held = (edges[m], edges[m + 1])
             runs = [r for r in ((0, held[0]), (held[1], n)) if r[1] > r[0]]
             own = n - (held[1] - held[0])
-            fit_runs, stop_runs = _tail(runs, int(math.ceil(own * tc.validation_fraction)))
+            tail = int(math.ceil(own * tc.validation_fraction)) if tc.cross_fit_early_stop else 0
+            fit_runs, stop_runs = _tail(runs, tail)
             train = _windows_of(s, fit_runs, cfg)
             stop = _windows_of(s, stop_runs, cfg)
             out = _windows_of(s, [held], cfg)
-            if len(train) == 0 or len(stop) == 0 or len(out) == 0:
+            if len(train) == 0 or (len(stop) == 0 and tc.cross_fit_early_stop) or len(out) == 0:
                 what = "training" if len(train) == 0 else "early-stopping" if len(stop) == 0 else "held-out"
                 raise TrainingError(f"{name}: training.cross_fit {k}: member {m} has no complete window in its "
                                     f"{what} rows (fitted on {fit_runs}, stopped on {stop_runs}, held out {held}; "
@@ -209,9 +210,10 @@ def _fit_network(keras: Any, cfg: SensordConfig, x_train: np.ndarray, x_val: np.
                 log.debug("epoch %d/%d loss=%.6g val_loss=%.6g", epoch + 1, tc.epochs,
                           logs.get("loss", float("nan")), logs.get("val_loss", float("nan")))
 
+    stopping = len(x_val) > 0  # a cross-fitted member without a stopping tail trains for `epochs`
     callbacks = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=tc.patience,
-                                               restore_best_weights=True)]
-    if tc.reduce_lr_patience > 0:
+                                               restore_best_weights=True)] if stopping else []
+    if tc.reduce_lr_patience > 0 and stopping:
         callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5,
                                                            patience=tc.reduce_lr_patience,
                                                            min_lr=tc.learning_rate / 64))
@@ -220,7 +222,8 @@ def _fit_network(keras: Any, cfg: SensordConfig, x_train: np.ndarray, x_val: np.
     def target(x: np.ndarray) -> np.ndarray:
         return x if k == 1 else np.repeat(x[:, None], k, axis=1)
 
-    history = model.fit(x_train, target(x_train), validation_data=(x_val, target(x_val)), epochs=tc.epochs,
+    history = model.fit(x_train, target(x_train), validation_data=(x_val, target(x_val)) if stopping else None,
+                        epochs=tc.epochs,
                         batch_size=tc.batch_size, shuffle=tc.shuffle, verbose=0, callbacks=callbacks)
     losses = {key: [round(float(v), 8) for v in vals] for key, vals in history.history.items()
               if key in ("loss", "val_loss")}

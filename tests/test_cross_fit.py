@@ -70,6 +70,15 @@ def test_blocks_partition_the_rows_and_no_member_sees_its_held_out_rows(k: int) 
     assert covered == set(range(n))
 
 
+def test_without_early_stopping_a_member_trains_on_every_row_but_its_block() -> None:
+    n = 200
+    for m, fold in enumerate(cross_fit_folds(_indexed(n), _cfg(cross_fit=4, cross_fit_early_stop=False))):
+        block = set(range(50 * m, 50 * (m + 1)))
+        assert len(fold.stop) == 0
+        trained = set().union(*_rows(fold.train))
+        assert trained == set(range(n)) - block
+
+
 def test_every_machine_of_a_group_is_cut_into_blocks_of_its_own() -> None:
     a, b = _indexed(120), _indexed(90, offset=10_000.0)
     folds = cross_fit_folds([a, b], _cfg(cross_fit=3))
