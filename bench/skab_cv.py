@@ -60,11 +60,14 @@ def threshold_grid(methods: list[str]) -> list[dict[str, Any]]:
     grid: list[dict[str, Any]] = []
     for m in methods:
         if m == "max_factor":
-            grid += [{"method": m, "factor": f} for f in (2.5, 3.0, 3.5, 4.0, 5.0)]
+            # 1.5 and 2.0 for cross-fitted ensembles: their evidence is ~7x more windows (a higher maximum),
+            # each scored by one member where the served score averages K.
+            grid += [{"method": m, "factor": f} for f in (1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0)]
         elif m == "mean_std":
             grid += [{"method": m, "k": k} for k in (3.0, 4.0, 6.0, 8.0, 10.0)]
         elif m == "pot":
-            grid += [{"method": m, "risk": r, "pot_factor": f} for r in (1e-3, 1e-4, 1e-5) for f in (1.5, 2.0, 3.0)]
+            grid += [{"method": m, "risk": r, "pot_factor": f}
+                     for r in (1e-3, 1e-4, 1e-5) for f in (1.0, 1.5, 2.0, 3.0)]
         elif m == "quantile":
             grid += [{"method": m, "quantile": q} for q in (0.99,)]
     return grid

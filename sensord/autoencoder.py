@@ -102,6 +102,20 @@ def build_autoencoder(cfg: ModelConfig, length: int, channels: int, scaler_kind:
     return keras.Model(inp, out, name=f"sensord_{cfg.kind}_ensemble{members}")
 
 
+def member_model(ensemble: keras.Model, k: int, noise_std: float = 0.0) -> keras.Model:
+    """Member ``k`` of an ensemble from :func:`build_autoencoder` as a model of its own.
+
+    It shares the member's layers, so fitting it trains that member in place and leaves the others alone:
+    a cross-fitted ensemble trains each member on its own rows and is then served (and saved) as the one
+    stacked graph, exactly like a seed ensemble.
+    """
+    member = ensemble.get_layer(f"member{k}")
+    _, length, channels = ensemble.inputs[0].shape
+    inp = keras.Input((length, channels), name="window")
+    x = keras.layers.GaussianNoise(noise_std)(inp) if noise_std > 0 else inp
+    return keras.Model(inp, member(x), name=f"sensord_member{k}")
+
+
 def build_pca_autoencoder(components: np.ndarray, mean: np.ndarray, length: int, channels: int) -> keras.Model:
     """The linear autoencoder: PCA's projection onto ``components`` and back, as two Dense layers.
 

@@ -157,10 +157,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     t = bundle.threshold
     print(f"model {bundle.model_id} written to {bundle.path}")
     print(f"  channels ({len(bundle.channels)}): {', '.join(bundle.channels)}")
-    print(f"  window {bundle.window_length}, rows {bundle.training['train_rows']} train / "
-          f"{bundle.training['validation_rows']} validation, epochs {bundle.training['epochs_run']} "
-          f"(best {bundle.training['best_epoch']}), {bundle.training['duration_seconds']:.1f} s")
-    print(f"  threshold {t.value:.6g} ({t.method} {t.params}); validation errors mean "
+    tr = bundle.training
+    if "cross_fit" in tr:
+        k = tr["cross_fit"]["blocks"]
+        rows = f"rows {tr['rows']} in {k} blocks (member k trained without block k)"
+        epochs = f"epochs {'/'.join(str(m['epochs_run']) for m in tr['cross_fit']['members'])} per member"
+    else:
+        rows = f"rows {tr['train_rows']} train / {tr['validation_rows']} validation"
+        epochs = f"epochs {tr['epochs_run']} (best {tr['best_epoch']})"
+    print(f"  window {bundle.window_length}, {rows}, {epochs}, {tr['duration_seconds']:.1f} s")
+    evidence = "out-of-fold" if "cross_fit" in tr else "validation"
+    print(f"  threshold {t.value:.6g} ({t.method} {t.params}); {evidence} errors mean "
           f"{t.validation_stats['mean']:.4g}, p99 {t.validation_stats['p99']:.4g}, max {t.validation_stats['max']:.4g}")
     return EX_OK
 

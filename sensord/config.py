@@ -155,9 +155,24 @@ class TrainingConfig:
     reduce_lr_patience: Annotated[StrictInt, Field(ge=0)] = 0
     # Members trained side by side from different initialisations; their errors are averaged.
     ensemble: Annotated[StrictInt, Field(ge=1, le=16)] = 1
+    # K >= 2: the healthy rows are cut into K contiguous blocks and member k is trained without block k, so
+    # every healthy window gets an out-of-fold error and the threshold is fitted on all of them (instead of
+    # on the last validation_fraction only, scored by a model early-stopped on exactly those windows). The
+    # K members are served as one ensemble. 0 or 1: off.
+    cross_fit: Annotated[StrictInt, Field(ge=0, le=16)] = 0
+    # cross_fit: each member early-stops on the chronological tail (validation_fraction) of its own rows;
+    # false: no tail, each member trains for `epochs` on all its rows.
+    cross_fit_early_stop: StrictBool = True
     seed: StrictInt = 42
     shuffle: StrictBool = True
     noise_std: Annotated[StrictFloat, Field(ge=0.0)] = 0.0
+
+    @model_validator(mode="after")
+    def _cross_fit_alone(self) -> TrainingConfig:
+        if self.cross_fit >= 2 and self.ensemble > 1:
+            raise ValueError(f"cross_fit: {self.cross_fit} already serves {self.cross_fit} members; it cannot be "
+                             f"combined with ensemble {self.ensemble} (set one of them to 1)")
+        return self
 
 
 @dataclass(config=_STRICT)
@@ -568,6 +583,13 @@ class SensordConfig:
     # Retained configs name topics and ids; changing them on a reload would leave the old ones behind.
     homeassistant: Annotated[HomeAssistantConfig, RESTART_ONLY] = field(default_factory=HomeAssistantConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _cross_fit_needs_a_network(self) -> SensordConfig:
+        if self.training.cross_fit >= 2 and self.model.kind == "pca":
+            raise ValueError("training.cross_fit: model.kind pca is fitted in closed form without a validation "
+                             "part; cross_fit needs a trained network (dense, conv1d or lstm)")
+        return self
 
     @model_validator(mode="after")
     def _subscriptions_find_devices(self) -> SensordConfig:

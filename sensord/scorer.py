@@ -209,8 +209,14 @@ class Scorer:
             i += take
         return out
 
-    def score(self, windows: np.ndarray) -> ScoredBatch:
-        """Score raw windows of shape (B, length, channels)."""
+    def score(self, windows: np.ndarray, member: int | None = None) -> ScoredBatch:
+        """Score raw windows of shape (B, length, channels).
+
+        ``member`` scores with one member of an ensemble instead of the mean of all (training uses it for
+        the out-of-fold errors of a cross-fitted ensemble, so they come from the served flatbuffer too).
+        """
+        if member is not None and not 0 <= member < self.members:
+            raise ValueError(f"member must be in [0, {self.members}), got {member}")
         w = np.asarray(windows, dtype=np.float32)
         if w.ndim != 3 or w.shape[1:] != (self.bundle.window_length, len(self.bundle.channels)):
             raise ValueError(f"windows must have shape (B, {self.bundle.window_length}, "
@@ -219,7 +225,10 @@ class Scorer:
             return ScoredBatch(np.zeros(0), np.zeros((0, w.shape[2])))
         with np.errstate(over="ignore", invalid="ignore"):  # handled below
             scaled = self.bundle.scaler.transform(w)
-            errors, shares = reconstruction_errors(scaled, self.reconstruct(scaled), self.bundle.error_metric)
+            rec = self.reconstruct(scaled)
+            if member is not None and self.members > 1:
+                rec = rec[:, member]
+            errors, shares = reconstruction_errors(scaled, rec, self.bundle.error_metric)
         bad = ~np.isfinite(errors)
         if bad.any():  # an overflow anywhere in the window: as anomalous as it gets, never NaN downstream
             errors[bad] = MAX_ERROR

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import logging
 import math
 import platform
@@ -93,6 +94,89 @@ def split_windows(series: Series | Sequence[Series], cfg: SensordConfig) -> Spli
     return SplitWindows(train, val, n_train, n_val, series.values[:n_train])
 
 
+@dataclass(frozen=True)
+class Fold:
+    """Member k of a cross-fitted ensemble: the windows it is fitted on, early-stopped on, and scored on.
+
+    ``held_out`` are the windows of block k; the member never sees a row of them. ``*_ranges`` are the
+    row ranges [start, end) each part was windowed from, per series of the group (for the record and the
+    tests), each range windowed on its own so no window spans two ranges.
+    """
+
+    train: np.ndarray
+    stop: np.ndarray
+    held_out: np.ndarray
+    train_ranges: tuple[tuple[tuple[int, int], ...], ...]
+    stop_ranges: tuple[tuple[tuple[int, int], ...], ...]
+    held_out_ranges: tuple[tuple[int, int], ...]
+
+
+def _tail(runs: list[tuple[int, int]], rows: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Split chronological row runs into (head, last ``rows`` rows), the tail possibly spanning runs."""
+    head, tail = list(runs), list[tuple[int, int]]()
+    while rows > 0 and head:
+        a, b = head.pop()
+        take = min(rows, b - a)
+        tail.insert(0, (b - take, b))
+        if take < b - a:
+            head.append((a, b - take))
+        rows -= take
+    return head, tail
+
+
+def _windows_of(series: Series, ranges: Sequence[tuple[int, int]], cfg: SensordConfig) -> np.ndarray:
+    spec = window_spec(cfg.window, hop=1)
+    parts = [windowize(series.timestamps[a:b], series.values[a:b], spec).values for a, b in ranges]
+    shape = (0, cfg.window.length, series.values.shape[1])
+    return np.concatenate(parts) if parts else np.zeros(shape, np.float32)
+
+
+def cross_fit_folds(series: Series | Sequence[Series], cfg: SensordConfig) -> list[Fold]:
+    """``training.cross_fit`` = K contiguous blocks of the healthy rows (of each series of a group).
+
+    Member k is fitted on the other blocks and scored on block k, so every healthy window gets an error from
+    a member that never saw it: K times the threshold evidence of a chronological split, and none of it the
+    set the member was early-stopped on. The member's early stopping uses the chronological tail
+    (``validation_fraction``) of its own training rows instead: stopping on block k would make its errors
+    there optimistic again, which is the bias cross-fitting removes.
+    """
+    group = [series] if isinstance(series, Series) else list(series)
+    if not group:
+        raise TrainingError("no data to train on")
+    tc = cfg.training
+    k, length = tc.cross_fit, cfg.window.length
+    if k < 2:
+        raise ValueError("cross_fit_folds needs training.cross_fit >= 2")
+    per_member: list[list[tuple[np.ndarray, np.ndarray, np.ndarray, Any, Any, tuple[int, int]]]] = [[] for _ in
+                                                                                                    range(k)]
+    for s in group:
+        n = len(s)
+        name = s.path or "data"
+        edges = [round(i * n / k) for i in range(k + 1)]
+        if min(b - a for a, b in itertools.pairwise(edges)) < length:
+            raise TrainingError(f"{name}: training.cross_fit {k}: {n} rows make blocks of {n // k} rows, shorter "
+                                f"than window.length {length}: use at most {n // length} blocks")
+        for m in range(k):
+            held = (edges[m], edges[m + 1])
+            runs = [r for r in ((0, held[0]), (held[1], n)) if r[1] > r[0]]
+            own = n - (held[1] - held[0])
+            tail = int(math.ceil(own * tc.validation_fraction)) if tc.cross_fit_early_stop else 0
+            fit_runs, stop_runs = _tail(runs, tail)
+            train = _windows_of(s, fit_runs, cfg)
+            stop = _windows_of(s, stop_runs, cfg)
+            out = _windows_of(s, [held], cfg)
+            if len(train) == 0 or (len(stop) == 0 and tc.cross_fit_early_stop) or len(out) == 0:
+                what = "training" if len(train) == 0 else "early-stopping" if len(stop) == 0 else "held-out"
+                raise TrainingError(f"{name}: training.cross_fit {k}: member {m} has no complete window in its "
+                                    f"{what} rows (fitted on {fit_runs}, stopped on {stop_runs}, held out {held}; "
+                                    f"window.length {length}, validation_fraction {tc.validation_fraction}): "
+                                    "use fewer blocks or more healthy data")
+            per_member[m].append((train, stop, out, tuple(fit_runs), tuple(stop_runs), held))
+    return [Fold(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                 np.concatenate([p[2] for p in parts]), tuple(p[3] for p in parts), tuple(p[4] for p in parts),
+                 tuple(p[5] for p in parts)) for parts in per_member]
+
+
 def _versions() -> dict[str, str]:
     keras, tf = import_tensorflow()
     return {"sensord": __version__, "tensorflow": tf.__version__, "keras": keras.__version__,
@@ -100,18 +184,21 @@ def _versions() -> dict[str, str]:
 
 
 def _fit_network(keras: Any, cfg: SensordConfig, x_train: np.ndarray, x_val: np.ndarray,
-                 on_epoch: EpochCallback | None) -> tuple[Any, dict[str, list[float]], int]:
+                 on_epoch: EpochCallback | None, model: Any = None) -> tuple[Any, dict[str, list[float]], int]:
     """Adam on the reconstruction loss, early stopping with the best weights restored.
 
     An ensemble is one model with K stacked outputs trained against K copies of
     the input: the loss is the mean of the members' losses, so each member gets
-    its own gradient and the whole ensemble costs one ``fit``.
+    its own gradient and the whole ensemble costs one ``fit``. ``model``, when
+    given, is trained instead of a new one (one member of a cross-fitted ensemble).
     """
     from .autoencoder import build_autoencoder
 
     tc = cfg.training
-    k = tc.ensemble
-    model = build_autoencoder(cfg.model, cfg.window.length, x_train.shape[2], tc.scaler, tc.noise_std, members=k)
+    k = tc.ensemble if model is None else 1
+    if model is None:
+        model = build_autoencoder(cfg.model, cfg.window.length, x_train.shape[2], tc.scaler, tc.noise_std,
+                                  members=k)
     model.compile(optimizer=keras.optimizers.Adam(tc.learning_rate), loss=tc.loss)
 
     class _Progress(keras.callbacks.Callback):
@@ -123,9 +210,10 @@ def _fit_network(keras: Any, cfg: SensordConfig, x_train: np.ndarray, x_val: np.
                 log.debug("epoch %d/%d loss=%.6g val_loss=%.6g", epoch + 1, tc.epochs,
                           logs.get("loss", float("nan")), logs.get("val_loss", float("nan")))
 
+    stopping = len(x_val) > 0  # a cross-fitted member without a stopping tail trains for `epochs`
     callbacks = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=tc.patience,
-                                               restore_best_weights=True)]
-    if tc.reduce_lr_patience > 0:
+                                               restore_best_weights=True)] if stopping else []
+    if tc.reduce_lr_patience > 0 and stopping:
         callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5,
                                                            patience=tc.reduce_lr_patience,
                                                            min_lr=tc.learning_rate / 64))
@@ -134,7 +222,8 @@ def _fit_network(keras: Any, cfg: SensordConfig, x_train: np.ndarray, x_val: np.
     def target(x: np.ndarray) -> np.ndarray:
         return x if k == 1 else np.repeat(x[:, None], k, axis=1)
 
-    history = model.fit(x_train, target(x_train), validation_data=(x_val, target(x_val)), epochs=tc.epochs,
+    history = model.fit(x_train, target(x_train), validation_data=(x_val, target(x_val)) if stopping else None,
+                        epochs=tc.epochs,
                         batch_size=tc.batch_size, shuffle=tc.shuffle, verbose=0, callbacks=callbacks)
     losses = {key: [round(float(v), 8) for v in vals] for key, vals in history.history.items()
               if key in ("loss", "val_loss")}
@@ -166,10 +255,25 @@ def _fit_pca(keras: Any, cfg: SensordConfig, x_train: np.ndarray,
     return model, {"loss": [round(loss(x_train), 8)], "val_loss": [round(loss(x_val), 8)]}, 1
 
 
+@dataclass(frozen=True)
+class Trained:
+    """A written bundle and the healthy errors its threshold was fitted on (served scores of the validation
+    windows, or the out-of-fold errors of a cross-fitted ensemble): what a benchmark re-decides thresholds on."""
+
+    bundle: ModelBundle
+    threshold_errors: np.ndarray
+
+
 def train_bundle(data: Series | Sequence[Series], cfg: SensordConfig, out_dir: str | Path,
                  on_epoch: EpochCallback | None = None) -> ModelBundle:
     """Train on a healthy series (or several with the same channels: one model for a group of machines)
     and write a complete, loadable bundle to ``out_dir``."""
+    return train(data, cfg, out_dir, on_epoch).bundle
+
+
+def train(data: Series | Sequence[Series], cfg: SensordConfig, out_dir: str | Path,
+          on_epoch: EpochCallback | None = None) -> Trained:
+    """:func:`train_bundle`, also returning the threshold's evidence."""
     group = [data] if isinstance(data, Series) else list(data)
     if not group:
         raise TrainingError("no data to train on")
@@ -184,20 +288,61 @@ def train_bundle(data: Series | Sequence[Series], cfg: SensordConfig, out_dir: s
     t0 = time.monotonic()
     out = Path(out_dir)
     tc = cfg.training
-    split = split_windows(group if len(group) > 1 else series, cfg)
-    scaler = Scaler.fit(split.train_values, tc.scaler, tc.min_relative_scale)
-    x_train = scaler.transform(split.train)
-    x_val = scaler.transform(split.validation)
-    log.info("training %s autoencoder: %d training windows, %d validation windows, %d channels, window %d",
-             cfg.model.kind, len(x_train), len(x_val), len(series.channels), cfg.window.length)
+    folds: list[Fold] = []
+    training_meta: dict[str, Any] = {"rows": sum(len(g) for g in group)}
+    if tc.cross_fit >= 2:
+        from .autoencoder import build_autoencoder, member_model
 
-    keras.utils.set_random_seed(tc.seed)
-    tf.config.experimental.enable_op_determinism()
-    if cfg.model.kind == "pca":
-        model, losses, best_epoch = _fit_pca(keras, cfg, x_train, x_val)
+        folds = cross_fit_folds(group if len(group) > 1 else series, cfg)
+        # One scaler for the K members (they are served as one graph), fitted on every healthy row: a
+        # held-out block leaks only its share of each channel's mean and spread into it, not its shapes.
+        scaler = Scaler.fit(np.concatenate([g.values for g in group]), tc.scaler, tc.min_relative_scale)
+        log.info("training %s autoencoder cross-fitted over %d blocks: %s training windows per member, "
+                 "%d out-of-fold windows, %d channels, window %d", cfg.model.kind, tc.cross_fit,
+                 "/".join(str(len(f.train)) for f in folds), sum(len(f.held_out) for f in folds),
+                 len(series.channels), cfg.window.length)
+        keras.utils.set_random_seed(tc.seed)
+        tf.config.experimental.enable_op_determinism()
+        model = build_autoencoder(cfg.model, cfg.window.length, len(series.channels), tc.scaler, 0.0,
+                                  members=tc.cross_fit)
+        member_meta: list[dict[str, Any]] = []
+        for m, fold in enumerate(folds):
+            _, losses, best = _fit_network(keras, cfg, scaler.transform(fold.train), scaler.transform(fold.stop),
+                                           on_epoch, model=member_model(model, m, tc.noise_std))
+            member_meta.append({"held_out_rows": [list(r) for r in fold.held_out_ranges],
+                                "train_windows": len(fold.train), "stop_windows": len(fold.stop),
+                                "held_out_windows": len(fold.held_out), "epochs_run": len(losses.get("loss", [])),
+                                "best_epoch": best, "loss_history": losses})
+            log.info("member %d/%d: held out rows %s, %d epochs (best %d)", m + 1, tc.cross_fit,
+                     fold.held_out_ranges, member_meta[-1]["epochs_run"], best)
+        members = tc.cross_fit
+        training_meta.update({
+            "train_rows": training_meta["rows"], "validation_rows": training_meta["rows"],
+            "train_windows": sum(len(f.train) for f in folds),
+            "validation_windows": sum(len(f.held_out) for f in folds),
+            "epochs_run": max(mm["epochs_run"] for mm in member_meta),
+            "best_epoch": max(mm["best_epoch"] for mm in member_meta),
+            "threshold_evidence": "out_of_fold",
+            "cross_fit": {"blocks": tc.cross_fit, "members": member_meta}})
     else:
-        model, losses, best_epoch = _fit_network(keras, cfg, x_train, x_val, on_epoch)
-    members = tc.ensemble if cfg.model.kind != "pca" else 1
+        split = split_windows(group if len(group) > 1 else series, cfg)
+        scaler = Scaler.fit(split.train_values, tc.scaler, tc.min_relative_scale)
+        x_train = scaler.transform(split.train)
+        x_val = scaler.transform(split.validation)
+        log.info("training %s autoencoder: %d training windows, %d validation windows, %d channels, window %d",
+                 cfg.model.kind, len(x_train), len(x_val), len(series.channels), cfg.window.length)
+
+        keras.utils.set_random_seed(tc.seed)
+        tf.config.experimental.enable_op_determinism()
+        if cfg.model.kind == "pca":
+            model, losses, best_epoch = _fit_pca(keras, cfg, x_train, x_val)
+        else:
+            model, losses, best_epoch = _fit_network(keras, cfg, x_train, x_val, on_epoch)
+        members = tc.ensemble if cfg.model.kind != "pca" else 1
+        training_meta.update({
+            "train_rows": split.train_rows, "validation_rows": split.validation_rows,
+            "train_windows": len(x_train), "validation_windows": len(x_val),
+            "epochs_run": len(losses.get("loss", [])), "best_epoch": best_epoch})
 
     if out.exists() and not out.is_dir():
         raise TrainingError(f"{out}: exists and is not a directory")
@@ -208,14 +353,11 @@ def train_bundle(data: Series | Sequence[Series], cfg: SensordConfig, out_dir: s
     (out / TFLITE_FILE).write_bytes(flatbuffer)
     sha = sha256_of(out / TFLITE_FILE)
 
-    training_meta: dict[str, Any] = {
-        "rows": sum(len(g) for g in group), "train_rows": split.train_rows, "validation_rows": split.validation_rows,
-        "train_windows": len(x_train), "validation_windows": len(x_val),
-        "epochs_run": len(losses.get("loss", [])), "best_epoch": best_epoch, "members": members,
-        "loss": tc.loss, "loss_history": losses, "source": source,
-        "config": {"training": asdict(tc), "window": asdict(cfg.window)},
-        "versions": _versions(),
-    }
+    training_meta.update({"members": members, "loss": tc.loss})
+    if not folds:
+        training_meta["loss_history"] = losses
+    training_meta.update({"source": source, "config": {"training": asdict(tc), "window": asdict(cfg.window)},
+                          "versions": _versions()})
     bundle = ModelBundle(
         path=out, model_id=f"{out.name}-{sha[:8]}", channels=series.channels,
         window_length=cfg.window.length, window_hop=cfg.window.hop, error_metric=cfg.scoring.error,
@@ -224,21 +366,32 @@ def train_bundle(data: Series | Sequence[Series], cfg: SensordConfig, out_dir: s
         created=datetime.now(UTC).isoformat(timespec="seconds"), tflite_sha256=sha,
         sample_period_seconds=sampling_period(group),
     )
-    val_errors = Scorer(bundle).score(split.validation).errors
+    scorer = Scorer(bundle)
+    if folds:
+        # Each block's windows scored by the one member that never saw them, through the served flatbuffer.
+        evidence_windows = np.concatenate([f.held_out for f in folds])
+        val_errors = np.concatenate([scorer.score(f.held_out, member=m).errors for m, f in enumerate(folds)])
+        what = "out-of-fold"
+    else:
+        evidence_windows = split.validation
+        val_errors = scorer.score(split.validation).errors
+        what = "validation"
     try:
         threshold = ThresholdCalibrator(cfg.threshold).fit(val_errors)
     except ValueError as exc:  # no finite errors (training diverged), too few for a tail fit
         raise TrainingError(f"{source or 'data'}: cannot fit threshold.method {cfg.threshold.method} on "
-                            f"{len(val_errors)} validation windows: {exc}") from None
+                            f"{len(val_errors)} {what} windows: {exc}") from None
     training_meta["duration_seconds"] = round(time.monotonic() - t0, 3)
     bundle = bundle.with_threshold(threshold)
-    # Reference windows: the daemon re-scores them at every load and refuses a model that drifted.
-    ref = np.unique(np.linspace(0, len(split.validation) - 1, num=min(REFERENCE_WINDOWS, len(split.validation)))
+    # Reference windows: the daemon re-scores them at every load and refuses a model that drifted. Their
+    # errors are what the served model gives (for a cross-fitted ensemble: the mean of all members, not the
+    # out-of-fold member's error the threshold saw).
+    ref = np.unique(np.linspace(0, len(evidence_windows) - 1, num=min(REFERENCE_WINDOWS, len(evidence_windows)))
                     .astype(int))
-    bundle = bundle.with_reference(split.validation[ref], val_errors[ref])
+    ref_errors = scorer.score(evidence_windows[ref]).errors if folds else val_errors[ref]
+    bundle = bundle.with_reference(evidence_windows[ref], ref_errors)
     bundle.write_json()
     log.info("bundle written to %s: model_id=%s threshold=%.6g (%s) epochs=%d best=%d in %.1fs", out,
-             bundle.model_id, threshold.value, threshold.method, training_meta["epochs_run"], best_epoch,
-             training_meta["duration_seconds"])
-    return bundle
-
+             bundle.model_id, threshold.value, threshold.method, training_meta["epochs_run"],
+             training_meta["best_epoch"], training_meta["duration_seconds"])
+    return Trained(bundle, val_errors)

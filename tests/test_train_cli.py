@@ -380,3 +380,19 @@ def test_check_config_reports_schema_file_and_model_problems_together(run: dict[
         f"sensord: model error: {run['model']}: model was trained for window length 10, but window.length in the "
         "config is 12"]
     assert proc.stdout == ""
+
+
+def test_cross_fitted_bundle_trains_evaluates_and_passes_the_load_check(run: dict[str, Path]) -> None:
+    """``training.cross_fit``: the same commands, one bundle; evaluate and check-config --model (which re-scores
+    the reference windows, like the daemon at load) take it as they take any other."""
+    cfg = run["root"] / "cf.yaml"
+    cfg.write_text(TINY_YAML + "  cross_fit: 3\n")
+    model = run["root"] / "CF"
+    train = sensord("train", "--config", str(cfg), "--data", str(run["data"] / "healthy.csv"), "--out", str(model))
+    assert train.returncode == 0, train.stderr
+    assert f"rows {SECONDS} in 3 blocks" in train.stdout and "out-of-fold errors" in train.stdout
+    check = sensord("check-config", "--config", str(cfg), "--model", str(model))
+    assert check.returncode == 0, check.stderr
+    proc = sensord("evaluate", "--model", str(model), "--data", str(run["data"] / "labelled.csv"))
+    assert proc.returncode == 0, proc.stderr
+    assert "F1 " in proc.stdout
