@@ -109,6 +109,35 @@ class SimulatedSeries:
     channels: tuple[str, ...] = CHANNELS
 
 
+def _start_time(start: datetime | None) -> float:
+    """Unix seconds of ``start`` (default 2024-01-01 UTC); naive datetimes are UTC, never local time."""
+    start = start or datetime(2024, 1, 1, tzinfo=UTC)
+    if start.tzinfo is None:
+        start = start.replace(tzinfo=UTC)
+    return float(start.timestamp())
+
+
+def _check_run(seconds: int, faults: Sequence[FaultSpec], machine: str, channels: Sequence[str]) -> None:
+    if seconds <= 0:
+        raise ValueError(f"seconds must be positive, got {seconds}")
+    for f in faults:
+        if f.channel not in channels:
+            raise ValueError(f"fault channel {f.channel!r} is not a {machine} channel: {', '.join(channels)}")
+        if f.start + f.duration > seconds:
+            raise ValueError(f"fault {f} ends after the series ({seconds} s)")
+
+
+def _stuck_excursion(seconds: int, faults: Sequence[FaultSpec]) -> np.ndarray:
+    """The load excursion under each ``stuck`` fault: the process keeps moving while the sensor is frozen,
+    which is what makes a frozen reading contradict its correlated channels."""
+    excursion = np.zeros(seconds)
+    for f in faults:
+        if f.kind == "stuck":
+            frac = (np.arange(f.duration) + 0.5) / f.duration
+            excursion[f.start:f.start + f.duration] += 0.2 * np.sin(np.pi * frac)
+    return excursion
+
+
 class PumpSimulator:
     """A stateful pump model: successive :meth:`generate` calls continue the same machine.
 
@@ -117,12 +146,9 @@ class PumpSimulator:
     """
 
     def __init__(self, seed: int = 0, start: datetime | None = None) -> None:
-        start = start or datetime(2024, 1, 1, tzinfo=UTC)
-        if start.tzinfo is None:  # naive datetimes are taken as UTC, never local time
-            start = start.replace(tzinfo=UTC)
         self._seed = seed
         self._rng = np.random.default_rng(seed)
-        self._t = float(start.timestamp())
+        self._t = _start_time(start)
         self._load = _LOAD_MEAN
         self._temp = self._temp_target(self._t, self._load)
         self._tc = self._temp - 3.0  # housing runs ~3 C cooler than the winding
@@ -138,25 +164,13 @@ class PumpSimulator:
 
     def generate(self, seconds: int, faults: Sequence[FaultSpec] = ()) -> SimulatedSeries:
         """Advance the machine by ``seconds`` samples (1 Hz) and inject ``faults``."""
-        if seconds <= 0:
-            raise ValueError(f"seconds must be positive, got {seconds}")
-        for f in faults:
-            if f.channel not in _IDX:
-                raise ValueError(f"fault channel {f.channel!r} is not a pump channel: {', '.join(CHANNELS)}")
-            if f.start + f.duration > seconds:
-                raise ValueError(f"fault {f} ends after the series ({seconds} s)")
+        _check_run(seconds, faults, "pump", CHANNELS)
         ts = self._t + np.arange(seconds, dtype=np.float64)
         # Fault randomness uses its own stream so the healthy part is identical with
         # or without faults (lets tests compare a faulty run against a clean one).
         fault_rng = np.random.default_rng([self._seed, int(self._t)])
         setpoint = _LOAD_MEAN + 0.08 * np.sin(2 * np.pi * ts / _DAY)
-        excursion = np.zeros(seconds)
-        for f in faults:
-            if f.kind == "stuck":
-                # The process keeps moving while the sensor is frozen, which is what
-                # makes a frozen reading contradict its correlated channels.
-                frac = (np.arange(f.duration) + 0.5) / f.duration
-                excursion[f.start:f.start + f.duration] += 0.2 * np.sin(np.pi * frac)
+        excursion = _stuck_excursion(seconds, faults)
 
         load, temp, tc = np.empty(seconds), np.empty(seconds), np.empty(seconds)
         steps = self._rng.standard_normal(seconds) * _LOAD_STEP
@@ -200,12 +214,9 @@ class CompressorSimulator:
     channels = COMPRESSOR_CHANNELS
 
     def __init__(self, seed: int = 0, start: datetime | None = None) -> None:
-        start = start or datetime(2024, 1, 1, tzinfo=UTC)
-        if start.tzinfo is None:
-            start = start.replace(tzinfo=UTC)
         self._seed = seed
         self._rng = np.random.default_rng([seed, 7])
-        self._t = float(start.timestamp())
+        self._t = _start_time(start)
         self._load = 0.6
         self._dt = self._dt_target(self._t, self._load)
         self._oil = self._dt - 25.0
@@ -216,22 +227,11 @@ class CompressorSimulator:
 
     def generate(self, seconds: int, faults: Sequence[FaultSpec] = ()) -> SimulatedSeries:
         """Advance the machine by ``seconds`` samples (1 Hz) and inject ``faults``."""
-        if seconds <= 0:
-            raise ValueError(f"seconds must be positive, got {seconds}")
-        for f in faults:
-            if f.channel not in _C_IDX:
-                raise ValueError(f"fault channel {f.channel!r} is not a compressor channel: "
-                                 f"{', '.join(COMPRESSOR_CHANNELS)}")
-            if f.start + f.duration > seconds:
-                raise ValueError(f"fault {f} ends after the series ({seconds} s)")
+        _check_run(seconds, faults, "compressor", COMPRESSOR_CHANNELS)
         ts = self._t + np.arange(seconds, dtype=np.float64)
         fault_rng = np.random.default_rng([self._seed, int(self._t), 7])
         setpoint = 0.6 + 0.1 * np.sin(2 * np.pi * ts / _DAY)
-        excursion = np.zeros(seconds)
-        for f in faults:
-            if f.kind == "stuck":
-                frac = (np.arange(f.duration) + 0.5) / f.duration
-                excursion[f.start:f.start + f.duration] += 0.2 * np.sin(np.pi * frac)
+        excursion = _stuck_excursion(seconds, faults)
         load, dtemp, oil = np.empty(seconds), np.empty(seconds), np.empty(seconds)
         steps = self._rng.standard_normal(seconds) * _LOAD_STEP
         for i in range(seconds):  # a compressor holds its set-point more tightly than the pump
