@@ -1,10 +1,17 @@
 """Does a different per-window score separate SKAB's faults better than the mean squared error?
 
-Trains each file x seed once through the real training code, keeps every window's per-channel error
-(and the training and validation windows'), then re-scores them with variants -- errors normalised per
-channel by their healthy level, a Mahalanobis distance over log channel errors, an EWMA or running
-median of the window error -- and re-decides them through the daemon's detector
-(``evaluation.decide_rows``) at thresholds ``factor`` x the largest validation score:
+Trains each file x seed once through the real training code, keeps every window's squared error per
+reading and channel (and the training and validation windows'), then re-scores them with variants --
+errors normalised per channel by their healthy level, a Mahalanobis distance over log channel errors, an
+EWMA or running median of the window error, the error of only the newest readings of each window
+(uniform, exponentially weighted, their median or geometric mean) -- and re-decides them through the
+daemon's detector (``evaluation.decide_rows``) at thresholds ``factor`` x the largest validation score.
+
+``--clear-on`` also tries an asymmetric detector: raise on the mean squared error as the daemon does,
+clear on a newest-readings score. A fault with a huge error keeps the whole-window mean over the
+threshold until its last reading has left the window (up to ``window.length - 1`` rows of false alarm
+after it ends, then ``clear_after`` more); a score of the newest readings lets it go sooner. That
+detector is simulated here (``_decide_two``, checked against ``decide_rows`` on every file):
 
     python bench/skab_score_variants.py collect --data ../shared/datasets/skab/data --seeds 42,1,7 \\
         --jobs 2 --out out/variants.pickle
@@ -24,23 +31,30 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from sensord.benchmark import FIT_ROWS, skab_files, with_seed
 from sensord.bundle import ModelBundle
 from sensord.config import DetectorConfig, SensordConfig, config_from_dict, config_to_dict
 from sensord.dataio import load_csv
-from sensord.evaluation import Confusion, ScoredSeries, decide_rows, score_series
+from sensord.evaluation import Confusion, ScoredSeries, decide_rows
 from sensord.scorer import Scorer
 from sensord.tflib import init_training_worker
 from sensord.training import split_windows, train_bundle
-from sensord.windows import WindowSpec
+from sensord.windows import WindowSpec, iter_windows
 
 Score = Callable[[np.ndarray], np.ndarray]
 
 
-def _per_channel(shares: np.ndarray, errors: np.ndarray) -> np.ndarray:
-    """Per-channel errors back from the scorer's (error = mean over channels, shares summing to 1)."""
-    return shares * errors[:, None] * shares.shape[1]
+def _cells(scorer: Scorer, windows: np.ndarray) -> np.ndarray:
+    """Squared error of every (window, reading, channel) cell in scaled units, float32 to keep the cache small.
+
+    Its mean over readings and channels is the scorer's window error (``reconstruction_errors``)."""
+    scaled = scorer.bundle.scaler.transform(np.asarray(windows, np.float32))
+    rec = scorer.reconstruct(scaled)
+    if rec.ndim == 4:  # an ensemble: the members' mean reconstruction is close enough for this study
+        rec = rec.mean(axis=1)
+    return ((rec.astype(np.float64) - scaled.astype(np.float64)) ** 2).astype(np.float32)
 
 
 def collect_one(args: tuple[Path, Path, dict[str, Any]]) -> dict[str, Any]:
@@ -52,21 +66,44 @@ def collect_one(args: tuple[Path, Path, dict[str, Any]]) -> dict[str, Any]:
         train_bundle(healthy, cfg, Path(tmp) / "m")
         bundle = ModelBundle.load(Path(tmp) / "m")
         scorer = Scorer(bundle)
-        scored = score_series(series, scorer, WindowSpec(bundle.window_length, cfg.window.hop,
-                                                         cfg.window.max_gap_seconds))
+        spec = WindowSpec(bundle.window_length, cfg.window.hop, cfg.window.max_gap_seconds)
+        pairs = list(iter_windows(series.timestamps, series.values, spec))
         split = split_windows(healthy, cfg)
-        tr, va = scorer.score(split.train), scorer.score(split.validation)
         return {"name": str(path.relative_to(data)), "seed": cfg.training.seed, "n_rows": len(series),
-                "labels": series.labels, "rows": scored.rows, "starts": scored.starts, "ends": scored.ends,
-                "channels": bundle.channels, "all": _per_channel(scored.channel_shares, scored.errors),
-                "train": _per_channel(tr.channel_shares, tr.errors),
-                "val": _per_channel(va.channel_shares, va.errors)}
+                "labels": series.labels, "rows": np.array([row for row, _ in pairs]),
+                "starts": np.array([w.start for _, w in pairs]), "ends": np.array([w.end for _, w in pairs]),
+                "channels": bundle.channels, "all": _cells(scorer, np.stack([w.values for _, w in pairs])),
+                "train": _cells(scorer, split.train), "val": _cells(scorer, split.validation)}
+
+
+def _newest(k: int, reduce: Callable[[np.ndarray], np.ndarray]) -> Score:
+    """A score of the newest ``k`` readings of each window: ``reduce`` over their per-reading errors."""
+    return lambda cells: reduce(cells[:, -k:].astype(np.float64).mean(axis=2))
+
+
+def _exp_weighted(tau: float) -> Score:
+    """Per-reading errors weighted by exp(-age / tau), the newest reading having age 0."""
+    def f(cells: np.ndarray) -> np.ndarray:
+        e = cells.astype(np.float64).mean(axis=2)
+        w = np.exp(-np.arange(e.shape[1])[::-1] / tau)
+        return e @ (w / w.sum())
+    return f
+
+
+def newest_scores() -> dict[str, Score]:
+    return {"newest-10": _newest(10, lambda e: e.mean(axis=1)), "newest-20": _newest(20, lambda e: e.mean(axis=1)),
+            "newest-3": _newest(3, lambda e: e.mean(axis=1)), "newest-1": _newest(1, lambda e: e.mean(axis=1)),
+            "exp-5": _exp_weighted(5.0), "exp-10": _exp_weighted(10.0),
+            "median-newest-5": _newest(5, lambda e: np.median(e, axis=1)),
+            "median-newest-10": _newest(10, lambda e: np.median(e, axis=1)),
+            "median-all": _newest(10_000, lambda e: np.median(e, axis=1)),
+            "geomean-all": _newest(10_000, lambda e: np.exp(np.log(e + 1e-12).mean(axis=1)))}
 
 
 def variants(r: dict[str, Any]) -> dict[str, Score]:
-    """Per-window scores from per-channel errors (B, C); statistics from the training windows only."""
+    """Per-window scores from cell errors (B, length, C); statistics from the training windows only."""
     eps = 1e-12
-    tr = r["train"]
+    tr = r["train"].astype(np.float64).mean(axis=1)
     mu = tr.mean(axis=0) + eps
     lt = np.log(tr + eps)
     m = lt.mean(axis=0)
@@ -92,17 +129,67 @@ def variants(r: dict[str, Any]) -> dict[str, Score]:
         d = np.log(e + eps) - m
         return np.einsum("ij,jk,ik->i", d, inv, d) / len(m)
 
-    return {"mse": lambda e: e.mean(axis=1), "channel-normalised": lambda e: (e / mu).mean(axis=1),
-            "channel-normalised-max": lambda e: (e / mu).max(axis=1), "mahalanobis-log": maha,
-            "ewma-0.3": ewma(0.3), "ewma-0.15": ewma(0.15), "median-3": median(3), "median-5": median(5)}
+    per_channel: dict[str, Score] = {
+        "mse": lambda e: e.mean(axis=1), "channel-normalised": lambda e: (e / mu).mean(axis=1),
+        "channel-normalised-max": lambda e: (e / mu).max(axis=1), "mahalanobis-log": maha,
+        "ewma-0.3": ewma(0.3), "ewma-0.15": ewma(0.15), "median-3": median(3), "median-5": median(5)}
+
+    def over_channels(f: Score) -> Score:
+        return lambda cells: f(cells.astype(np.float64).mean(axis=1))
+    return {name: over_channels(f) for name, f in per_channel.items()} | newest_scores()
+
+
+def _decided(r: dict[str, Any], errors: np.ndarray, threshold: float, det: DetectorConfig) -> np.ndarray:
+    c = r["all"].shape[2]
+    s = ScoredSeries(r["n_rows"], 1, r["rows"], r["starts"], r["ends"], errors,
+                     np.full((len(errors), c), 1.0 / c), r["channels"])
+    return decide_rows(s, threshold, det)[0]
 
 
 def _confusion(r: dict[str, Any], errors: np.ndarray, threshold: float, det: DetectorConfig) -> Confusion:
-    c = r["all"].shape[1]
-    s = ScoredSeries(r["n_rows"], 1, r["rows"], r["starts"], r["ends"], errors,
-                     np.full((len(errors), c), 1.0 / c), r["channels"])
-    pred, _ = decide_rows(s, threshold, det)
+    pred = _decided(r, errors, threshold, det)
     return Confusion.of(r["labels"][FIT_ROWS:], pred[FIT_ROWS:] == 1)
+
+
+def _decide_two(r: dict[str, Any], raise_on: np.ndarray, clear_on: np.ndarray, threshold: float,
+                det: DetectorConfig) -> np.ndarray:
+    """The daemon's hysteresis (hop 1), but counting windows over the threshold on ``raise_on`` while
+    normal and windows under it on ``clear_on`` while alerting."""
+    pred = np.full(r["n_rows"], -1, np.int8)
+    active, run = False, 0
+    for i, row in enumerate(r["rows"]):
+        if not active:
+            run = run + 1 if raise_on[i] > threshold else 0
+            if run >= det.raise_after:
+                active, run = True, 0
+        else:
+            run = run + 1 if clear_on[i] <= threshold else 0
+            if run >= det.clear_after:
+                active, run = False, 0
+        pred[row] = 1 if active else 0
+    return pred
+
+
+def clear_on_table(results: list[dict[str, Any]], factors: list[float], max_far: float) -> list[str]:
+    """Raise on the mean squared error, clear on a newest-readings score (see the module docstring)."""
+    dets = [DetectorConfig(raise_after=ra, clear_after=ca) for ra in (1, 3) for ca in (5, 10)]
+    table: dict[tuple[str, float, int, int], dict[tuple[int, str], Confusion]] = defaultdict(
+        lambda: defaultdict(Confusion))
+    mse = variants(results[0])["mse"]
+    for r in results:
+        group = r["name"].split("/")[0]
+        raise_on, worst = mse(r["all"]), float(mse(r["val"]).max())
+        same = _decide_two(r, raise_on, raise_on, 3.0 * worst, dets[-1])
+        assert np.array_equal(same, _decided(r, raise_on, 3.0 * worst, dets[-1])), "simulation != decide_rows"
+        for name, score in ({"mse": mse} | newest_scores()).items():
+            clear_on = score(r["all"])
+            for fac in factors:
+                for d in dets:
+                    pred = _decide_two(r, raise_on, clear_on, fac * worst, d)
+                    c = Confusion.of(r["labels"][FIT_ROWS:], pred[FIT_ROWS:] == 1)
+                    for key in ((r["seed"], group), (r["seed"], "all")):
+                        table[(name, fac, d.raise_after, d.clear_after)][key] += c
+    return _ranked(table, max_far, "clear on")
 
 
 def analyse(results: list[dict[str, Any]], factors: list[float], max_far: float) -> list[str]:
@@ -118,7 +205,12 @@ def analyse(results: list[dict[str, Any]], factors: list[float], max_far: float)
                     c = _confusion(r, errors, fac * worst, d)
                     table[(name, fac, d.raise_after)][(r["seed"], group)] += c
                     table[(name, fac, d.raise_after)][(r["seed"], "all")] += c
-    seeds = sorted({r["seed"] for r in results})
+    return _ranked({(k[0], k[1], k[2], 10): v for k, v in table.items()}, max_far, "score")
+
+
+def _ranked(table: dict[tuple[str, float, int, int], dict[tuple[int, str], Confusion]], max_far: float,
+            what: str) -> list[str]:
+    seeds = sorted({s for cs in table.values() for s, _ in cs})
     rows = []
     for key, cs in table.items():
         f1 = [cs[(s, "all")].f1 for s in seeds]
@@ -127,8 +219,8 @@ def analyse(results: list[dict[str, Any]], factors: list[float], max_far: float)
         if far <= max_far:
             rows.append((float(np.mean(f1)), key, min(f1), far, groups))
     rows.sort(key=lambda x: -x[0])
-    out = [f"{'score':24} {'factor':>6} {'raise':>5}  F1 mean  F1 min  FAR    valve1  other"]
-    out += [f"{k[0]:24} {k[1]:6} {k[2]:5}  {f1:7.3f} {mn:7.3f} {far * 100:5.1f} %  {g[0]:.3f}  {g[1]:.3f}"
+    out = [f"{what:24} {'factor':>6} {'raise':>5} {'clear':>5}  F1 mean  F1 min  FAR    valve1  other"]
+    out += [f"{k[0]:24} {k[1]:6} {k[2]:5} {k[3]:5}  {f1:7.3f} {mn:7.3f} {far * 100:5.1f} %  {g[0]:.3f}  {g[1]:.3f}"
             for f1, k, mn, far, g in rows]
     return out
 
@@ -141,13 +233,18 @@ def main() -> None:
     c.add_argument("--seeds", default="42,1,7")
     c.add_argument("--jobs", type=int, default=2)
     c.add_argument("--out", type=Path, required=True)
+    c.add_argument("--set", default="", help="YAML merged over the defaults, e.g. '{model: {conv_stride: 2}}'")
     a = sub.add_parser("analyse")
     a.add_argument("pickle", type=Path)
     a.add_argument("--factors", default="2.5,3,3.5,4,5")
     a.add_argument("--max-far", type=float, default=0.13)
+    a.add_argument("--clear-on", action="store_true", help="the asymmetric detector instead of the scores")
     args = ap.parse_args()
     if args.cmd == "collect":
-        cfg = SensordConfig()
+        raw = config_to_dict(SensordConfig())
+        for section, values in (yaml.safe_load(args.set) or {}).items():
+            raw.setdefault(section, {}).update(values)
+        cfg = config_from_dict(raw)
         tasks = [(p, args.data, config_to_dict(with_seed(cfg, int(s))))
                  for s in args.seeds.split(",") for p in skab_files(args.data)]
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
@@ -157,7 +254,9 @@ def main() -> None:
         args.out.write_bytes(pickle.dumps(results))
     else:
         results = pickle.loads(args.pickle.read_bytes())  # our own cache file, so unpickling it is safe
-        print("\n".join(analyse(results, [float(f) for f in args.factors.split(",")], args.max_far)))
+        factors = [float(f) for f in args.factors.split(",")]
+        table = clear_on_table if args.clear_on else analyse
+        print("\n".join(table(results, factors, args.max_far)))
 
 
 if __name__ == "__main__":
