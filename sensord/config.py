@@ -163,6 +163,10 @@ class TrainingConfig:
     # cross_fit: each member early-stops on the chronological tail (validation_fraction) of its own rows;
     # false: no tail, each member trains for `epochs` on all its rows.
     cross_fit_early_stop: StrictBool = True
+    # cross_fit: what is served. "ensemble": the K members as one graph (their mean error). "refit": one more
+    # network trained for `epochs` on every healthy window (no rows spent on early stopping), the members
+    # kept only for the out-of-fold errors its threshold is fitted on (K + 1 trainings, one network served).
+    cross_fit_serve: Literal["ensemble", "refit"] = "ensemble"
     seed: StrictInt = 42
     shuffle: StrictBool = True
     noise_std: Annotated[StrictFloat, Field(ge=0.0)] = 0.0

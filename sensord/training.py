@@ -30,7 +30,7 @@ from .config import SensordConfig
 from .dataio import Series, sampling_period
 from .errors import DataError
 from .scaling import Scaler
-from .scorer import Scorer
+from .scorer import Scorer, reconstruction_errors
 from .tflib import import_tensorflow
 from .threshold import ThresholdCalibrator, ThresholdRecord
 from .windows import window_spec, windowize
@@ -289,6 +289,7 @@ def train(data: Series | Sequence[Series], cfg: SensordConfig, out_dir: str | Pa
     out = Path(out_dir)
     tc = cfg.training
     folds: list[Fold] = []
+    oof_errors: np.ndarray | None = None  # cross_fit_serve refit: the members' out-of-fold errors
     training_meta: dict[str, Any] = {"rows": sum(len(g) for g in group)}
     if tc.cross_fit >= 2:
         from .autoencoder import build_autoencoder, member_model
@@ -316,6 +317,19 @@ def train(data: Series | Sequence[Series], cfg: SensordConfig, out_dir: str | Pa
             log.info("member %d/%d: held out rows %s, %d epochs (best %d)", m + 1, tc.cross_fit,
                      fold.held_out_ranges, member_meta[-1]["epochs_run"], best)
         members = tc.cross_fit
+        if tc.cross_fit_serve == "refit":
+            # Each block's errors from the member that never saw it (Keras; within 1e-4 of its flatbuffer),
+            # then the served network: one model on every healthy window, trained for `epochs`.
+            oof_errors = np.concatenate([
+                reconstruction_errors(x := scaler.transform(f.held_out),
+                                      member_model(model, m).predict(x, batch_size=256, verbose=0),
+                                      cfg.scoring.error)[0] for m, f in enumerate(folds)])
+            every = np.concatenate([_windows_of(g, [(0, len(g))], cfg) for g in group])
+            keras.utils.set_random_seed(tc.seed + 1)
+            model, refit_losses, _ = _fit_network(keras, cfg, scaler.transform(every), every[:0], on_epoch)
+            members = 1
+            log.info("refit: one network on all %d healthy windows, %d epochs", len(every),
+                     len(refit_losses["loss"]))
         training_meta.update({
             "train_rows": training_meta["rows"], "validation_rows": training_meta["rows"],
             "train_windows": sum(len(f.train) for f in folds),
@@ -323,7 +337,7 @@ def train(data: Series | Sequence[Series], cfg: SensordConfig, out_dir: str | Pa
             "epochs_run": max(mm["epochs_run"] for mm in member_meta),
             "best_epoch": max(mm["best_epoch"] for mm in member_meta),
             "threshold_evidence": "out_of_fold",
-            "cross_fit": {"blocks": tc.cross_fit, "members": member_meta}})
+            "cross_fit": {"blocks": tc.cross_fit, "members": member_meta, "served": tc.cross_fit_serve}})
     else:
         split = split_windows(group if len(group) > 1 else series, cfg)
         scaler = Scaler.fit(split.train_values, tc.scaler, tc.min_relative_scale)
@@ -368,9 +382,11 @@ def train(data: Series | Sequence[Series], cfg: SensordConfig, out_dir: str | Pa
     )
     scorer = Scorer(bundle)
     if folds:
-        # Each block's windows scored by the one member that never saw them, through the served flatbuffer.
+        # Each block's windows scored by the one member that never saw them, through the served flatbuffer
+        # (refit: the members are not served, so their Keras errors from above).
         evidence_windows = np.concatenate([f.held_out for f in folds])
-        val_errors = np.concatenate([scorer.score(f.held_out, member=m).errors for m, f in enumerate(folds)])
+        val_errors = oof_errors if oof_errors is not None else np.concatenate(
+            [scorer.score(f.held_out, member=m).errors for m, f in enumerate(folds)])
         what = "out-of-fold"
     else:
         evidence_windows = split.validation

@@ -196,3 +196,27 @@ def test_cross_fit_0_and_1_train_todays_bundle(series: Series, tmp_path: Path) -
     # Today's threshold: the served errors of the chronological validation part.
     val = Scorer(bundles[0]).score(split.validation).errors
     assert bundles[0].threshold.value == pytest.approx(3.0 * val.max())
+
+
+@pytest.mark.training
+def test_refit_serves_one_network_on_every_healthy_window_with_the_out_of_fold_threshold(
+        series: Series, crossfit: tuple[ModelBundle, np.ndarray], tmp_path: Path) -> None:
+    """``cross_fit_serve: refit``: the same members (same seed) give the same out-of-fold evidence, but what is
+    served is one network trained on all the rows, and the threshold is fitted on the members' evidence."""
+    ensemble_bundle, ensemble_evidence = crossfit
+    trained = train(series, _cfg(cross_fit=3, seed=5, cross_fit_serve="refit"), tmp_path / "refit")
+    bundle = trained.bundle
+    scorer = Scorer(ModelBundle.load(bundle.path))
+    assert scorer.members == 1 and bundle.training["members"] == 1
+    assert bundle.training["cross_fit"]["served"] == "refit"
+    np.testing.assert_allclose(trained.threshold_errors, ensemble_evidence, rtol=1e-4, atol=1e-7)
+    assert bundle.threshold.value == pytest.approx(3.0 * trained.threshold_errors.max())
+    assert scorer.self_check() is True
+    # The served network is not the ensemble: it saw every window, so it scores them its own way.
+    windows = np.concatenate([f.held_out for f in cross_fit_folds(series, _cfg(cross_fit=3))])
+    assert not np.allclose(scorer.score(windows).errors, Scorer(ensemble_bundle).score(windows).errors, rtol=1e-2)
+
+
+def test_cross_fit_serve_must_be_known() -> None:
+    with pytest.raises(ConfigError, match=r"training\.cross_fit_serve"):
+        _cfg(cross_fit=3, cross_fit_serve="both")
