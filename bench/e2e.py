@@ -304,6 +304,7 @@ def daemon_drain(daemon: Daemon, broker: MosquittoBroker, count: int, windows: i
     return {"rate": count / (t_done - t_online), "rss_mib": rss,
             "scored": sums["sensord_windows_scored_total"], "expected": float(windows),
             "dropped": sums["sensord_windows_dropped_total"] + sums["sensord_windows_throttled_total"],
+            "throttled": sums["sensord_windows_throttled_total"],
             "rejected": sums["sensord_readings_rejected_total"], "batch": _mean_batch(sums)}
 
 
@@ -394,7 +395,8 @@ def saturation(broker: MosquittoBroker, variants: list[Variant], model: str, tmp
             r["publisher"] = pub_rate
             results[c].append(r)
             detail = (f"  scored {r['scored']:.0f}/{r['expected']:.0f} dropped {r['dropped']:.0f} "
-                      f"RSS {r['rss_mib']:.0f} MiB batch {r['batch']:.1f}") if c != "bare" else ""
+                      f"(throttled {r['throttled']:.0f}) RSS {r['rss_mib']:.0f} MiB "
+                      f"batch {r['batch']:.1f}") if c != "bare" else ""
             print(f"  [{tag} {rep + 1}/{repeats}] {c:>10}: {r['rate']:8.0f} readings/s{detail}", file=sys.stderr,
                   flush=True)
     return results

@@ -251,7 +251,8 @@ class DaemonMetrics:
         self.windows_dropped = Counter("sensord_windows_dropped", "Windows dropped because the queue was full",
                                        registry=r)
         self.windows_throttled = Counter("sensord_windows_throttled", "Windows dropped because the device already "
-                                         "had its share of the scoring queue waiting", ["device"], registry=r)
+                                         "had its share of the scoring queue waiting while the queue was "
+                                         "half full", ["device"], registry=r)
         self.mqtt_connected = Gauge("sensord_mqtt_connected", "1 while connected to the broker", registry=r)
         self.mqtt_subscribed = Gauge("sensord_mqtt_subscribed", "1 while the broker grants the subscription to this "
                                      "topic filter on the current connection (filters: the config's)", ["filter"],

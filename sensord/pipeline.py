@@ -247,16 +247,25 @@ class ScoringLoop:
         if self._dirty and time.monotonic() - self._last_save >= self.save_interval:
             self.save_state()
 
+    def share(self, devices: int) -> int:
+        """The windows a device may have waiting once the queue is under pressure (see :meth:`submit`)."""
+        return max(1, self.queue.maxsize // max(1, devices))
+
     def submit(self, model: ServingModel, window: Window, devices: int = 1) -> str | None:
         """Queue a window; None if queued, else why it was dropped: ``throttled`` or ``queue_full``.
 
-        Fairness: a device that already has its share of the queue (``queue_size // devices``, the devices
-        being tracked) waiting is throttled, so a flooding device always leaves room for its neighbours.
+        Fairness, only under pressure: once the queue is half full, a device that already has its share
+        (:meth:`share`) waiting is throttled, so a flooding device holds at most half the queue (rounded up)
+        and always leaves the rest to its neighbours. Below half every window is queued: with as many
+        devices as queue places a share is one window, and a rule that ignored the queue's depth dropped
+        the second window of any device whose readings came in a burst (a gateway forwarding a batch)
+        while the queue was nearly empty, with room for it and no neighbour to protect.
         """
-        share = max(1, self.queue.maxsize // max(1, devices))
+        maxsize = self.queue.maxsize
         with self._pending_lock:
             n = self._pending.get(window.device, 0)
-            if devices > 1 and n >= share:  # (alone, a device may fill the queue: that is queue_full)
+            # (alone, a device may fill the queue: that is queue_full)
+            if devices > 1 and 2 * self.queue.qsize() >= maxsize and n >= self.share(devices):
                 self.metrics.windows_throttled.labels(window.device).inc()
                 return "throttled"
             try:
@@ -735,9 +744,9 @@ class Intake:
                                self.scoring.queue.maxsize, device)
         elif dropped == "throttled":
             self._warn.warning("throttled", "device=%s has its share of the scoring queue (%d of %d "
-                               "windows, %d devices) waiting: window dropped", device,
-                               max(1, self.scoring.queue.maxsize // len(self.buffers)),
-                               self.scoring.queue.maxsize, len(self.buffers))
+                               "windows, %d devices) waiting and the queue is half full: window dropped",
+                               device, self.scoring.share(len(self.buffers)), self.scoring.queue.maxsize,
+                               len(self.buffers))
 
     def swap(self, cfg: SensordConfig, models: ServingModel | ModelSet) -> None:
         """Switch to a new config/models between two messages; nothing queued is lost.

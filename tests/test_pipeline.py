@@ -601,7 +601,7 @@ def test_flooding_device_is_throttled_to_its_share_and_the_neighbour_is_queued(
     rigs.append(r)
     r.send_rows("light", series, 0, 1)
     with caplog.at_level(logging.WARNING, logger="sensord.pipeline"):
-        r.send_rows("flood", series, 0, 40)  # 31 windows; its share with 2 devices is 10 // 2 = 5
+        r.send_rows("flood", series, 0, 40)  # 31 windows: 5 until the queue is half full (its share, 10 // 2)
         r.send_rows("light", series, 1, W + 2)  # 3 windows
     assert r.value("sensord_windows_throttled_total", device="flood") == 31 - 5
     assert r.value("sensord_windows_dropped_total") == 0
@@ -616,11 +616,49 @@ def test_throttled_device_gets_room_again_once_its_windows_are_scored(data: tupl
     r = Rig(make_cfg(data[0]), queue_size=4)
     rigs.append(r)
     r.send_rows("a", series, 0, 1)
-    r.send_rows("b", series, 0, W + 5)  # share 2: 2 queued, 4 throttled
+    r.send_rows("b", series, 0, W + 5)  # 2 queued (half the queue, its share), 4 throttled
     assert r.value("sensord_windows_throttled_total", device="b") == 4
     r.scoring._taken(r.scoring.queue.get_nowait())  # the scorer takes one
     r.send_rows("b", series, W + 5, W + 6)
     assert r.scoring.queue.qsize() == 2 and r.value("sensord_windows_throttled_total", device="b") == 4
+
+
+def test_with_many_devices_a_burst_is_queued_while_the_queue_is_mostly_empty(data: tuple[Path, Series],
+                                                                            rigs: list[Rig]) -> None:
+    """60 devices on a queue of 100: a share is one window, but below half full nobody is throttled."""
+    series = data[1]
+    r = Rig(make_cfg(data[0]), queue_size=100)  # scoring thread not started: nothing leaves the queue
+    rigs.append(r)
+    for d in range(60):
+        r.send_rows(f"d{d}", series, 0, 1)
+    for d in range(10):  # ten devices, a burst of 3 windows each (a gateway forwarding a batch)
+        r.send_rows(f"d{d}", series, 1, W + 2)
+    assert r.value("sensord_windows_dropped_total") == 0
+    assert not any(r.metrics.registry.get_sample_value("sensord_windows_throttled_total", {"device": f"d{d}"})
+                   for d in range(60))
+    queued = [w.device for _, w in r.queued()]
+    assert len(queued) == 30 and all(queued.count(f"d{d}") == 3 for d in range(10))
+
+
+def test_under_pressure_a_flooding_device_is_throttled_and_a_quiet_neighbour_still_queued(
+        data: tuple[Path, Series], rigs: list[Rig]) -> None:
+    """The flood is queued freely up to half the queue, then throttled; the neighbours keep their room."""
+    series = data[1]
+    r = Rig(make_cfg(data[0]), queue_size=100)
+    rigs.append(r)
+    for d in range(60):  # share 100 // 61 = 1 once the flood is tracked too
+        r.send_rows(f"d{d}", series, 0, 1)
+    r.send_rows("flood", series, 0, W - 1 + 80)  # 80 windows
+    assert r.scoring.queue.qsize() == 50
+    assert r.value("sensord_windows_throttled_total", device="flood") == 80 - 50
+    for d in range(40):  # a window each from 40 quiet neighbours, the queue half full or more
+        r.send_rows(f"d{d}", series, 1, W)
+    r.send_rows("flood", series, W - 1 + 80, W - 1 + 81)  # the flood still has more than its share waiting
+    assert r.value("sensord_windows_throttled_total", device="flood") == 80 - 50 + 1
+    assert r.value("sensord_windows_dropped_total") == 0
+    queued = [w.device for _, w in r.queued()]
+    assert queued.count("flood") == 50 and len(queued) == 90
+    assert all(queued.count(f"d{d}") == 1 for d in range(40))
 
 
 def test_payload_over_the_size_limit_is_rejected_unparsed(data: tuple[Path, Series]) -> None:
