@@ -37,7 +37,7 @@ from sensord.benchmark import FIT_ROWS, skab_files, with_seed
 from sensord.bundle import ModelBundle
 from sensord.config import DetectorConfig, SensordConfig, config_from_dict, config_to_dict
 from sensord.dataio import load_csv
-from sensord.evaluation import Confusion, ScoredSeries, decide_rows
+from sensord.evaluation import Confusion, ScoredSeries, decide_rows, segments_of
 from sensord.scorer import Scorer
 from sensord.tflib import init_training_worker
 from sensord.training import split_windows, train_bundle
@@ -192,13 +192,71 @@ def clear_on_table(results: list[dict[str, Any]], factors: list[float], max_far:
     return _ranked(table, max_far, "clear on")
 
 
-def analyse(results: list[dict[str, Any]], factors: list[float], max_far: float) -> list[str]:
+def where(results: list[dict[str, Any]], factor: float) -> list[str]:
+    """Where the default detector's errors fall, per group: false alarms before the fault, in the carry-over
+    after it (the window still holds fault readings, then ``clear_after``), and later; misses in the fault's
+    first window length (onset) and after."""
+    det = DetectorConfig()
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    zones: dict[str, dict[str, np.ndarray]] = defaultdict(lambda: defaultdict(lambda: np.zeros(2, int)))
+    for r in results:
+        length = r["all"].shape[1]
+        pred = _decided(r, variants(r)["mse"](r["all"]), factor * float(variants(r)["mse"](r["val"]).max()), det)
+        labels, idx = r["labels"], np.arange(r["n_rows"])
+        segs = segments_of(labels)
+        start, end = segs[0] if segs else (r["n_rows"], r["n_rows"])
+        alarm, normal, fault = pred == 1, (labels == 0) & (idx >= FIT_ROWS), labels == 1
+        carry = (idx >= end) & (idx < end + length + det.clear_after)
+        c = counts[r["name"].split("/")[0]]
+        c["normal rows"] += int(normal.sum())
+        c["FP before the fault"] += int((alarm & normal & (idx < start)).sum())
+        c["FP carry-over"] += int((alarm & normal & carry).sum())
+        c["FP later"] += int((alarm & normal & (idx >= end) & ~carry).sum())
+        c["fault rows"] += int(fault.sum())
+        c["FN onset"] += int((~alarm & fault & (idx < start + length)).sum())
+        c["FN later"] += int((~alarm & fault & (idx >= start + length)).sum())
+        # Is the carry-over the window or the machine? The newest reading's own error against the threshold.
+        newest = newest_scores()["newest-1"](r["all"]) > factor * float(variants(r)["mse"](r["val"]).max())
+        rows = r["rows"]
+        for zone, lo, hi in (("before", FIT_ROWS, start), ("after 0-10", end, end + 10),
+                             ("after 10-40", end + 10, end + 40), ("after 40+", end + 40, r["n_rows"])):
+            m = (rows >= lo) & (rows < hi) & (labels[rows] == 0)
+            zones[r["name"].split("/")[0]][zone] += np.array([int(newest[m].sum()), int(m.sum())])
+    seeds = len({r["seed"] for r in results})
+    out = [f"max_factor {factor}, raise {det.raise_after}, clear {det.clear_after}; rows summed over {seeds} seeds"]
+    for group, c in sorted(counts.items()):
+        out.append(f"  {group:7} " + "  ".join(f"{k} {v}" for k, v in c.items()))
+    out.append("newest reading's own error over the threshold, share of the normal rows:")
+    for group, z in sorted(zones.items()):
+        out.append(f"  {group:7} " + "  ".join(f"{k} {v[0] / max(1, v[1]) * 100:.0f} % of {v[1]}"
+                                               for k, v in z.items()))
+    return out
+
+
+def floor_scores(r: dict[str, Any], data: Path, floors: list[float]) -> dict[str, Score]:
+    """What a larger ``training.min_relative_scale`` would do, without retraining: a channel whose scale the
+    larger floor raises from s to s' has its cell errors times (s / s')**2 (first order: the network's input
+    changes too, so this is an estimate). Scales from the file's training rows, as the real scaler's."""
+    cfg = SensordConfig()
+    train = split_windows(load_csv(data / r["name"], cfg.data, require_labels=True).slice(0, FIT_ROWS),
+                          cfg).train_values.astype(np.float64)
+    std, level = train.std(axis=0), np.abs(train.mean(axis=0))
+    now = np.maximum(std, cfg.training.min_relative_scale * level)
+
+    def weighted(w: np.ndarray) -> Score:
+        return lambda cells: (cells.astype(np.float64) * w).mean(axis=(1, 2))
+    return {f"floor-{f:g}": weighted((now / np.maximum(std, f * level)) ** 2) for f in floors}
+
+
+def analyse(results: list[dict[str, Any]], factors: list[float], max_far: float, data: Path | None = None,
+            floors: tuple[float, ...] = (0.02, 0.03, 0.05)) -> list[str]:
     dets = [DetectorConfig(raise_after=ra, clear_after=10) for ra in (1, 3)]
     table: dict[tuple[str, float, int], dict[tuple[int, str], Confusion]] = defaultdict(
         lambda: defaultdict(Confusion))
     for r in results:
         group = r["name"].split("/")[0]
-        for name, score in variants(r).items():
+        extra = floor_scores(r, data, list(floors)) if data is not None else {}
+        for name, score in (variants(r) | extra).items():
             errors, worst = score(r["all"]), float(score(r["val"]).max())
             for fac in factors:
                 for d in dets:
@@ -239,6 +297,8 @@ def main() -> None:
     a.add_argument("--factors", default="2.5,3,3.5,4,5")
     a.add_argument("--max-far", type=float, default=0.13)
     a.add_argument("--clear-on", action="store_true", help="the asymmetric detector instead of the scores")
+    a.add_argument("--where", action="store_true", help="where the default's false alarms and misses fall")
+    a.add_argument("--data", type=Path, help="the SKAB files: also estimate larger scale floors (floor-*)")
     args = ap.parse_args()
     if args.cmd == "collect":
         raw = config_to_dict(SensordConfig())
@@ -255,8 +315,12 @@ def main() -> None:
     else:
         results = pickle.loads(args.pickle.read_bytes())  # our own cache file, so unpickling it is safe
         factors = [float(f) for f in args.factors.split(",")]
-        table = clear_on_table if args.clear_on else analyse
-        print("\n".join(table(results, factors, args.max_far)))
+        if args.where:
+            print("\n".join(where(results, factors[0])))
+        elif args.clear_on:
+            print("\n".join(clear_on_table(results, factors, args.max_far)))
+        else:
+            print("\n".join(analyse(results, factors, args.max_far, args.data)))
 
 
 if __name__ == "__main__":
