@@ -201,7 +201,9 @@ def where(results: list[dict[str, Any]], factor: float) -> list[str]:
     zones: dict[str, dict[str, np.ndarray]] = defaultdict(lambda: defaultdict(lambda: np.zeros(2, int)))
     for r in results:
         length = r["all"].shape[1]
-        pred = _decided(r, variants(r)["mse"](r["all"]), factor * float(variants(r)["mse"](r["val"]).max()), det)
+        mse = variants(r)["mse"]
+        threshold = factor * float(mse(r["val"]).max())
+        pred = _decided(r, mse(r["all"]), threshold, det)
         labels, idx = r["labels"], np.arange(r["n_rows"])
         segs = segments_of(labels)
         start, end = segs[0] if segs else (r["n_rows"], r["n_rows"])
@@ -216,7 +218,7 @@ def where(results: list[dict[str, Any]], factor: float) -> list[str]:
         c["FN onset"] += int((~alarm & fault & (idx < start + length)).sum())
         c["FN later"] += int((~alarm & fault & (idx >= start + length)).sum())
         # Is the carry-over the window or the machine? The newest reading's own error against the threshold.
-        newest = newest_scores()["newest-1"](r["all"]) > factor * float(variants(r)["mse"](r["val"]).max())
+        newest = newest_scores()["newest-1"](r["all"]) > threshold
         rows = r["rows"]
         for zone, lo, hi in (("before", FIT_ROWS, start), ("after 0-10", end, end + 10),
                              ("after 10-40", end + 10, end + 40), ("after 40+", end + 40, r["n_rows"])):
