@@ -24,6 +24,7 @@ from sensord.pipeline import Intake, ScoringLoop, ServingModel
 from sensord.ratelimit import RateLimitedLog
 from sensord.simulator import CHANNELS, PumpSimulator
 from sensord.sinks import AlertPublisher
+from sensord.windows import windowize
 
 pytestmark = pytest.mark.training  # trains a tiny TensorFlow model (make test-fast leaves it out)
 
@@ -139,13 +140,18 @@ def test_readings_become_windows(rig: Rig, data: tuple[Path, Series]) -> None:
     assert rig.value("sensord_queue_depth") == 25 - W + 1
     items = rig.queued()
     assert len(items) == 25 - W + 1
+    offline = windowize(series.timestamps[:25], series.values[:25], rig.model.spec).values
+    drift = rig.model.spec.drift
+    assert drift is not None  # the simulator's temperatures are taken against their baseline
+    as_read = [c for c in range(series.values.shape[1]) if c not in drift.index]
     for k, (model, win) in enumerate(items):
         last = W - 1 + k
         assert model is rig.model
         assert win.device == "p1"
         assert win.start == series.timestamps[last - W + 1]
         assert win.end == series.timestamps[last]
-        np.testing.assert_array_equal(win.values, series.values[last - W + 1:last + 1])
+        np.testing.assert_array_equal(win.values, offline[k])
+        np.testing.assert_array_equal(win.values[:, as_read], series.values[last - W + 1:last + 1, as_read])
     assert rig.pub.calls == []  # nothing is published before scoring
 
 
