@@ -9,9 +9,9 @@ exponentially weighted mean of the channel's own readings (time constant ``secon
 later reading), the level the channel's mean over the healthy training rows. Changes faster than the
 baseline stay as they are (a jump is seen at once and fades over a few time constants), and ``keep`` of
 the slow change remains (0 removes it: an overheating that builds up over an hour is then left to a
-limit alarm on the temperature itself, which sensord does not raise). The scaler is fitted on the readings as read, so what remains is
-measured against the channel's whole healthy spread. Every other channel keeps its level: a valve that
-closes and stays closed stays visible for as long as it is closed.
+limit alarm on the temperature itself, which sensord does not raise). The scaler is fitted on the
+readings as read, so what remains is measured against the channel's whole healthy spread. Every other
+channel keeps its level: a valve that closes and stays closed stays visible for as long as it is closed.
 
 Which channels: those whose name matches ``window.drift_channels`` (regular expressions; by default the
 names that say temperature). Choosing them from the healthy data alone (the share of a channel's

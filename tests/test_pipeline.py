@@ -453,6 +453,31 @@ def test_swap_keeps_buffers_and_queued_windows_keep_their_model(data: tuple[Path
     assert r.scoring.detectors["p1"].threshold == pytest.approx(meta["threshold"]["value"])
 
 
+def test_swap_to_a_model_with_other_drift_removal_restarts_the_window(data: tuple[Path, Series], rigs: list[Rig],
+                                                                       tmp_path: Path) -> None:
+    """The buffer holds readings with the old model's baselines taken off: a model that takes other
+    channels (or other levels) off must not get windows half of one and half of the other."""
+    other = tmp_path / "other"
+    shutil.copytree(data[0], other)
+    meta = json.loads((other / "bundle.json").read_text())
+    meta["model_id"] = "other-drift"
+    meta["window"]["drift"]["channels"] = meta["window"]["drift"]["channels"][:1]
+    meta["window"]["drift"]["levels"] = meta["window"]["drift"]["levels"][:1]
+    (other / "bundle.json").write_text(json.dumps(meta))
+    r = Rig(make_cfg(data[0]))
+    rigs.append(r)
+    r.send_rows("p1", data[1], 0, W + 2)
+    new_cfg = make_cfg(other)
+    new = ServingModel.load(new_cfg)
+    assert not new.compatible(r.model)
+    r.intake.swap(new_cfg, new)
+    r.send_rows("p1", data[1], W + 2, 2 * W + 2)  # a whole new window before the first one comes
+    items = r.queued()
+    assert [m.bundle.model_id for m, _ in items] == [r.model.bundle.model_id] * 3 + ["other-drift"]
+    expected = windowize(data[1].timestamps[W + 2:2 * W + 2], data[1].values[W + 2:2 * W + 2], new.spec).values
+    np.testing.assert_array_equal(items[-1][1].values, expected[0])
+
+
 # -- RateLimitedLog -----------------------------------------------------------------------------
 
 def test_rate_limited_log_suppresses_repeats(caplog: pytest.LogCaptureFixture) -> None:
