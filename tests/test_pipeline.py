@@ -181,8 +181,10 @@ def test_batch_is_scored_in_one_interpreter_call(rig: Rig, data: tuple[Path, Ser
     assert rig.value("sensord_scoring_batch_size_count") == 1
     assert rig.value("sensord_scoring_batch_size_sum") == 62
     assert rig.value("sensord_scoring_duration_seconds_count") == 1
-    # The last window's error is exactly what the scorer gives for that window on its own.
-    expected = rig.model.scorer.score(series.values[140 - W:140][None]).errors[0]
+    # The last window's error is exactly what the scorer gives for that window on its own (cut, with the
+    # temperatures against their baselines, from the same 40 readings p2 sent).
+    last = windowize(series.timestamps[100:140], series.values[100:140], rig.model.spec).values[-1]
+    expected = rig.model.scorer.score(last[None]).errors[0]
     assert rig.value("sensord_reconstruction_error", device="p2") == pytest.approx(expected, rel=1e-5)
     assert rig.value("sensord_anomaly_score", device="p2") == pytest.approx(
         expected / rig.model.bundle.threshold.value, rel=1e-5)
@@ -823,7 +825,8 @@ def test_assembled_formats_route_by_subscription_and_death_restarts_the_window(
             rig.intake.on_message(f"c/tpc/{ch}", json.dumps({"value": float(v), "ts": ts}).encode())
     tpc = [w for _, w in rig.queued()]
     assert len(tpc) == 3 and tpc[-1].end == float(series.timestamps[W + 1])
-    np.testing.assert_allclose(tpc[0].values, series.values[:W], rtol=1e-6)
+    np.testing.assert_allclose(tpc[0].values, windowize(series.timestamps[:W], series.values[:W],
+                                                         rig.model.spec).values[0], rtol=1e-6)
     rig.intake.on_message(f"c/tpc/{CHANNELS[0]}", json.dumps({"value": 1.0, "ts": ts - 3}).encode())
     assert rig.value("sensord_readings_rejected_total", reason="late_value") == 1
 
