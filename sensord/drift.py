@@ -66,7 +66,7 @@ class DriftSpec:
 
     def start(self, row: np.ndarray) -> list[float]:
         """The baselines after the first reading of a stream (or after a gap): that reading's values."""
-        return [float(row[c]) for c in self.index]
+        return [row.item(c) for c in self.index]
 
     def follow(self, base: list[float], row: np.ndarray, dt: float, out: np.ndarray) -> None:
         """Move the baselines ``base`` (in place) towards ``row``, ``dt`` seconds after the previous reading,
@@ -77,10 +77,11 @@ class DriftSpec:
         """
         alpha = -math.expm1(-dt / self.seconds) if dt > 0 else 0.0
         slow = 1.0 - self.keep
+        levels = self.levels
         for j, c in enumerate(self.index):
-            x = float(row[c])
+            x = row.item(c)
             b = base[j] = base[j] + alpha * (x - base[j])
-            out[c] = x - slow * (b - self.levels[j])
+            out[c] = x - slow * (b - levels[j])
 
     def to_dict(self, channels: Sequence[str]) -> dict[str, Any]:
         return {"channels": [channels[i] for i in self.index], "levels": list(self.levels),
