@@ -188,11 +188,12 @@ def main() -> int:
     from sensord.scorer import Scorer
     from sensord.windows import WindowSpec
 
-    scorer = Scorer(ModelBundle.load(workdir / "model"))
+    bundle = ModelBundle.load(workdir / "model")
+    scorer = Scorer(bundle)
 
     def offline(values: np.ndarray) -> list[str]:
         s = Series(ts[:n], values, channels, None, "check")
-        scored = score_series(s, scorer, WindowSpec(W, 1, 10.0))
+        scored = score_series(s, scorer, WindowSpec(W, 1, 10.0, bundle.drift))
         _, alerts = decide_rows(scored, scorer.threshold, DetectorConfig(**DETECTOR))
         return [a.state for a in alerts]
     if offline(series.values[:n]) or offline(faulty) != ["raised", "cleared"]:

@@ -41,7 +41,7 @@ from sensord.evaluation import Confusion, ScoredSeries, decide_rows, segments_of
 from sensord.scorer import Scorer
 from sensord.tflib import init_training_worker
 from sensord.training import split_windows, train_bundle
-from sensord.windows import WindowSpec, iter_windows
+from sensord.windows import iter_windows, window_spec
 
 Score = Callable[[np.ndarray], np.ndarray]
 
@@ -66,9 +66,9 @@ def collect_one(args: tuple[Path, Path, dict[str, Any]]) -> dict[str, Any]:
         train_bundle(healthy, cfg, Path(tmp) / "m")
         bundle = ModelBundle.load(Path(tmp) / "m")
         scorer = Scorer(bundle)
-        spec = WindowSpec(bundle.window_length, cfg.window.hop, cfg.window.max_gap_seconds)
+        spec = window_spec(cfg.window, bundle)
         pairs = list(iter_windows(series.timestamps, series.values, spec))
-        split = split_windows(healthy, cfg)
+        split = split_windows(healthy, cfg, bundle.drift)
         return {"name": str(path.relative_to(data)), "seed": cfg.training.seed, "n_rows": len(series),
                 "labels": series.labels, "rows": np.array([row for row, _ in pairs]),
                 "starts": np.array([w.start for _, w in pairs]), "ends": np.array([w.end for _, w in pairs]),

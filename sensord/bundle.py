@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .drift import DriftSpec
 from .errors import EX_CONFIG, SensordError
 from .scaling import Scaler
 from .threshold import ThresholdRecord
@@ -66,6 +67,8 @@ class ModelBundle:
     # The sampling period of the training data (median step), the default clock of live assembly;
     # None in bundles from before it was recorded.
     sample_period_seconds: float | None = None
+    # Slow channels the model sees against their own baseline (sensord.drift); None: every channel as read.
+    drift: DriftSpec | None = None
 
     @property
     def tflite_path(self) -> Path:
@@ -81,7 +84,8 @@ class ModelBundle:
             "model_id": self.model_id,
             "created": self.created,
             "channels": list(self.channels),
-            "window": {"length": self.window_length, "hop": self.window_hop},
+            "window": {"length": self.window_length, "hop": self.window_hop,
+                       **({"drift": self.drift.to_dict(self.channels)} if self.drift is not None else {})},
             "scoring": {"error": self.error_metric},
             "scaler": self.scaler.to_dict(),
             "threshold": self.threshold.to_dict(),
@@ -151,6 +155,10 @@ class ModelBundle:
         if not isinstance(length, int) or length < 2 or not isinstance(hop, int) or not 1 <= hop <= length:
             raise BundleError(f"{meta_path}: 'window' must have integer length >= 2 and 1 <= hop <= length, "
                               f"got {window}")
+        try:
+            drift = DriftSpec.from_dict(window["drift"], channels) if "drift" in window else None
+        except ValueError as exc:
+            raise BundleError(f"{meta_path}: {exc}") from None
         metric = need("scoring", dict).get("error", "mse")
         if metric not in ("mse", "mae"):
             raise BundleError(f"{meta_path}: scoring.error must be 'mse' or 'mae', got {metric!r}")
@@ -186,7 +194,7 @@ class ModelBundle:
         return cls(p, str(meta.get("model_id", p.name)), tuple(channels), length, hop, metric, scaler,
                    threshold, dict(meta.get("model", {})), dict(meta.get("training", {})),
                    str(meta.get("created", "")), expected_sha, reference, tuple(history),
-                   None if period is None else float(period))
+                   None if period is None else float(period), drift)
 
 
 def _finite(x: Any) -> bool:

@@ -107,6 +107,21 @@ class WindowConfig:
     length: Annotated[StrictInt, Field(ge=2, le=10_000)] = 30
     hop: PositiveInt = 1
     max_gap_seconds: PositiveFloat = 10.0
+    # Channels the model sees against their own slow baseline (sensord.drift), chosen at training by
+    # name (regular expressions, case-insensitive search) and recorded in the bundle; [] = none.
+    drift_channels: list[str] = field(default_factory=lambda: ["temp", "thermo"])
+    drift_seconds: PositiveFloat = 60.0  # the baseline's time constant
+    drift_keep: Annotated[StrictFloat, Field(ge=0.0, lt=1.0)] = 0.0  # share of the slow change kept
+
+    @field_validator("drift_channels")
+    @classmethod
+    def _patterns_compile(cls, v: list[str]) -> list[str]:
+        for i, p in enumerate(v):
+            try:
+                re.compile(p)
+            except re.error as exc:
+                raise ValueError(f"[{i}] {p!r} is not a regular expression: {exc}") from None
+        return v
 
     @model_validator(mode="after")
     def _hop_fits(self) -> WindowConfig:

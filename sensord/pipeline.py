@@ -82,8 +82,11 @@ class ServingModel:
                    cfg.scoring.top_channels, offset - spread, offset + spread)
 
     def compatible(self, other: ServingModel) -> bool:
+        """A device's buffered readings can feed this model's windows: the same channels, length and drift
+        removal (the buffer holds the readings with the old model's baselines taken off)."""
         return (self.bundle.channels == other.bundle.channels
-                and self.bundle.window_length == other.bundle.window_length)
+                and self.bundle.window_length == other.bundle.window_length
+                and self.bundle.drift == other.bundle.drift)
 
 
 QueueItem = tuple[ServingModel, Window]
@@ -778,7 +781,8 @@ class Intake:
                     restarted.append(device)
             if restarted:
                 names = ", ".join(escape(d) for d in sorted(restarted)[:20]) + (" ..." if len(restarted) > 20 else "")
-                log.warning("new model has a different window/channels: windows restart for devices %s", names)
+                log.warning("new model has a different window/channels/drift removal: windows restart for devices %s",
+                            names)
             self.metrics.devices.set(len(self.buffers))
             self._unmatched.clear()  # a device no model matched may have one now
             path = self._path(cfg, new)

@@ -10,6 +10,7 @@ with it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import itertools
 import logging
@@ -28,12 +29,13 @@ from . import __version__
 from .bundle import KERAS_FILE, TFLITE_FILE, ModelBundle, sha256_of
 from .config import SensordConfig
 from .dataio import Series, sampling_period
+from .drift import DriftSpec, fit_drift
 from .errors import DataError
 from .scaling import Scaler
 from .scorer import Scorer, reconstruction_errors
 from .tflib import import_tensorflow
 from .threshold import ThresholdCalibrator, ThresholdRecord
-from .windows import window_spec, windowize
+from .windows import WindowedSeries, WindowSpec, window_spec, windowize
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +58,20 @@ class SplitWindows:
     train_values: np.ndarray  # the training part's readings (rows, channels): what the scaler is fitted on
 
 
-def split_windows(series: Series | Sequence[Series], cfg: SensordConfig) -> SplitWindows:
+def _spec(cfg: SensordConfig, drift: DriftSpec | None) -> WindowSpec:
+    """Every window of the healthy data (hop 1), drift removed as the served model will see it."""
+    return dataclasses.replace(window_spec(cfg.window, hop=1), drift=drift)
+
+
+def split_windows(series: Series | Sequence[Series], cfg: SensordConfig,
+                  drift: DriftSpec | None = None) -> SplitWindows:
     """Chronological split, then windows of each part through the shared WindowBuffer.
 
     Training windows use hop 1 (every reading starts a new window) to make the
-    most of a short healthy period; the two parts are windowed separately so
-    no validation window contains a training reading.
+    most of a short healthy period; only windows wholly inside one part are kept,
+    so no validation window contains a training reading. The series is streamed
+    through one buffer, so the drift baselines (``drift``) run on across the split
+    as they would in the daemon.
 
     Several series (a group of machines trained as one model) are each split
     the same way and their windows pooled: no window spans two recordings, and
@@ -69,7 +79,7 @@ def split_windows(series: Series | Sequence[Series], cfg: SensordConfig) -> Spli
     fitted on.
     """
     if not isinstance(series, Series):
-        parts = [split_windows(s, cfg) for s in series]
+        parts = [split_windows(s, cfg, drift) for s in series]
         if not parts:
             raise TrainingError("no data to train on")
         return SplitWindows(np.concatenate([p.train for p in parts]), np.concatenate([p.validation for p in parts]),
@@ -84,9 +94,8 @@ def split_windows(series: Series | Sequence[Series], cfg: SensordConfig) -> Spli
             f"{series.path or 'data'}: {n} rows are too few for window.length {length} with "
             f"validation_fraction {cfg.training.validation_fraction}: need at least {length + 1} training "
             f"and {length} validation rows (have {n_train} and {n_val})")
-    spec = window_spec(cfg.window, hop=1)
-    train = windowize(series.timestamps[:n_train], series.values[:n_train], spec).values
-    val = windowize(series.timestamps[n_train:], series.values[n_train:], spec).values
+    windows = windowize(series.timestamps, series.values, _spec(cfg, drift))
+    train, val = windows.within(0, n_train), windows.within(n_train, n)
     if len(train) == 0 or len(val) == 0:
         raise TrainingError(f"{series.path or 'data'}: no complete windows in the "
                             f"{'training' if len(train) == 0 else 'validation'} part "
@@ -124,14 +133,13 @@ def _tail(runs: list[tuple[int, int]], rows: int) -> tuple[list[tuple[int, int]]
     return head, tail
 
 
-def _windows_of(series: Series, ranges: Sequence[tuple[int, int]], cfg: SensordConfig) -> np.ndarray:
-    spec = window_spec(cfg.window, hop=1)
-    parts = [windowize(series.timestamps[a:b], series.values[a:b], spec).values for a, b in ranges]
-    shape = (0, cfg.window.length, series.values.shape[1])
-    return np.concatenate(parts) if parts else np.zeros(shape, np.float32)
+def _windows_of(windows: WindowedSeries, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
+    parts = [windows.within(a, b) for a, b in ranges]
+    return np.concatenate(parts) if parts else windows.values[:0]
 
 
-def cross_fit_folds(series: Series | Sequence[Series], cfg: SensordConfig) -> list[Fold]:
+def cross_fit_folds(series: Series | Sequence[Series], cfg: SensordConfig,
+                    drift: DriftSpec | None = None) -> list[Fold]:
     """``training.cross_fit`` = K contiguous blocks of the healthy rows (of each series of a group).
 
     Member k is fitted on the other blocks and scored on block k, so every healthy window gets an error from
@@ -152,6 +160,7 @@ def cross_fit_folds(series: Series | Sequence[Series], cfg: SensordConfig) -> li
     for s in group:
         n = len(s)
         name = s.path or "data"
+        windows = windowize(s.timestamps, s.values, _spec(cfg, drift))
         edges = [round(i * n / k) for i in range(k + 1)]
         if min(b - a for a, b in itertools.pairwise(edges)) < length:
             raise TrainingError(f"{name}: training.cross_fit {k}: {n} rows make blocks of {n // k} rows, shorter "
@@ -162,9 +171,9 @@ def cross_fit_folds(series: Series | Sequence[Series], cfg: SensordConfig) -> li
             own = n - (held[1] - held[0])
             tail = int(math.ceil(own * tc.validation_fraction)) if tc.cross_fit_early_stop else 0
             fit_runs, stop_runs = _tail(runs, tail)
-            train = _windows_of(s, fit_runs, cfg)
-            stop = _windows_of(s, stop_runs, cfg)
-            out = _windows_of(s, [held], cfg)
+            train = _windows_of(windows, fit_runs)
+            stop = _windows_of(windows, stop_runs)
+            out = _windows_of(windows, [held])
             if len(train) == 0 or (len(stop) == 0 and tc.cross_fit_early_stop) or len(out) == 0:
                 what = "training" if len(train) == 0 else "early-stopping" if len(stop) == 0 else "held-out"
                 raise TrainingError(f"{name}: training.cross_fit {k}: member {m} has no complete window in its "
@@ -255,6 +264,19 @@ def _fit_pca(keras: Any, cfg: SensordConfig, x_train: np.ndarray,
     return model, {"loss": [round(loss(x_train), 8)], "val_loss": [round(loss(x_val), 8)]}, 1
 
 
+def model_drift(group: Sequence[Series], cfg: SensordConfig) -> DriftSpec | None:
+    """The channels the model sees against their own baseline (``window.drift_channels``), with their
+    levels over the rows the scaler is fitted on: each series' training part (every row when cross-fitted)."""
+    w, tc = cfg.window, cfg.training
+    rows = [g.values if tc.cross_fit >= 2 else g.values[:len(g) - math.ceil(len(g) * tc.validation_fraction)]
+            for g in group]
+    drift = fit_drift(rows, group[0].channels, w.drift_channels, w.drift_seconds, w.drift_keep)
+    if drift is not None:
+        log.info("drift removed from %s (baseline time constant %gs, %g of the slow change kept)",
+                 ", ".join(group[0].channels[i] for i in drift.index), drift.seconds, drift.keep)
+    return drift
+
+
 @dataclass(frozen=True)
 class Trained:
     """A written bundle and the healthy errors its threshold was fitted on (served scores of the validation
@@ -290,11 +312,12 @@ def train(data: Series | Sequence[Series], cfg: SensordConfig, out_dir: str | Pa
     tc = cfg.training
     folds: list[Fold] = []
     oof_errors: np.ndarray | None = None  # cross_fit_serve refit: the members' out-of-fold errors
+    drift = model_drift(group, cfg)
     training_meta: dict[str, Any] = {"rows": sum(len(g) for g in group)}
     if tc.cross_fit >= 2:
         from .autoencoder import build_autoencoder, member_model
 
-        folds = cross_fit_folds(group if len(group) > 1 else series, cfg)
+        folds = cross_fit_folds(group if len(group) > 1 else series, cfg, drift)
         # One scaler for the K members (they are served as one graph), fitted on every healthy row: a
         # held-out block leaks only its share of each channel's mean and spread into it, not its shapes.
         scaler = Scaler.fit(np.concatenate([g.values for g in group]), tc.scaler, tc.min_relative_scale)
@@ -324,7 +347,7 @@ def train(data: Series | Sequence[Series], cfg: SensordConfig, out_dir: str | Pa
                 reconstruction_errors(x := scaler.transform(f.held_out),
                                       member_model(model, m).predict(x, batch_size=256, verbose=0),
                                       cfg.scoring.error)[0] for m, f in enumerate(folds)])
-            every = np.concatenate([_windows_of(g, [(0, len(g))], cfg) for g in group])
+            every = np.concatenate([windowize(g.timestamps, g.values, _spec(cfg, drift)).values for g in group])
             keras.utils.set_random_seed(tc.seed + 1)
             model, refit_losses, _ = _fit_network(keras, cfg, scaler.transform(every), every[:0], on_epoch)
             members = 1
@@ -339,7 +362,7 @@ def train(data: Series | Sequence[Series], cfg: SensordConfig, out_dir: str | Pa
             "threshold_evidence": "out_of_fold",
             "cross_fit": {"blocks": tc.cross_fit, "members": member_meta, "served": tc.cross_fit_serve}})
     else:
-        split = split_windows(group if len(group) > 1 else series, cfg)
+        split = split_windows(group if len(group) > 1 else series, cfg, drift)
         scaler = Scaler.fit(split.train_values, tc.scaler, tc.min_relative_scale)
         x_train = scaler.transform(split.train)
         x_val = scaler.transform(split.validation)
@@ -378,7 +401,7 @@ def train(data: Series | Sequence[Series], cfg: SensordConfig, out_dir: str | Pa
         scaler=scaler, threshold=ThresholdRecord(cfg.threshold.method, {}, 1.0),
         model=asdict(cfg.model), training=training_meta,
         created=datetime.now(UTC).isoformat(timespec="seconds"), tflite_sha256=sha,
-        sample_period_seconds=sampling_period(group),
+        sample_period_seconds=sampling_period(group), drift=drift,
     )
     scorer = Scorer(bundle)
     if folds:

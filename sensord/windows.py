@@ -20,6 +20,7 @@ import numpy as np
 
 from .bundle import BundleError
 from .config import WindowConfig
+from .drift import DriftSpec
 
 if TYPE_CHECKING:
     from .bundle import ModelBundle
@@ -30,6 +31,7 @@ class WindowSpec:
     length: int
     hop: int = 1
     max_gap_seconds: float = float("inf")
+    drift: DriftSpec | None = None  # slow channels taken against their own baseline (sensord.drift)
 
     def __post_init__(self) -> None:
         if self.length < 2:
@@ -48,8 +50,9 @@ def trained_window(bundle: ModelBundle) -> WindowConfig:
     """
     saved = bundle.training.get("config", {}).get("window", {})
     gap = saved.get("max_gap_seconds") if isinstance(saved, dict) else None
-    extra = {"max_gap_seconds": float(gap)} if isinstance(gap, (int, float)) and gap > 0 else {}
-    return WindowConfig(length=bundle.window_length, hop=bundle.window_hop, **extra)
+    if isinstance(gap, (int, float)) and gap > 0:
+        return WindowConfig(length=bundle.window_length, hop=bundle.window_hop, max_gap_seconds=float(gap))
+    return WindowConfig(length=bundle.window_length, hop=bundle.window_hop)
 
 
 def window_spec(window: WindowConfig | None, bundle: ModelBundle | None = None, *,
@@ -64,7 +67,7 @@ def window_spec(window: WindowConfig | None, bundle: ModelBundle | None = None, 
     gap rule is never overridden, so no path sees a window the daemon would not have scored.
 
     >>> window_spec(WindowConfig(length=30, hop=5, max_gap_seconds=2.0), hop=1)
-    WindowSpec(length=30, hop=1, max_gap_seconds=2.0)
+    WindowSpec(length=30, hop=1, max_gap_seconds=2.0, drift=None)
     """
     if window is None:
         if bundle is None:
@@ -73,7 +76,8 @@ def window_spec(window: WindowConfig | None, bundle: ModelBundle | None = None, 
     if bundle is not None and window.length != bundle.window_length:
         raise BundleError(f"{bundle.path}: model was trained for window length {bundle.window_length}, "
                           f"but window.length in the config is {window.length}")
-    return WindowSpec(window.length, window.hop if hop is None else hop, window.max_gap_seconds)
+    drift = bundle.drift if bundle is not None else None
+    return WindowSpec(window.length, window.hop if hop is None else hop, window.max_gap_seconds, drift)
 
 
 @dataclass(frozen=True)
@@ -128,7 +132,7 @@ class WindowBuffer:
     """
 
     __slots__ = ("spec", "channels", "device", "_ring", "_times", "_pos", "_filled",
-                 "_since_emit", "_last_ts", "_accepted", "restarts", "resync_after", "resyncs", "_behind")
+                 "_since_emit", "_last_ts", "_accepted", "restarts", "resync_after", "resyncs", "_behind", "_base")
 
     def __init__(self, spec: WindowSpec, channels: int, device: str = "", resync_after: int | None = None) -> None:
         if channels < 1:
@@ -150,6 +154,9 @@ class WindowBuffer:
         self.resync_after = resync_after
         self.resyncs = 0
         self._behind = 0
+        if spec.drift is not None and max(spec.drift.index) >= channels:
+            raise ValueError(f"drift channel {max(spec.drift.index)} is out of range for {channels} channels")
+        self._base: list[float] | None = None  # the drift channels' baselines (None: start at the next reading)
 
     @property
     def last_timestamp(self) -> float | None:
@@ -160,7 +167,8 @@ class WindowBuffer:
         length = self.spec.length
         rows = _order(length)[self._pos + length - self._filled:self._pos + length]  # the last `filled`, in order
         return {"times": self._times[rows].tolist(), "values": self._ring[rows].tolist(),
-                "since_emit": self._since_emit, "last_ts": self._last_ts, "accepted": self._accepted}
+                "since_emit": self._since_emit, "last_ts": self._last_ts, "accepted": self._accepted,
+                "drift_base": None if self._base is None else list(self._base)}
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`export` of a buffer with the same spec; ValueError if it does not fit."""
@@ -184,6 +192,11 @@ class WindowBuffer:
             raise ValueError(f"last_ts does not match the readings: {last_ts!r}")
         if n and last_ts is None:
             raise ValueError("last_ts missing")
+        base = state.get("drift_base")  # absent in state from before drift removal: restart the baseline
+        if base is not None and (self.spec.drift is None or not isinstance(base, list)
+                                 or len(base) != len(self.spec.drift.index)
+                                 or not all(isinstance(b, (int, float)) and math.isfinite(b) for b in base)):
+            raise ValueError(f"drift_base {base!r} does not fit this model's drift channels")
         length = self.spec.length
         self._ring[:n] = values
         self._times[:n] = times
@@ -192,11 +205,13 @@ class WindowBuffer:
         self._since_emit = since_emit if n == length else 0
         self._last_ts = None if last_ts is None else float(last_ts)
         self._accepted = accepted
+        self._base = [float(b) for b in base] if n and base is not None else None
 
     def reset(self) -> None:
         """Forget buffered readings (after a gap): a window must not span the gap."""
         self._filled = 0
         self._since_emit = 0
+        self._base = None
 
     def check(self, timestamp: float, values: np.ndarray) -> None:
         """Raise :class:`ReadingRejected` if the reading cannot be accepted; changes nothing."""
@@ -238,9 +253,17 @@ class WindowBuffer:
         if self._last_ts is not None and timestamp - self._last_ts > spec.max_gap_seconds:
             self.reset()
             self.restarts += 1
-        self._last_ts = timestamp
         i = self._pos
         self._ring[i] = arr
+        drift = spec.drift
+        if drift is not None:
+            if self._base is None:
+                self._base = drift.start(arr)
+                drift.follow(self._base, arr, 0.0, self._ring[i])
+            else:
+                drift.follow(self._base, arr, timestamp - self._last_ts if self._last_ts is not None else 0.0,
+                             self._ring[i])
+        self._last_ts = timestamp
         self._times[i] = timestamp
         self._pos = (i + 1) % spec.length
         self._accepted += 1
@@ -272,13 +295,19 @@ class WindowedSeries:
     starts: np.ndarray  # (n_windows,) float64 timestamp of the first reading
     ends: np.ndarray  # (n_windows,) float64 timestamp of the last reading
 
+    def within(self, first: int, end: int) -> np.ndarray:
+        """The windows whose every reading lies in rows [first, end)."""
+        length = self.values.shape[1]
+        keep = (self.end_rows - (length - 1) >= first) & (self.end_rows < end)
+        return self.values[keep]
+
 
 def iter_windows(timestamps: np.ndarray, values: np.ndarray, spec: WindowSpec,
                  device: str = "") -> Iterator[tuple[int, Window]]:
     """Stream rows through a :class:`WindowBuffer`, yielding ``(row, window)``.
 
     Offline code calls this so that it sees exactly the windows the daemon
-    would see for the same rows (including gap restarts).
+    would see for the same rows (including gap restarts and drift removal).
     """
     buf = WindowBuffer(spec, values.shape[1], device)
     for row in range(len(timestamps)):

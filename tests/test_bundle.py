@@ -113,7 +113,9 @@ def test_expected_channels_and_window_accepted(trained: tuple[ModelBundle, Path]
     _, path = trained
     b = ModelBundle.load(path, expect_channels=list(CHANNELS))
     assert b.channels == CHANNELS
-    assert window_spec(WindowConfig(length=WINDOW, hop=2, max_gap_seconds=3.0), b) == WindowSpec(WINDOW, 2, 3.0)
+    assert window_spec(WindowConfig(length=WINDOW, hop=2, max_gap_seconds=3.0), b) == WindowSpec(WINDOW, 2, 3.0,
+                                                                                                  b.drift)
+    assert b.drift is not None and [b.channels[i] for i in b.drift.index] == ["temperature", "thermocouple"]
     # an empty channel list means "not configured"
     assert ModelBundle.load(path, expect_channels=[]).channels == CHANNELS
 
@@ -203,8 +205,9 @@ def test_window_does_not_match_expected(copy: Path) -> None:
 def test_without_a_config_the_window_is_the_one_trained_with(copy: Path) -> None:
     _edit_json(copy, lambda m: m["training"]["config"]["window"].update(hop=3, max_gap_seconds=4.5))
     _edit_json(copy, lambda m: m["window"].update(hop=3))
-    assert window_spec(None, ModelBundle.load(copy)) == WindowSpec(WINDOW, 3, 4.5)
-    assert window_spec(None, ModelBundle.load(copy), hop=1) == WindowSpec(WINDOW, 1, 4.5)
+    b = ModelBundle.load(copy)
+    assert window_spec(None, b) == WindowSpec(WINDOW, 3, 4.5, b.drift)
+    assert window_spec(None, b, hop=1) == WindowSpec(WINDOW, 1, 4.5, b.drift)
 
 
 def test_bad_scaler_wrong_number_of_values(copy: Path) -> None:

@@ -144,7 +144,7 @@ def _member_errors(bundle: ModelBundle, windows: np.ndarray) -> list[np.ndarray]
 def test_served_score_is_the_mean_of_the_members_and_the_threshold_rests_on_out_of_fold_errors(
         series: Series, crossfit: tuple[ModelBundle, np.ndarray]) -> None:
     bundle, evidence = crossfit
-    folds = cross_fit_folds(series, _cfg(cross_fit=3))
+    folds = cross_fit_folds(series, _cfg(cross_fit=3), bundle.drift)
     windows = np.concatenate([f.held_out for f in folds])
     per_member = _member_errors(bundle, windows)
     scorer = Scorer(bundle)
@@ -184,7 +184,7 @@ def test_reference_windows_hold_the_served_ensemble_errors(crossfit: tuple[Model
 def test_cross_fit_0_and_1_train_todays_bundle(series: Series, tmp_path: Path) -> None:
     bundles = [train_bundle(series, _cfg(seed=3, **extra), tmp_path / str(i))
                for i, extra in enumerate(({}, {"cross_fit": 0}, {"cross_fit": 1}))]
-    split = split_windows(series, _cfg())
+    split = split_windows(series, _cfg(), bundles[0].drift)
     for b in bundles:
         assert b.threshold == bundles[0].threshold
         assert b.training["loss_history"] == bundles[0].training["loss_history"]

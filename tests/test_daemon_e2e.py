@@ -321,6 +321,7 @@ def test_millisecond_csv_and_the_same_stream_over_mqtt_give_the_same_windows_and
     series = load_csv(csv_path, cfg.data, require_labels=True)
     np.testing.assert_array_equal(series.timestamps, ms / 1000)
     bundle = ModelBundle.load(models.bundle)
+    assert bundle.drift is not None  # the temperatures are seen against their baselines, live as offline
     scored = score_series(series, Scorer(bundle), window_spec(cfg.window, bundle), "pump3")
     assert len(scored.rows) == len(series) - W + 1
     predicted, alerts = decide_rows(scored, bundle.threshold.value, cfg.detector, "pump3")

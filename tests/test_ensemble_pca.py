@@ -83,7 +83,7 @@ def test_seeded_training_reproduces_and_the_seed_matters(series: Series, tmp_pat
 def test_pca_bundle_reconstructs_as_the_projection_onto_its_components(series: Series, tmp_path: Path) -> None:
     cfg = _cfg(model={"kind": "pca", "pca_variance": 0.9})
     bundle = train_bundle(series, cfg, tmp_path / "pca")
-    split = split_windows(series, cfg)
+    split = split_windows(series, cfg, bundle.drift)
     flat = bundle.scaler.transform(split.train).reshape(len(split.train), -1).astype(np.float64)
     mean = flat.mean(axis=0)
     _, s, vt = np.linalg.svd(flat - mean, full_matrices=False)

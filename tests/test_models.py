@@ -26,6 +26,7 @@ from sensord.pipeline import Intake, ScoringLoop
 from sensord.simulator import CHANNELS, COMPRESSOR_CHANNELS, CompressorSimulator, PumpSimulator
 from sensord.sinks import AlertPublisher
 from sensord.state import StateStore
+from sensord.windows import windowize
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -269,8 +270,10 @@ def test_models_with_other_channels_and_periods_serve_side_by_side(trained: Path
     assert all(m is comp for d in ("compressor-1", "compressor-3") for m, _ in by_device[d])
     ends = [w.end for _, w in by_device["compressor-3"]]
     assert np.diff(ends).tolist() == [2.0, 2.0, 2.0]  # rows on its own clock (each tick whole at once)
-    np.testing.assert_allclose(by_device["compressor-3"][-1][1].values[-1], sim.values[8].astype(np.float32),
-                               rtol=1e-5)
+    # the readings as assembled, through the compressor model's windows (its temperatures against their baseline)
+    offline = windowize(1_700_000_000.0 + 2 * np.arange(9.0), sim.values, comp.spec).values
+    np.testing.assert_allclose(by_device["compressor-3"][-1][1].values, offline[-1], rtol=1e-5)
+    assert comp.spec.drift is not None and len(comp.spec.drift.index) == 2
     value = metrics.registry.get_sample_value
     assert value("sensord_readings_rejected_total", {"reason": "missing_channel"}) == 3
     assert value("sensord_readings_rejected_total", {"reason": "unknown_channel"}) == 1

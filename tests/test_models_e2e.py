@@ -1,9 +1,9 @@
 """End to end: several models in one ``sensord run`` (``daemon.models``), through a private Mosquitto.
 
-Two pumps of one kind: ``pump-a`` as the tiny session bundle was trained, its sister ``pump-b`` running
-3 °C warmer with a bundle of its own (``sensord train --per-device`` layout: one directory per device).
+Two pumps of one kind: ``pump-a`` as the tiny session bundle was trained, its sister ``pump-b`` on a
+supply 2.2 V higher with a bundle of its own (``sensord train --per-device`` layout: one directory per device).
 A third device, ``fan-1``, has no model. One daemon serves both bundles; a second one, serving only
-pump-a's bundle to everyone (what ``daemon.model`` did before), shows that the warm sister is then in
+pump-a's bundle to everyone (what ``daemon.model`` did before), shows that the sister is then in
 permanent alert. A SIGHUP after pump-a's bundle is replaced by a broken one and pump-b's is recalibrated
 keeps pump-a on its previous version and moves pump-b to the new one.
 """
@@ -43,25 +43,26 @@ pytestmark = [pytest.mark.e2e, pytest.mark.training]
 
 W = TINY_WINDOW
 ROWS = 300  # the labelled run starts with 600 healthy seconds
-WARMER = 3.0  # degrees on 'temperature' (about 8 healthy spreads; the thermocouple reads as before)
+HIGHER = 2.2  # volts on 'voltage' (about 8 healthy spreads; not a temperature, which the models see against
+# its own baseline, so that a warmer sister would be no fault under either model)
 
 
-def warmer(series: Series) -> Series:
+def higher(series: Series) -> Series:
     v = series.values.copy()
-    v[:, series.channels.index("temperature")] += WARMER
-    return Series(series.timestamps, v, series.channels, None, "warm")
+    v[:, series.channels.index("voltage")] += HIGHER
+    return Series(series.timestamps, v, series.channels, None, "higher")
 
 
 @pytest.fixture(scope="module")
 def layout(tiny_bundle: TrainedBundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``models/pump-a``: the session bundle; ``models/pump-b``: trained on the same healthy run, 3 °C warmer."""
+    """``models/pump-a``: the session bundle; ``models/pump-b``: trained on the same healthy run, 2.2 V higher."""
     from sensord.training import train_bundle
 
     root = tmp_path_factory.mktemp("per-device")
     shutil.copytree(tiny_bundle.bundle, root / "models" / "pump-a")
     cfg = config_from_dict(tiny_train_config(epochs=30))
     healthy = load_csv(tiny_bundle.labelled_csv.parent / "healthy.csv", cfg.data)
-    train_bundle(warmer(healthy), cfg, root / "models" / "pump-b")
+    train_bundle(higher(healthy), cfg, root / "models" / "pump-b")
     return root / "models"
 
 
@@ -121,17 +122,17 @@ def test_each_device_is_scored_by_its_own_model_and_a_reload_refuses_only_the_ba
             raise AssertionError(f"{name} not online:\n{d.log()}") from None
 
     healthy = tiny_bundle.labelled.slice(0, ROWS)
-    warm = warmer(healthy)
+    sister = higher(healthy)
     pub: QosPublisher = env["pub"]
     topic = f"{topic_root}/sensors/{{}}/telemetry".format
     send(pub, topic("pump-a"), healthy, 0, ROWS)
-    send(pub, topic("pump-b"), warm, 0, ROWS)
+    send(pub, topic("pump-b"), sister, 0, ROWS)
     send(pub, topic("fan-1"), healthy, 0, 40)
     for d in (per_device, one_model):
         d.wait_metric("sensord_windows_scored_total", ROWS - W + 1, device="pump-a")
         d.wait_metric("sensord_windows_scored_total", ROWS - W + 1, device="pump-b")
 
-    # Each pump by its own model: both normal; the warm sister raised nothing.
+    # Each pump by its own model: both normal; the sister raised nothing.
     assert served(per_device) == {"pump-a": id_a, "pump-b": id_b}
     for device in ("pump-a", "pump-b"):
         assert (per_device.metric("sensord_alerts_raised_total", device=device) or 0) == 0
@@ -147,7 +148,7 @@ def test_each_device_is_scored_by_its_own_model_and_a_reload_refuses_only_the_ba
     assert per_device.metric("sensord_windows_scored_total", device="fan-1") is None
     assert rec.messages(f"{topic_root}/per-device/state/fan-1") == []
 
-    # The same readings with pump-a's model for everyone: the warm sister is in alert, pump-a is not.
+    # The same readings with pump-a's model for everyone: the sister is in alert, pump-a is not.
     alerts = [json.loads(m.payload) for m in rec.messages(f"{topic_root}/one-model/alerts/pump-b")]
     assert [a["state"] for a in alerts] == ["raised"] and alerts[0]["model_id"] == id_a
     assert one_model.metric("sensord_anomaly_state", device="pump-b") == 1
@@ -162,7 +163,7 @@ def test_each_device_is_scored_by_its_own_model_and_a_reload_refuses_only_the_ba
     data[len(data) // 2] ^= 0xFF
     tfl.write_bytes(bytes(data))
     cal = subprocess.run([sys.executable, "-m", "sensord.cli", "calibrate", "--model", str(models / "pump-b"),
-                          "--data", str(write_series_csv(tmp_path / "warm.csv", warm))],
+                          "--data", str(write_series_csv(tmp_path / "sister.csv", sister))],
                          capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert cal.returncode == 0, cal.stderr
     per_device.proc.send_signal(signal.SIGHUP)
@@ -176,7 +177,7 @@ def test_each_device_is_scored_by_its_own_model_and_a_reload_refuses_only_the_ba
 
     more = tiny_bundle.labelled.slice(ROWS, ROWS + 60)
     send(pub, topic("pump-a"), more, 0, 60)
-    send(pub, topic("pump-b"), warmer(more), 0, 60)
+    send(pub, topic("pump-b"), higher(more), 0, 60)
     per_device.wait_metric("sensord_windows_scored_total", ROWS - W + 1 + 60, device="pump-a")
     per_device.wait_metric("sensord_windows_scored_total", ROWS - W + 1 + 60, device="pump-b")
     assert rec.messages(f"{topic_root}/per-device/alerts/pump-a") == []

@@ -17,12 +17,19 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 import test_daemon_e2e as base
 from broker import MosquittoBroker, MqttRecorder
 from e2e_support import DaemonProcess, wait_until
 from test_daemon_e2e import E2E, FAULT_START, FAULT_STOP, Models, W, with_step
+
+from sensord.bundle import ModelBundle
+from sensord.evaluation import score_series
+from sensord.scorer import Scorer
+from sensord.sinks import iso
+from sensord.windows import window_spec
 
 pytestmark = pytest.mark.e2e
 
@@ -265,7 +272,7 @@ def test_full_disk_state_save_fails_counted_and_the_alert_still_goes_out(e2e: E2
 
 def test_sigterm_restart_continues_the_window_buffers_every_window_scored_once(e2e: E2E, models: Models) -> None:
     seg = models.labelled.slice(0, 200)
-    doc = e2e.config()
+    doc = e2e.config(mqtt={"publish_scores": True})
     first = e2e.spawn(doc, "life1")
     doc = first.doc
     e2e.rec.wait_for(lambda m: m.topic == f"{e2e.prefix}/status" and m.payload == b"online", timeout=20)
@@ -281,6 +288,16 @@ def test_sigterm_restart_continues_the_window_buffers_every_window_scored_once(e
     second.wait_metric("sensord_messages_received_total", 100)
     assert second.metric("sensord_readings_rejected_total", reason="out_of_order") == 0
     assert not (Path(doc["daemon"]["state_dir"]) / "window-buffers.json").exists()  # taken at start
+    # Scored as if the daemon had never stopped: the same errors as offline over the 200 rows in one go,
+    # which holds only if the temperatures' drift baselines came back with the readings.
+    bundle = ModelBundle.load(models.bundle)
+    assert bundle.drift is not None
+    offline = score_series(seg, Scorer(bundle), window_spec(None, bundle), "pump1")
+    scores = f"{e2e.prefix}/scores/pump1"
+    wait_until(lambda: len(e2e.rec.messages(scores)) >= 100, 10, "the second life's 100 scores")
+    live = [json.loads(m.payload) for m in e2e.rec.messages(scores)]
+    assert [w["window_end"] for w in live] == [iso(t) for t in offline.ends[-100:]]
+    np.testing.assert_allclose([w["error"] for w in live], offline.errors[-100:], rtol=1e-5, atol=1e-7)
 
 
 def test_kill_9_does_not_continue_buffers_from_an_earlier_clean_stop(e2e: E2E, models: Models) -> None:

@@ -24,6 +24,7 @@ from sensord.pipeline import Intake, ScoringLoop, ServingModel
 from sensord.ratelimit import RateLimitedLog
 from sensord.simulator import CHANNELS, PumpSimulator
 from sensord.sinks import AlertPublisher
+from sensord.windows import windowize
 
 pytestmark = pytest.mark.training  # trains a tiny TensorFlow model (make test-fast leaves it out)
 
@@ -139,13 +140,18 @@ def test_readings_become_windows(rig: Rig, data: tuple[Path, Series]) -> None:
     assert rig.value("sensord_queue_depth") == 25 - W + 1
     items = rig.queued()
     assert len(items) == 25 - W + 1
+    offline = windowize(series.timestamps[:25], series.values[:25], rig.model.spec).values
+    drift = rig.model.spec.drift
+    assert drift is not None  # the simulator's temperatures are taken against their baseline
+    as_read = [c for c in range(series.values.shape[1]) if c not in drift.index]
     for k, (model, win) in enumerate(items):
         last = W - 1 + k
         assert model is rig.model
         assert win.device == "p1"
         assert win.start == series.timestamps[last - W + 1]
         assert win.end == series.timestamps[last]
-        np.testing.assert_array_equal(win.values, series.values[last - W + 1:last + 1])
+        np.testing.assert_array_equal(win.values, offline[k])
+        np.testing.assert_array_equal(win.values[:, as_read], series.values[last - W + 1:last + 1, as_read])
     assert rig.pub.calls == []  # nothing is published before scoring
 
 
@@ -175,8 +181,10 @@ def test_batch_is_scored_in_one_interpreter_call(rig: Rig, data: tuple[Path, Ser
     assert rig.value("sensord_scoring_batch_size_count") == 1
     assert rig.value("sensord_scoring_batch_size_sum") == 62
     assert rig.value("sensord_scoring_duration_seconds_count") == 1
-    # The last window's error is exactly what the scorer gives for that window on its own.
-    expected = rig.model.scorer.score(series.values[140 - W:140][None]).errors[0]
+    # The last window's error is exactly what the scorer gives for that window on its own (cut, with the
+    # temperatures against their baselines, from the same 40 readings p2 sent).
+    last = windowize(series.timestamps[100:140], series.values[100:140], rig.model.spec).values[-1]
+    expected = rig.model.scorer.score(last[None]).errors[0]
     assert rig.value("sensord_reconstruction_error", device="p2") == pytest.approx(expected, rel=1e-5)
     assert rig.value("sensord_anomaly_score", device="p2") == pytest.approx(
         expected / rig.model.bundle.threshold.value, rel=1e-5)
@@ -445,6 +453,31 @@ def test_swap_keeps_buffers_and_queued_windows_keep_their_model(data: tuple[Path
     r.scoring.process(items)
     assert r.value("sensord_windows_scored_total", device="p1") == 5
     assert r.scoring.detectors["p1"].threshold == pytest.approx(meta["threshold"]["value"])
+
+
+def test_swap_to_a_model_with_other_drift_removal_restarts_the_window(data: tuple[Path, Series], rigs: list[Rig],
+                                                                       tmp_path: Path) -> None:
+    """The buffer holds readings with the old model's baselines taken off: a model that takes other
+    channels (or other levels) off must not get windows half of one and half of the other."""
+    other = tmp_path / "other"
+    shutil.copytree(data[0], other)
+    meta = json.loads((other / "bundle.json").read_text())
+    meta["model_id"] = "other-drift"
+    meta["window"]["drift"]["channels"] = meta["window"]["drift"]["channels"][:1]
+    meta["window"]["drift"]["levels"] = meta["window"]["drift"]["levels"][:1]
+    (other / "bundle.json").write_text(json.dumps(meta))
+    r = Rig(make_cfg(data[0]))
+    rigs.append(r)
+    r.send_rows("p1", data[1], 0, W + 2)
+    new_cfg = make_cfg(other)
+    new = ServingModel.load(new_cfg)
+    assert not new.compatible(r.model)
+    r.intake.swap(new_cfg, new)
+    r.send_rows("p1", data[1], W + 2, 2 * W + 2)  # a whole new window before the first one comes
+    items = r.queued()
+    assert [m.bundle.model_id for m, _ in items] == [r.model.bundle.model_id] * 3 + ["other-drift"]
+    expected = windowize(data[1].timestamps[W + 2:2 * W + 2], data[1].values[W + 2:2 * W + 2], new.spec).values
+    np.testing.assert_array_equal(items[-1][1].values, expected[0])
 
 
 # -- RateLimitedLog -----------------------------------------------------------------------------
@@ -792,7 +825,8 @@ def test_assembled_formats_route_by_subscription_and_death_restarts_the_window(
             rig.intake.on_message(f"c/tpc/{ch}", json.dumps({"value": float(v), "ts": ts}).encode())
     tpc = [w for _, w in rig.queued()]
     assert len(tpc) == 3 and tpc[-1].end == float(series.timestamps[W + 1])
-    np.testing.assert_allclose(tpc[0].values, series.values[:W], rtol=1e-6)
+    np.testing.assert_allclose(tpc[0].values, windowize(series.timestamps[:W], series.values[:W],
+                                                         rig.model.spec).values[0], rtol=1e-6)
     rig.intake.on_message(f"c/tpc/{CHANNELS[0]}", json.dumps({"value": 1.0, "ts": ts - 3}).encode())
     assert rig.value("sensord_readings_rejected_total", reason="late_value") == 1
 

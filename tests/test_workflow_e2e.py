@@ -1,9 +1,10 @@
 """The whole multi-machine workflow end to end through a private Mosquitto (issue 8, "Done when").
 
 One config file and the real command line, each step a subprocess, as an operator would run them. Three
-machines on one box: two pumps of one kind, ``pump-b`` running 3 °C warmer than ``pump-a`` (another
-operating point), and ``compressor-1``, a machine of another kind with other sensors (6 channels, other
-names). The config's ``daemon.models`` entries name each kind's channels; there is no ``data.channels``.
+machines on one box: two pumps of one kind, ``pump-b``'s supply running 2.2 V higher than ``pump-a``'s
+(another operating point; not a temperature, which the models see against its own baseline), and
+``compressor-1``, a machine of another kind with other sensors (6 channels, other names). The config's
+``daemon.models`` entries name each kind's channels; there is no ``data.channels``.
 
 1. ``sensord record``: the three stream a healthy period; one CSV per device comes out, each with its own
    channels, holding exactly what was sent.
@@ -11,7 +12,7 @@ names). The config's ``daemon.models`` entries name each kind's channels; there 
    --group compressor='compressor*'`` (one per kind, the pumps' data pooled), with the summary table.
 3. ``sensord run`` serving the per-device bundles (``path: <models>/{device}``): each machine, streamed on
    with one injected step fault of its own, raises exactly one alert, inside its fault, then clears it;
-   each alert carries the device's own model id. The healthy parts raise nothing, and the warm sister
+   each alert carries the device's own model id. The healthy parts raise nothing, and the sister
    would be in alert under ``pump-a``'s model (checked offline) — which is why models are per device.
    A device that matches no entry is counted (``no_model``) and logged once.
 4. ``sensord evaluate`` on each device's labelled CSV, with its own bundle and the same config (window,
@@ -68,16 +69,16 @@ W = TINY_WINDOW
 HEALTHY_ROWS = 1200  # recorded per device (what the session's tiny bundle is trained on)
 LABELLED_ROWS = 300  # streamed to the daemon per device and run, continuing the same machine
 FAULT_START, FAULT_ROWS = 150, 60
-WARMER = 3.0  # degrees on pump-b's 'temperature' (about 8 healthy spreads)
+HIGHER = 2.2  # volts on pump-b's 'voltage' (about 8 healthy spreads)
 Simulator = PumpSimulator | CompressorSimulator
 
 
 class Device:
     """One simulated machine: a healthy period to record, then labelled runs with one step fault each."""
 
-    def __init__(self, name: str, sim: Simulator, fault_channels: tuple[str, str], warmer: float = 0.0) -> None:
+    def __init__(self, name: str, sim: Simulator, fault_channels: tuple[str, str], higher: float = 0.0) -> None:
         self.name = name
-        self.warmer = warmer
+        self.higher = higher
         self.healthy = self._shift(sim.generate(HEALTHY_ROWS))
         self.runs = [self._shift(sim.generate(LABELLED_ROWS, [FaultSpec("step", FAULT_START, FAULT_ROWS, ch)]))
                      for ch in fault_channels]
@@ -85,8 +86,8 @@ class Device:
 
     def _shift(self, s: SimulatedSeries) -> Series:
         v = s.values.copy()
-        if self.warmer:
-            v[:, CHANNELS.index("temperature")] += self.warmer
+        if self.higher:
+            v[:, CHANNELS.index("voltage")] += self.higher
         return Series(s.timestamps, v, s.channels, s.labels)
 
     def fault_span(self, run: int) -> tuple[float, float]:
@@ -203,7 +204,7 @@ def _check_serving(tmp_path: Path, name: str, daemon: DaemonProcess, devices: li
 def test_record_train_per_device_and_per_group_run_and_evaluate_agree(broker: MosquittoBroker, topic_root: str,
                                                                       tmp_path: Path) -> None:
     devices = [Device("pump-a", PumpSimulator(seed=11), ("current", "flow")),
-               Device("pump-b", PumpSimulator(seed=12), ("pressure", "current"), warmer=WARMER),
+               Device("pump-b", PumpSimulator(seed=12), ("pressure", "current"), higher=HIGHER),
                Device("compressor-1", CompressorSimulator(seed=13), ("motor_current", "discharge_pressure"))]
     names = [d.name for d in devices]
     recorded, models, groups = tmp_path / "healthy", tmp_path / "models", tmp_path / "groups"
@@ -285,7 +286,7 @@ def test_record_train_per_device_and_per_group_run_and_evaluate_agree(broker: Mo
         assert ModelBundle.load(groups / "compressor").channels == COMPRESSOR_CHANNELS
         assert ModelBundle.load(groups / "pump").channels == CHANNELS
 
-        # Why per device: under pump-a's model the warm sister's healthy run is already in alert.
+        # Why per device: under pump-a's model the sister's healthy run is already in alert.
         b = devices[1]
         wrong = offline_alerts(models / "pump-a", b.runs[0].slice(0, FAULT_START), doc, b.name)
         assert wrong[:1] == [("raised", wrong[0][1])] and wrong[0][1] <= iso(b.runs[0].timestamps[2 * W]), wrong
