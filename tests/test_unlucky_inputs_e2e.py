@@ -433,7 +433,13 @@ def test_a_flooding_device_leaves_room_for_its_neighbour_and_large_payloads_are_
         flood = [{"machine": "flood", **env.reading((k * 200 + j) % len(series), ts=t0 + k * 200 + j)}
                  for j in range(200)]
         env.send("", [*flood, {"machine": "light", **env.reading(k)}], topic=gateway)
-    d.wait_metric("sensord_windows_scored_total", light - W + 1, device="light", timeout=30)
+    try:
+        d.wait_metric("sensord_windows_scored_total", light - W + 1, device="light", timeout=30)
+    except AssertionError as exc:  # where did light's windows go? (seen once in CI: 29 of 31, not reproduced)
+        counts = {k: v for k, v in d.metrics().items() if k[0] in (
+            "sensord_windows_throttled_total", "sensord_windows_dropped_total", "sensord_messages_received_total",
+            "sensord_messages_rejected_total", "sensord_readings_rejected_total")}
+        raise AssertionError(f"{counts}\n{exc}") from None
     assert (d.metric("sensord_windows_throttled_total", device="flood") or 0) > 0
     assert d.metric("sensord_windows_dropped_total") == 0
     # A payload over mqtt.max_payload_bytes (64 kB) is refused unparsed; the daemon goes on.
