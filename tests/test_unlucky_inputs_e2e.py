@@ -429,8 +429,16 @@ def test_a_flooding_device_leaves_room_for_its_neighbour_and_large_payloads_are_
     t0 = float(series.timestamps[0])
     env.send("", [{"machine": "light", **env.reading(0)}], topic=gateway)
     light = 40
+    n = len(series)
+
+    def there_and_back(i: int) -> int:
+        """Row i of a walk through the series and back: no jump from its last row to its first, which the
+        temperatures' baselines would show as a fault (an alert at each wrap slows the scorer)."""
+        i %= 2 * n - 2
+        return i if i < n else 2 * n - 2 - i
+
     for k in range(1, light):
-        flood = [{"machine": "flood", **env.reading((k * 200 + j) % len(series), ts=t0 + k * 200 + j)}
+        flood = [{"machine": "flood", **env.reading(there_and_back(k * 200 + j), ts=t0 + k * 200 + j)}
                  for j in range(200)]
         env.send("", [*flood, {"machine": "light", **env.reading(k)}], topic=gateway)
     try:
