@@ -63,6 +63,11 @@ def _spec(cfg: SensordConfig, drift: DriftSpec | None) -> WindowSpec:
     return dataclasses.replace(window_spec(cfg.window, hop=1), drift=drift)
 
 
+def training_rows(n: int, cfg: SensordConfig) -> int:
+    """How many of a series' ``n`` healthy rows are trained on; the last ``validation_fraction`` are held back."""
+    return n - int(math.ceil(n * cfg.training.validation_fraction))
+
+
 def split_windows(series: Series | Sequence[Series], cfg: SensordConfig,
                   drift: DriftSpec | None = None) -> SplitWindows:
     """Chronological split, then windows of each part through the shared WindowBuffer.
@@ -87,8 +92,8 @@ def split_windows(series: Series | Sequence[Series], cfg: SensordConfig,
                             np.concatenate([p.train_values for p in parts]))
     n = len(series)
     length = cfg.window.length
-    n_val = int(math.ceil(n * cfg.training.validation_fraction))
-    n_train = n - n_val
+    n_train = training_rows(n, cfg)
+    n_val = n - n_train
     if n_train < length + 1 or n_val < length:
         raise TrainingError(
             f"{series.path or 'data'}: {n} rows are too few for window.length {length} with "
@@ -268,8 +273,7 @@ def model_drift(group: Sequence[Series], cfg: SensordConfig) -> DriftSpec | None
     """The channels the model sees against their own baseline (``window.drift_channels``), with their
     levels over the rows the scaler is fitted on: each series' training part (every row when cross-fitted)."""
     w, tc = cfg.window, cfg.training
-    rows = [g.values if tc.cross_fit >= 2 else g.values[:len(g) - math.ceil(len(g) * tc.validation_fraction)]
-            for g in group]
+    rows = [g.values if tc.cross_fit >= 2 else g.values[:training_rows(len(g), cfg)] for g in group]
     drift = fit_drift(rows, group[0].channels, w.drift_channels, w.drift_seconds, w.drift_keep)
     if drift is not None:
         log.info("drift removed from %s (baseline time constant %gs, %g of the slow change kept)",

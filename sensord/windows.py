@@ -257,12 +257,11 @@ class WindowBuffer:
         self._ring[i] = arr
         drift = spec.drift
         if drift is not None:
-            if self._base is None:
-                self._base = drift.start(arr)
-                drift.follow(self._base, arr, 0.0, self._ring[i])
+            if self._base is None or self._last_ts is None:  # a stream's first reading, or after a gap
+                self._base, dt = drift.start(arr), 0.0
             else:
-                drift.follow(self._base, arr, timestamp - self._last_ts if self._last_ts is not None else 0.0,
-                             self._ring[i])
+                dt = timestamp - self._last_ts
+            drift.follow(self._base, arr, dt, self._ring[i])
         self._last_ts = timestamp
         self._times[i] = timestamp
         self._pos = (i + 1) % spec.length
