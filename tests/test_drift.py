@@ -98,6 +98,29 @@ def test_channels_are_chosen_by_name_and_bad_patterns_are_refused_with_the_key()
         config_from_dict({"window": {"drift_channels": ["temp(" ]}})
 
 
+@pytest.mark.parametrize(("window", "message"), [
+    ({"drift_seconds": 0}, r"window\.drift_seconds"),
+    ({"drift_keep": 1.0}, r"window\.drift_keep"),
+    ({"drift_channels": "temp"}, r"window\.drift_channels"),
+])
+def test_bad_drift_settings_are_refused_with_the_key(window: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({"window": window})
+
+
+@pytest.mark.parametrize(("record", "message"), [
+    ("not an object", "window.drift must be a JSON object"),
+    ({"channels": ["b"], "levels": [1.0, 2.0], "seconds": 60, "keep": 0}, "one level per channel"),
+    ({"channels": ["b"], "levels": ["warm"], "seconds": 60, "keep": 0}, "levels must be a list of numbers"),
+    ({"channels": ["b"], "levels": [1.0], "seconds": "60", "keep": 0}, "window.drift.seconds must be a number"),
+    ({"channels": ["b"], "levels": [1.0], "seconds": 60, "keep": 1.5}, r"keep must be in \[0, 1\)"),
+    ({"channels": ["b", "b"], "levels": [1.0, 1.0], "seconds": 60, "keep": 0}, "distinct"),
+])
+def test_a_bad_drift_record_says_what_is_wrong(record: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        DriftSpec.from_dict(record, ["a", "b"])
+
+
 # -- trained models -----------------------------------------------------------------------------------
 
 def _series(sim: PumpSimulator, seconds: int) -> Series:
